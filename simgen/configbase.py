@@ -1,0 +1,159 @@
+"""Frozen, validated settings objects round-tripped through plain dicts and YAML.
+
+Each stage keeps one frozen dataclass deriving from :class:`Config`. Validation
+lives in ``__post_init__`` and raises ``ValueError`` naming the offending field;
+unknown keys are refused by :meth:`Config.from_dict` with the list of valid ones.
+Fields annotated as :class:`~simgen.distributions.Distribution` accept a number or a
+``{kind: args}`` mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+
+from simgen.distributions import Distribution
+
+
+def _is_config_type(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Config)
+
+
+def _convert(value: Any, tp, name: str):
+    """Convert a plain value to the annotated field type (nested configs, tuples...)."""
+    origin = typing.get_origin(tp)
+    if tp is Distribution:
+        return Distribution.parse(value, name)
+    if _is_config_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return tp.from_dict(value, _prefix=name)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _convert(value, args[0], name)
+        return value
+    if origin is tuple:
+        if value is None:
+            return None
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        return tuple(value)
+    if origin is dict:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _plain(value: Any):
+    if isinstance(value, Config):
+        return value.to_dict()
+    if isinstance(value, Distribution):
+        return value.to_config()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Base class: frozen dataclass with dict/YAML round trips and strict keys."""
+
+    @classmethod
+    def from_dict(cls, data: dict | None, *, _prefix: str = "") -> Self:
+        data = dict(data or {})
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            where = f"{_prefix}." if _prefix else ""
+            raise ValueError(
+                f"unknown key {where}{unknown[0]!s}; valid keys here: {', '.join(sorted(fields))}"
+            )
+        kwargs = {}
+        for key, value in data.items():
+            name = f"{_prefix}.{key}" if _prefix else key
+            kwargs[key] = _convert(value, hints[key], name)
+        try:
+            return cls(**kwargs)
+        except ValueError as err:
+            msg = str(err)
+            if _prefix and not msg.startswith(_prefix):
+                msg = f"{_prefix}.{msg}"
+            raise ValueError(msg) from None
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes) -> Self:
+        """Return a copy with some fields changed (validated again)."""
+        data = self.to_dict()
+        data.update({k: _plain(v) for k, v in changes.items()})
+        return type(self).from_dict(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Self:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config is not valid YAML: {err}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError("config must be a YAML mapping at top level")
+        return cls.from_dict(data or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        return cls.from_yaml(path.read_text())
+
+
+def set_by_path(data: dict, dotted: str, value: Any) -> dict:
+    """Set ``data['a']['b'] = value`` for ``dotted='a.b'`` (creating mappings)."""
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted}: {key} is not a mapping")
+    node[keys[-1]] = value
+    return data
