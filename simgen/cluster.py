@@ -98,9 +98,7 @@ def _start_cluster(spec: ClusterSpec):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            raise RuntimeError(
-                "cluster 'cuda' needs dask-cuda: pip install -e .[gpu]"
-            ) from None
+            raise RuntimeError("cluster 'cuda' needs dask-cuda: pip install -e .[gpu]") from None
         return LocalCUDACluster(threads_per_worker=1, dashboard_address=None)
     try:
         import dask_jobqueue

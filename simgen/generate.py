@@ -92,15 +92,11 @@ def generate(
     if out.exists() and not overwrite:
         root = store.open_for_resume(out, config_dict, layout)
     else:
-        root = store.create_store(
-            out, layout, store_attrs(cfg, calibration), overwrite=overwrite
-        )
+        root = store.create_store(out, layout, store_attrs(cfg, calibration), overwrite=overwrite)
     pending = store.pending_indices(root)
     k = cfg.dataset.samples_per_chunk
     groups = sorted({int(i) // k for i in pending})
-    tasks = [
-        list(range(g * k, min((g + 1) * k, layout.n_samples))) for g in groups
-    ]
+    tasks = [list(range(g * k, min((g + 1) * k, layout.n_samples))) for g in groups]
     if stop_after is not None:
         tasks = tasks[:stop_after]
     skipped = layout.n_samples - len(pending)
@@ -162,6 +158,5 @@ def stores_identical(a: str | Path, b: str | Path) -> bool:
     if set(da) != set(db):
         return False
     return all(
-        np.array_equal(np.asarray(da[k][...]), np.asarray(db[k][...]), equal_nan=True)
-        for k in da
+        np.array_equal(np.asarray(da[k][...]), np.asarray(db[k][...]), equal_nan=True) for k in da
     )

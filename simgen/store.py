@@ -146,9 +146,10 @@ def open_for_resume(path: str | Path, config: Mapping, layout: StoreLayout):
             f"{path} was made with a different config; use --overwrite to replace it, or "
             "another output path"
         )
-    if tuple(root.attrs["image_shape"]) != tuple(layout.image_shape) or root.attrs[
-        "n_samples"
-    ] != layout.n_samples:
+    if (
+        tuple(root.attrs["image_shape"]) != tuple(layout.image_shape)
+        or root.attrs["n_samples"] != layout.n_samples
+    ):
         raise StoreError(f"{path} has other shapes than this config; use --overwrite")
     return root
 

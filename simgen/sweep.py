@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 # config fields the sweep varies (see simgen.acquisition)
-LAMBDA_KEY = "acquisition.shot_noise.lam"
-SIGMA_KEY = "acquisition.detector.read_noise_rel"
+LAMBDA_KEY = "acquisition.shot.lambda_counts"
+SIGMA_KEY = "acquisition.detector.read_noise"
 
 
 @dataclass(frozen=True)

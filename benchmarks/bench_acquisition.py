@@ -1,0 +1,141 @@
+"""Cost of the acquisition chain per image, stage by stage.
+
+``main()`` prints the median wall time of every stage of
+:func:`simgen.acquisition.apply_acquisition` with the default config on a rendered
+512² lattice (0.2 Å pixels, ~2 400 columns), of the whole chain, of the class mask and of
+the checker, on the current device (CPU NumPy unless ``device="gpu"``). Not pass/fail.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+def bench_acquisition(size: int = 512, *, repeats: int = 5, device: str = "cpu") -> dict:
+    """Time the acquisition chain on a ``size``² image.
+
+    Parameters
+    ----------
+    size : int
+        Recorded image side [px].
+    repeats : int
+        Timed runs per stage (median reported), after one warm-up.
+    device : {"cpu", "gpu"}
+        Where the image lives.
+
+    Returns
+    -------
+    dict
+        ``size``, ``pad``, ``n_columns``, ``device`` and the median seconds per stage under
+        ``seconds`` (``contamination, scan, labels_map, current, shot, detector, chain,
+        mask, check``).
+    """
+    import numpy as np
+
+    from simgen import acquisition as acq
+    from simgen.backend import to_device
+    from simgen.check import check_labels, synthetic_lattice
+    from simgen.labels import class_mask
+
+    p = 0.2
+    cfg = acq.AcquisitionConfig()
+    shape = (size, size)
+    pad = acq.required_padding_px(cfg, shape, p)
+    lat = synthetic_lattice((size + 2 * pad, size + 2 * pad), pixel_size_A=p, rotation_deg=7.0)
+    ideal = to_device(lat.image, device)
+    xp = acq.get_array_module(ideal)
+    sync = getattr(getattr(xp, "cuda", None), "Stream", None)
+
+    def wait():
+        if sync is not None:  # pragma: no cover - GPU only
+            sync.null.synchronize()
+
+    params = cfg.draw(np.random.default_rng(0))
+    std = float(xp.std(ideal))
+    state: dict = {}
+
+    def contamination():
+        bg = acq.contamination_background(
+            ideal.shape, params, pixel_size_A=p, rng=1, lattice_std=std
+        )
+        state["specimen"] = ideal + xp.asarray(bg.field)
+
+    def scan():
+        state["rec"], state["map"] = acq.distort_scan(
+            state["specimen"], shape, pad, params, pixel_size_A=p, rng=2
+        )
+
+    def labels_map():
+        state["pos"] = acq.map_positions(lat.rows, lat.cols, state["map"])
+
+    def current():
+        state["cur"] = acq.modulate_current(state["rec"], params, rng=3)
+
+    def shot():
+        state["counts"] = acq.add_shot_noise(state["cur"], params, rng=4, mode=cfg.shot.mode)
+
+    def detector():
+        acq.apply_detector(state["counts"], params, rng=5)
+
+    def chain():
+        state["out"] = acq.apply_acquisition(
+            ideal, lat.rows, lat.cols, cfg, pad=pad, pixel_size_A=p, rng=6
+        )
+
+    def mask():
+        out = state["out"]
+        class_mask(out.rows, out.cols, lat.site.astype(np.int64) + 1, shape, radius_px=3.5)
+
+    def check():
+        out = state["out"]
+        check_labels(out.noise_free, out.rows[out.inside], out.cols[out.inside])
+
+    stages = {
+        "contamination": contamination,
+        "scan": scan,
+        "labels_map": labels_map,
+        "current": current,
+        "shot": shot,
+        "detector": detector,
+        "chain": chain,
+        "mask": mask,
+        "check": check,
+    }
+    seconds = {}
+    for name, fn in stages.items():
+        fn()
+        wait()
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            wait()
+            runs.append(time.perf_counter() - t0)
+        seconds[name] = float(np.median(runs))
+    return {
+        "size": size,
+        "pad": pad,
+        "n_columns": len(lat.rows),
+        "device": device,
+        "seconds": seconds,
+    }
+
+
+def main() -> dict:
+    """Print the acquisition chain's cost per 512² image, stage by stage."""
+    res = bench_acquisition()
+    s = res["seconds"]
+    print(
+        f"acquisition chain, {res['size']}² image (+{res['pad']} px pad), "
+        f"{res['n_columns']} columns, default config, {res['device']}:"
+    )
+    for name in ("contamination", "scan", "labels_map", "current", "shot", "detector"):
+        print(f"  {name:<14} {1e3 * s[name]:8.1f} ms")
+    print(f"  {'whole chain':<14} {1e3 * s['chain']:8.1f} ms  (apply_acquisition)")
+    print(f"  {'class mask':<14} {1e3 * s['mask']:8.1f} ms")
+    print(f"  {'checker':<14} {1e3 * s['check']:8.1f} ms")
+    return res
+
+
+if __name__ == "__main__":
+    main()

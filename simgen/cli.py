@@ -1,0 +1,390 @@
+"""The ``simgen`` command line: thin wrappers that parse, load the config and call the
+library. Heavy imports stay inside the commands so ``simgen --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    help="Simulated, labelled HAADF-STEM datasets of 2D TMD monolayers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Dataset configuration files.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+class Model(StrEnum):
+    auto = "auto"
+    incoherent = "incoherent"
+    prism = "prism"
+    multislice = "multislice"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+class ClusterKind(StrEnum):
+    local = "local"
+    slurm = "slurm"
+    pbs = "pbs"
+    cuda = "cuda"
+    none = "none"
+
+
+def fail(message: str, code: int = 2):
+    """Print a one-line error and exit non-zero."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _parse_range(text: str, name: str) -> tuple[float, float]:
+    """``"5-20"`` -> (5, 20); ``"7"`` -> (7, 7)."""
+    try:
+        parts = [float(p) for p in text.split("-")] if "-" in text.strip("-") else [float(text)]
+    except ValueError:
+        fail(f"{name}: expected a number or a range like 5-20, got {text!r}")
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) != 2 or parts[0] > parts[1] or parts[0] < 0:
+        fail(f"{name}: expected a range LOW-HIGH with 0 <= LOW <= HIGH, got {text!r}")
+    return parts[0], parts[1]
+
+
+def build_config(
+    config: Path | None,
+    overrides: list[str] | None = None,
+    **named,
+):
+    """Load the config file (or the default), apply named options and --set overrides."""
+    from simgen.config import load_config
+
+    try:
+        cfg = load_config(config)
+        changes = {k: v for k, v in named.items() if v is not None}
+        for item in overrides or []:
+            if "=" not in item:
+                fail(f"--set expects KEY=VALUE (e.g. optics.semiangle_mrad=25), got {item!r}")
+            key, value = item.split("=", 1)
+            changes[key.strip()] = _parse_value(value)
+        return cfg.with_overrides(changes) if changes else cfg
+    except ValueError as err:
+        fail(str(err))
+
+
+def _setup_logging(verbose: bool):
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:  # dask.distributed logs every worker start/stop at INFO
+        for name in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: shipped default)")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config field, e.g. --set optics.semiangle_mrad=25"),
+]
+
+
+@config_app.command("init")
+def config_init(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write")] = Path(
+        "simgen.yaml"
+    ),
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file")] = False,
+):
+    """Write the annotated default dataset config."""
+    from simgen.config import DEFAULT_CONFIG_FILE
+
+    if output.exists() and not force:
+        fail(f"{output} exists; use --force to overwrite")
+    output.write_text(DEFAULT_CONFIG_FILE.read_text())
+    typer.echo(f"wrote {output}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, overrides: SetOpt = None):
+    """Print the full, validated config (defaults filled in)."""
+    cfg = build_config(config, overrides)
+    typer.echo(cfg.to_yaml())
+
+
+def _calibration_for(cfg, quiet: bool = False) -> dict | None:
+    """Compute or load the cached calibration the incoherent model needs."""
+    from simgen import store
+    from simgen.pipeline import calibration_request, resolve_model
+
+    if resolve_model(cfg) != "incoherent":
+        return None
+    key, compute = calibration_request(cfg)
+    cached = store.load_cached_calibration(key)
+    if cached is not None:
+        return cached
+    if not quiet:
+        typer.echo(
+            f"calibrating the incoherent model against {cfg.simulation.calibration_reference}"
+            " (once; cached) ...",
+            err=True,
+        )
+    data = compute()
+    store.save_calibration(key, data)
+    return data
+
+
+@app.command()
+def generate(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Store to write (*.zarr)")] = Path(
+        "data/default.zarr"
+    ),
+    config: ConfigOpt = None,
+    n: Annotated[int | None, typer.Option("--n", help="Number of samples")] = None,
+    seed: Annotated[int | None, typer.Option(help="Dataset seed")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size in px (square)")] = None,
+    model: Annotated[Model | None, typer.Option(help="Image model")] = None,
+    device: Annotated[Device | None, typer.Option(help="cpu, gpu or auto")] = None,
+    structure: Annotated[
+        Path | None, typer.Option(help="Simulate this cell (any ASE format) instead of the builder")
+    ] = None,
+    noise_lambda: Annotated[
+        str | None, typer.Option(help="Poisson λ (counts/px at the mean), e.g. 10 or 5-20")
+    ] = None,
+    overrides: SetOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes / batch jobs")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Join a running dask scheduler (tcp://host:8786)")
+    ] = None,
+    cluster: Annotated[ClusterKind, typer.Option(help="Where tasks run")] = ClusterKind.local,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+):
+    """Generate a labelled dataset (resumes an interrupted store of the same config)."""
+    _setup_logging(verbose)
+    named = {
+        "dataset.n_samples": n,
+        "dataset.seed": seed,
+        "dataset.image_size": [size, size] if size else None,
+        "simulation.model": model.value if model else None,
+        "simulation.device": device.value if device else None,
+        "structure.file": str(structure) if structure else None,
+    }
+    if noise_lambda is not None:
+        lo, hi = _parse_range(noise_lambda, "--noise-lambda")
+        named["acquisition.shot.lambda_counts"] = lo if lo == hi else {"uniform": [lo, hi]}
+    cfg = build_config(config, overrides, **named)
+    _run_generate(cfg, output, workers, scheduler, cluster, overwrite)
+
+
+def _run_generate(cfg, output, workers, scheduler, cluster, overwrite, calibration="auto"):
+    from simgen.cluster import ClusterSpec
+    from simgen.generate import generate as run
+    from simgen.pipeline import check_ready
+    from simgen.store import StoreError
+
+    try:
+        check_ready(cfg)
+        cal = _calibration_for(cfg) if calibration == "auto" else calibration
+        spec = ClusterSpec(kind=cluster.value, workers=workers, scheduler=scheduler)
+        report = run(cfg, output, cluster=spec, overwrite=overwrite, calibration=cal)
+    except (ValueError, StoreError, RuntimeError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(
+        f"{report.path}: {report.computed} samples computed, {report.skipped} already complete; "
+        f"{report.samples_per_second:.2f} samples/s"
+    )
+    return report
+
+
+@app.command()
+def sweep(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory of stores")] = Path(
+        "data/sweep"
+    ),
+    noise_lambda: Annotated[
+        str | None, typer.Option(help="Poisson λ range, e.g. 5-20 (counts/px at the mean)")
+    ] = None,
+    gaussian_sigma: Annotated[
+        str | None, typer.Option(help="Gaussian read-noise σ range (relative), e.g. 0-0.1")
+    ] = None,
+    points: Annotated[int | None, typer.Option(help="K evenly spaced fixed values")] = None,
+    bins: Annotated[
+        str | None, typer.Option(help="Bins, e.g. 0,5-20,20-40,40-80 (uniform within a bin)")
+    ] = None,
+    config: ConfigOpt = None,
+    n: Annotated[int | None, typer.Option("--n", help="Samples per store")] = None,
+    seed: Annotated[int | None, typer.Option(help="Dataset seed (shared: paired design)")] = None,
+    size: Annotated[int | None, typer.Option(help="Image size in px (square)")] = None,
+    overrides: SetOpt = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Join a running dask scheduler")] = None,
+    cluster: Annotated[ClusterKind, typer.Option(help="Where tasks run")] = ClusterKind.local,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing stores")] = False,
+):
+    """Noise sweep: one store per noise level, same structures and optics (paired)."""
+    from simgen.sweep import plan_sweep, write_manifest
+
+    if (noise_lambda is None) == (gaussian_sigma is None) and not (noise_lambda and gaussian_sigma):
+        if noise_lambda is None:
+            fail("give --noise-lambda and/or --gaussian-sigma")
+    base = build_config(
+        config,
+        overrides,
+        **{
+            "dataset.n_samples": n,
+            "dataset.seed": seed,
+            "dataset.image_size": [size, size] if size else None,
+        },
+    )
+    try:
+        plan = plan_sweep(
+            base,
+            noise_lambda=noise_lambda,
+            gaussian_sigma=gaussian_sigma,
+            points=points,
+            bins=bins,
+        )
+    except ValueError as err:
+        fail(str(err))
+    output.mkdir(parents=True, exist_ok=True)
+    calibration = _calibration_for(base)
+    for entry in plan:
+        typer.echo(f"== {entry.name}")
+        _run_generate(
+            entry.config,
+            output / f"{entry.name}.zarr",
+            workers,
+            scheduler,
+            cluster,
+            overwrite,
+            calibration=calibration,
+        )
+    write_manifest(output, plan)
+    typer.echo(f"sweep of {len(plan)} stores in {output} (manifest: {output / 'sweep.json'})")
+
+
+@app.command()
+def inspect(
+    store_path: Annotated[Path, typer.Argument(help="Dataset store (*.zarr)")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+):
+    """Summarise a store: samples, completion, class frequencies, parameter ranges."""
+    from simgen import store
+
+    try:
+        root = store.open_store(store_path)
+        info = store.summary(root)
+    except store.StoreError as err:
+        fail(str(err))
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    h, w = info["image_shape"]
+    typer.echo(
+        f"{store_path}: {info['completed']}/{info['n_samples']} samples complete, "
+        f"{h}x{w} px at {info['pixel_size_A']} Å/px, scheme {info['label_scheme']}"
+    )
+    typer.echo("columns per class:")
+    for name, count in info["columns_per_class"].items():
+        typer.echo(f"  {name:<14} {count}")
+    typer.echo("drawn parameters (min .. max):")
+    for name, (lo, hi) in info["params"].items():
+        typer.echo(f"  {name:<32} {lo:.4g} .. {hi:.4g}")
+
+
+@app.command()
+def preview(
+    store_path: Annotated[Path, typer.Argument(help="Dataset store (*.zarr)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write")] = Path(
+        "preview.png"
+    ),
+    count: Annotated[int, typer.Option("--count", help="Samples in the montage")] = 6,
+):
+    """Montage of images with their label overlays and a legend."""
+    from simgen import store
+    from simgen.preview import store_preview
+
+    try:
+        root = store.open_store(store_path)
+        store_preview(root, output, count=count)
+    except (store.StoreError, ValueError) as err:
+        fail(str(err))
+    typer.echo(f"wrote {output}")
+
+
+@app.command("structure")
+def structure_cmd(
+    material: Annotated[str, typer.Argument(help="e.g. MoS2, WSe2")] = "MoS2",
+    output: Annotated[Path, typer.Option("-o", "--output", help="File (any ASE format)")] = Path(
+        "cell.xyz"
+    ),
+    fov: Annotated[float, typer.Option(help="Field of view (square) in Å")] = 50.0,
+    rotation: Annotated[float, typer.Option(help="In-plane rotation in degrees")] = 0.0,
+    defect: Annotated[
+        list[str] | None, typer.Option(help="KIND=CONCENTRATION, e.g. vac_X1=0.05 (repeatable)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+    columns_csv: Annotated[
+        Path | None, typer.Option("--columns", help="Also write the column table as CSV")
+    ] = None,
+):
+    """Build a defective monolayer and export it with ASE (plus its column table)."""
+    import ase.io
+
+    from structures import apply_defects, build_monolayer, column_table
+
+    try:
+        ml = build_monolayer(material, fov=fov, rotation_deg=rotation, rng=seed)
+        spec = {}
+        for item in defect or []:
+            if "=" not in item:
+                fail(f"--defect expects KIND=CONCENTRATION, got {item!r}")
+            kind, value = item.split("=", 1)
+            spec[kind.strip()] = float(value)
+        if spec:
+            ml = apply_defects(ml, spec, rng=seed + 1)
+        table = column_table(ml)
+        ase.io.write(output, ml.atoms)
+    except ValueError as err:
+        fail(str(err))
+    if columns_csv is not None:
+        import csv
+
+        records = table.to_records()
+        with open(columns_csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+    counts = table.count_defects()
+    typer.echo(
+        f"wrote {output}: {len(ml.atoms)} atoms, {int(table.in_fov.sum())} columns in the "
+        f"field of view, defects {counts or 'none'}"
+    )
+
+
+def main():  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,200 @@
+"""The dataset configuration: one frozen, validated object per stage, round-tripped to
+YAML and stored in every dataset's attributes.
+
+``SimgenConfig`` sections: ``structure``, ``optics``, ``simulation``, ``acquisition``,
+``labels``, ``dataset``. ``simgen config init`` writes the annotated default
+(``simgen/data/default.yaml``). Unknown keys and out-of-range values raise ``ValueError``
+naming the field before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from simgen.acquisition import AcquisitionConfig
+from simgen.configbase import Config, set_by_path
+from simgen.distributions import Distribution
+from simgen.optics import OpticsConfig
+
+MODELS = ("auto", "incoherent", "prism", "multislice")
+
+
+def _default_defects() -> dict:
+    return {"vac_X1": 0.04, "vac_X2": 0.01, "vac_M": 0.01}
+
+
+@dataclass(frozen=True)
+class StructureConfig(Config):
+    """What is simulated: material, alloy, defects, orientation (lengths in Å).
+
+    ``material`` may be a distribution over formulas (``{choice: [MoS2, WSe2]}``).
+    ``defects`` maps defect kind -> concentration per eligible site (each may be drawn).
+    ``file`` simulates a user's own cell (any format ASE reads) instead of the builder.
+    """
+
+    material: Distribution = Distribution("fixed", ("MoS2",))
+    metals: dict | None = None
+    chalcogens: dict | None = None
+    rotation_deg: Distribution = Distribution("uniform", (0.0, 60.0))
+    displacement_sigma_A: Distribution = Distribution("fixed", (0.01,))
+    margin_A: float = 4.0
+    defects: dict = field(default_factory=_default_defects)
+    defects_by: str = "concentration"
+    substituent: str | None = None
+    dopant: str = "Re"
+    complex_size: int = 1
+    file: str | None = None
+
+    def __post_init__(self):
+        from structures import DEFECT_KINDS, make_composition, parse_material
+
+        for value in self.material.args:
+            if self.metals is None or self.chalcogens is None:
+                try:
+                    parse_material(value)
+                except ValueError as err:
+                    raise ValueError(f"structure.material: {err}") from None
+        if self.metals is not None or self.chalcogens is not None:
+            try:
+                make_composition(self.material.args[0], self.metals, self.chalcogens)
+            except ValueError as err:
+                raise ValueError(f"structure.{err}") from None
+        self.displacement_sigma_A.check_range("structure.displacement_sigma_A", 0.0, 0.5)
+        if self.margin_A < 0:
+            raise ValueError(f"structure.margin_A: must be >= 0, got {self.margin_A}")
+        if self.defects_by not in ("concentration", "exact"):
+            raise ValueError(
+                "structure.defects_by: expected 'concentration' or 'exact', got "
+                f"{self.defects_by!r}"
+            )
+        parsed = {}
+        for kind, value in (self.defects or {}).items():
+            if kind not in DEFECT_KINDS:
+                raise ValueError(
+                    f"structure.defects: unknown defect kind {kind!r}; expected one of "
+                    f"{DEFECT_KINDS}"
+                )
+            dist = Distribution.parse(value, f"structure.defects.{kind}")
+            dist.check_range(f"structure.defects.{kind}", 0.0, 1.0)
+            parsed[kind] = dist
+        object.__setattr__(self, "defects", parsed)
+        if not 1 <= self.complex_size <= 3:
+            raise ValueError(f"structure.complex_size: expected 1..3, got {self.complex_size}")
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["defects"] = {k: v.to_config() for k, v in self.defects.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class SimulationConfig(Config):
+    """Which image model runs, where, and its numerical settings.
+
+    ``model="auto"`` runs ``prism`` on a GPU and the calibrated ``incoherent`` model on a
+    CPU-only machine.
+    """
+
+    model: str = "auto"
+    device: str = "auto"
+    prism_interpolation: int = 2
+    frozen_phonons: int = 0
+    potential_sampling_A: float = 0.05
+    calibration_reference: str = "prism"
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"simulation.model: expected one of {MODELS}, got {self.model!r}")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ValueError(f"simulation.device: expected auto, cpu or gpu, got {self.device!r}")
+        if self.prism_interpolation < 1:
+            raise ValueError(
+                f"simulation.prism_interpolation: expected >= 1, got {self.prism_interpolation}"
+            )
+        if self.frozen_phonons < 0:
+            raise ValueError(f"simulation.frozen_phonons: expected >= 0, got {self.frozen_phonons}")
+        if not 0.005 <= self.potential_sampling_A <= 0.2:
+            raise ValueError(
+                "simulation.potential_sampling_A: expected 0.005..0.2 Å, got "
+                f"{self.potential_sampling_A}"
+            )
+        if self.calibration_reference not in ("prism", "multislice"):
+            raise ValueError(
+                "simulation.calibration_reference: expected prism or multislice, got "
+                f"{self.calibration_reference!r}"
+            )
+
+
+@dataclass(frozen=True)
+class LabelsConfig(Config):
+    """Label scheme and mask rasterisation (disk radius in Å)."""
+
+    scheme: str | dict = "defects"
+    disk_radius_A: float = 0.7
+
+    def __post_init__(self):
+        from structures import get_scheme
+
+        try:
+            get_scheme(self.scheme)
+        except ValueError as err:
+            raise ValueError(f"labels.{err}") from None
+        if not 0.05 <= self.disk_radius_A <= 3.0:
+            raise ValueError(f"labels.disk_radius_A: expected 0.05..3 Å, got {self.disk_radius_A}")
+
+
+@dataclass(frozen=True)
+class DatasetConfig(Config):
+    """How many samples, of what size, from which seed."""
+
+    n_samples: int = 256
+    image_size: tuple[int, int] = (256, 256)
+    seed: int = 0
+    samples_per_chunk: int = 1
+
+    def __post_init__(self):
+        if self.n_samples < 1:
+            raise ValueError(f"dataset.n_samples: expected >= 1, got {self.n_samples}")
+        if len(self.image_size) != 2 or min(self.image_size) < 16 or max(self.image_size) > 8192:
+            raise ValueError(
+                f"dataset.image_size: expected [height, width] in 16..8192 px, got "
+                f"{list(self.image_size)}"
+            )
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        if self.seed < 0:
+            raise ValueError(f"dataset.seed: expected >= 0, got {self.seed}")
+        if self.samples_per_chunk < 1:
+            raise ValueError(
+                f"dataset.samples_per_chunk: expected >= 1, got {self.samples_per_chunk}"
+            )
+
+
+@dataclass(frozen=True)
+class SimgenConfig(Config):
+    """Everything that defines a dataset."""
+
+    structure: StructureConfig = field(default_factory=StructureConfig)
+    optics: OpticsConfig = field(default_factory=OpticsConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+
+    def with_overrides(self, overrides: dict[str, object]) -> SimgenConfig:
+        """Apply ``{"optics.semiangle_mrad": 25, ...}`` and validate again."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            section = dotted.split(".")[0]
+            if section not in data:
+                raise ValueError(f"unknown key {dotted}; sections: {', '.join(sorted(data))}")
+            set_by_path(data, dotted, value)
+        return SimgenConfig.from_dict(data)
+
+
+DEFAULT_CONFIG_FILE = Path(__file__).parent / "data" / "default.yaml"
+
+
+def load_config(path: str | Path | None = None) -> SimgenConfig:
+    """Load a YAML config (default: the shipped annotated default)."""
+    return SimgenConfig.load(path or DEFAULT_CONFIG_FILE)

@@ -1,0 +1,355 @@
+"""One sample from (config, seed, i): structure → ideal image → acquisition → labels.
+
+No disk access except reading a user's structure file through ASE
+(:func:`load_structure_file`, cached per process). Sample i depends only on
+``(dataset.seed, i)``: its random streams are children of ``SeedSequence([seed, i])``, one
+per stage, and the acquisition draws each parameter from its own child stream, so a noise
+sweep (only noise settings differ) leaves the structure, optics and geometric distortions
+of sample i unchanged: the paired design.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from simgen import acquisition as acq
+from simgen import labels as lab
+from simgen.backend import resolve_device, to_numpy
+
+# random streams of a sample (order fixed forever: changing it changes every dataset)
+STREAMS = ("structure", "optics", "simulation", "acquisition")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled sample, host (NumPy) arrays.
+
+    Attributes
+    ----------
+    image : ndarray, float32 [H, W]
+        Recorded image.
+    mask : ndarray, uint8 [H, W]
+        Class per pixel.
+    columns : dict
+        Column table in recorded-image pixels: ``x`` (col), ``y`` (row), ``class_id``,
+        ``site``, ``n_atoms``, ``counts`` [n, E], ``elements``.
+    params : dict
+        Every drawn value (structure, optics, acquisition), name -> float.
+    noise_free : ndarray, float32 [H, W]
+        The distorted image before noise (for checks; not stored).
+    """
+
+    image: np.ndarray
+    mask: np.ndarray
+    columns: dict
+    params: dict
+    noise_free: np.ndarray | None = None
+
+
+def sample_streams(seed: int, index: int) -> dict[str, np.random.Generator]:
+    """Independent generators of sample ``index``, one per stage."""
+    children = np.random.SeedSequence([int(seed), int(index)]).spawn(len(STREAMS))
+    return {name: np.random.default_rng(s) for name, s in zip(STREAMS, children, strict=True)}
+
+
+def resolve_model(cfg) -> str:
+    """``auto`` → ``prism`` on a GPU, ``incoherent`` on a CPU-only machine."""
+    model = cfg.simulation.model
+    if model != "auto":
+        return model
+    return "prism" if resolve_device(cfg.simulation.device) == "gpu" else "incoherent"
+
+
+def _materials(cfg) -> list[str]:
+    return [str(m) for m in cfg.structure.material.args]
+
+
+def dataset_elements(cfg) -> tuple[str, ...]:
+    """Every element a sample of ``cfg`` can contain (order by atomic number)."""
+    from ase.data import atomic_numbers
+
+    from structures import CHALCOGENS, parse_material
+
+    els = set()
+    if cfg.structure.file:
+        atoms = load_structure_file(cfg.structure.file)
+        els.update(atoms.get_chemical_symbols())
+    else:
+        for material in _materials(cfg):
+            els.update(parse_material(material))
+        els.update(cfg.structure.metals or {})
+        els.update(cfg.structure.chalcogens or {})
+        kinds = set(cfg.structure.defects)
+        if kinds & {"sub_X1", "sub_X2"}:
+            els.update([cfg.structure.substituent] if cfg.structure.substituent else CHALCOGENS)
+        if "dopant_M" in kinds:
+            els.add(cfg.structure.dopant)
+    return tuple(sorted(els, key=lambda e: atomic_numbers[e]))
+
+
+def nominal_pixel_size(cfg) -> float:
+    lo, hi = cfg.optics.pixel_size_A.bounds()
+    return float(lo) if lo == hi else float("nan")
+
+
+def store_layout(cfg):
+    """Shapes of the store for ``cfg`` (column capacity from the densest lattice)."""
+    from simgen.store import StoreLayout
+
+    h, w = cfg.dataset.image_size
+    p_max = cfg.optics.pixel_size_A.bounds()[1]
+    area = h * w * p_max**2
+    a_min = 3.15  # smallest lattice constant in the table (WS2)
+    if cfg.structure.file:
+        capacity = _file_columns_capacity(cfg, area)
+    else:
+        capacity = int(math.ceil(1.25 * 2 * area / (a_min**2 * math.sqrt(3) / 2))) + 32
+    return StoreLayout(
+        n_samples=cfg.dataset.n_samples,
+        image_shape=(h, w),
+        column_capacity=capacity,
+        elements=dataset_elements(cfg),
+        param_names=param_names(cfg),
+        samples_per_chunk=cfg.dataset.samples_per_chunk,
+    )
+
+
+def _file_columns_capacity(cfg, area):
+    from structures import columns_from_atoms
+
+    atoms = load_structure_file(cfg.structure.file)
+    table = columns_from_atoms(atoms)
+    cell_area = abs(np.linalg.det(atoms.cell[:2, :2])) or 1.0
+    return int(math.ceil(1.3 * len(table) * max(area / cell_area, 1.0))) + 32
+
+
+def param_names(cfg) -> tuple[str, ...]:
+    """Names of every per-sample drawn value (stable order)."""
+    s = make_sample_params(cfg, 0)
+    return tuple(sorted(s))
+
+
+def store_attrs(cfg, calibration) -> dict:
+    from structures import get_scheme
+
+    return {
+        "config": cfg.to_dict(),
+        "label_scheme": get_scheme(cfg.labels.scheme).to_dict(),
+        "pixel_size_A": nominal_pixel_size(cfg) if np.isfinite(nominal_pixel_size(cfg)) else None,
+        "model": resolve_model(cfg),
+        "calibration": calibration,
+    }
+
+
+def check_ready(cfg) -> None:
+    """Errors that must surface before any work starts (device, structure file)."""
+    resolve_device(cfg.simulation.device)
+    if cfg.structure.file:
+        load_structure_file(cfg.structure.file)
+
+
+@lru_cache(maxsize=4)
+def load_structure_file(path: str):
+    """Read a user's cell with ASE (any format it knows)."""
+    import ase.io
+
+    try:
+        atoms = ase.io.read(path)
+    except FileNotFoundError:
+        raise ValueError(f"structure.file: {path} not found") from None
+    except Exception as err:
+        raise ValueError(f"structure.file: ASE could not read {path}: {err}") from None
+    if len(atoms) == 0:
+        raise ValueError(f"structure.file: {path} holds no atoms")
+    return atoms
+
+
+# -- the sample ----------------------------------------------------------------------------
+def _draw_structure(cfg, rng) -> dict:
+    st = cfg.structure
+    out = {
+        "rotation_deg": float(st.rotation_deg.draw(rng)),
+        "displacement_sigma_A": float(st.displacement_sigma_A.draw(rng, low=0.0)),
+    }
+    if len(st.material.args) > 1:
+        out["material_index"] = float(st.material.args.index(st.material.draw(rng)))
+    for kind, dist in st.defects.items():
+        out[f"defect_{kind}"] = float(dist.draw(rng, low=0.0, high=1.0))
+    return out
+
+
+def make_sample_params(cfg, index: int) -> dict:
+    """All per-sample drawn values of sample ``index`` without simulating anything."""
+    streams = sample_streams(cfg.dataset.seed, index)
+    params = {}
+    if not cfg.structure.file:
+        params.update(_draw_structure(cfg, streams["structure"]))
+    params.update(cfg.optics.draw(streams["optics"]))
+    params.update(dict.fromkeys(acq.AcquisitionConfig.param_names(), 0.0))
+    return params
+
+
+def calibration_request(cfg):
+    """``(key, compute)``: the cache key of the calibration ``cfg`` needs, and a function
+    computing it (a JSON-able dict). The caller (CLI/store layer) caches it on disk."""
+    from simgen.calibrate import calibrate, calibration_key
+
+    elements = dataset_elements(cfg)
+    kwargs = {
+        "reference_model": cfg.simulation.calibration_reference,
+        "potential_sampling_A": cfg.simulation.potential_sampling_A,
+    }
+    key = calibration_key(cfg.optics, elements, **kwargs)
+
+    def compute() -> dict:
+        return calibrate(cfg.optics, elements, device=cfg.simulation.device, **kwargs).to_dict()
+
+    return key, compute
+
+
+@lru_cache(maxsize=2)
+def _calibration_object(text: str):
+    import json
+
+    from simgen.calibrate import Calibration
+
+    return Calibration.from_dict(json.loads(text))
+
+
+def _build_structure(cfg, streams, fov_A, scheme):
+    """Monolayer (or user cell) covering ``fov_A`` plus margin, and its column table."""
+    from structures import apply_defects, build_monolayer, column_table, columns_from_atoms
+
+    st = cfg.structure
+    margin = st.margin_A
+    if st.file:
+        atoms = load_structure_file(st.file).copy()
+        atoms, origin = _tile_cell(atoms, fov_A, margin)
+        table = columns_from_atoms(atoms, scheme=scheme, fov_origin=origin, fov_extent=fov_A)
+        return atoms, table, origin, {}
+    r_draw, r_build, r_defects = streams["structure"].spawn(3)
+    drawn = _draw_structure(cfg, r_draw)
+    material = st.material.args[int(drawn.get("material_index", 0))]
+    alloy = st.metals is not None and st.chalcogens is not None
+    ml = build_monolayer(
+        None if alloy else material,
+        fov=fov_A,
+        metals=st.metals,
+        chalcogens=st.chalcogens,
+        rotation_deg=drawn["rotation_deg"],
+        margin=margin,
+        displacement_sigma=drawn["displacement_sigma_A"],
+        rng=r_build,
+    )
+    spec = {k: drawn[f"defect_{k}"] for k in st.defects}
+    if spec:
+        ml = apply_defects(
+            ml,
+            spec,
+            by=st.defects_by,
+            substituent=st.substituent,
+            dopant=st.dopant,
+            complex_size=st.complex_size,
+            rng=r_defects,
+        )
+    return ml.atoms, column_table(ml, scheme), ml.fov_origin, drawn
+
+
+def _tile_cell(atoms, fov_A, margin):
+    """Repeat a user's (periodic) cell to cover the field of view plus margin."""
+    import abtem
+
+    if atoms.cell[2, 2] < 1e-6 or not atoms.pbc[2]:
+        atoms.center(vacuum=5.0, axis=2)
+    atoms.pbc = True
+    atoms.wrap()
+    cell = atoms.cell.array
+    if abs(cell[0, 1]) > 1e-6 or abs(cell[1, 0]) > 1e-6:
+        atoms = abtem.orthogonalize_cell(atoms)
+    lx, ly = atoms.cell[0, 0], atoms.cell[1, 1]
+    need = (fov_A[0] + 2 * margin, fov_A[1] + 2 * margin)
+    reps = (max(1, math.ceil(need[0] / lx)), max(1, math.ceil(need[1] / ly)), 1)
+    atoms = atoms.repeat(reps)
+    origin = ((reps[0] * lx - fov_A[0]) / 2.0, (reps[1] * ly - fov_A[1]) / 2.0)
+    return atoms, origin
+
+
+def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
+    """Sample ``index`` of the dataset ``cfg``: labelled recorded image and parameters.
+
+    Parameters
+    ----------
+    cfg : SimgenConfig
+    index : int
+        Sample index; with ``cfg.dataset.seed`` it fixes every random draw.
+    calibration : dict, optional
+        Incoherent-model calibration (``Calibration.to_dict()``); required for that model.
+    """
+    import json
+
+    from simgen.simulate import simulate
+    from structures import get_scheme
+
+    streams = sample_streams(cfg.dataset.seed, index)
+    model = resolve_model(cfg)
+    optics = cfg.optics.draw(streams["optics"])
+    p = float(optics["pixel_size_A"])
+    h, w = cfg.dataset.image_size
+    pad = acq.required_padding_px(cfg.acquisition, (h, w), p)
+    fov_A = ((w + 2 * pad) * p, (h + 2 * pad) * p)
+    scheme = get_scheme(cfg.labels.scheme)
+    atoms, table, origin, drawn = _build_structure(cfg, streams, fov_A, scheme)
+    cal = None
+    if model == "incoherent":
+        if calibration is None:
+            raise ValueError("the incoherent model needs a calibration (simgen calibrate)")
+        cal = _calibration_object(json.dumps(calibration, sort_keys=True))
+    sim = simulate(
+        atoms,
+        table,
+        optics,
+        model=model,
+        pixel_size_A=p,
+        shape=(h + 2 * pad, w + 2 * pad),
+        origin=origin,
+        calibration=cal,
+        interpolation=cfg.simulation.prism_interpolation,
+        frozen_phonons=cfg.simulation.frozen_phonons,
+        potential_sampling_A=cfg.simulation.potential_sampling_A,
+        device=cfg.simulation.device,
+        rng=streams["simulation"],
+    )
+    acquired = acq.apply_acquisition(
+        sim.image,
+        sim.rows,
+        sim.cols,
+        cfg.acquisition,
+        pad=pad,
+        pixel_size_A=p,
+        rng=streams["acquisition"],
+    )
+    cols = lab.column_labels(table, acquired.rows, acquired.cols, acquired.inside)
+    mask = lab.class_mask(
+        cols.y, cols.x, cols.class_id, (h, w), radius_px=cfg.labels.disk_radius_A / p
+    )
+    params = {**drawn, **optics, **acquired.params}
+    columns = {
+        "x": cols.x,
+        "y": cols.y,
+        "class_id": cols.class_id,
+        "site": cols.site,
+        "n_atoms": cols.n_atoms,
+        "counts": cols.counts,
+        "elements": tuple(table.elements),
+    }
+    return Sample(
+        image=to_numpy(acquired.image).astype(np.float32),
+        mask=to_numpy(mask).astype(np.uint8),
+        columns=columns,
+        params={k: float(v) for k, v in params.items()},
+        noise_free=to_numpy(acquired.noise_free).astype(np.float32),
+    )

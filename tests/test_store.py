@@ -1,0 +1,106 @@
+"""Store schema round trip, resume bookkeeping, and reading with plain zarr."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import zarr
+
+from simgen import store
+
+
+def _layout(n=4, c=12):
+    return store.StoreLayout(
+        n_samples=n,
+        image_shape=(16, 20),
+        column_capacity=c,
+        elements=("S", "Mo"),
+        param_names=("defocus_A", "lam"),
+    )
+
+
+def _sample(i, n_cols=5):
+    rng = np.random.default_rng(i)
+    return SimpleNamespace(
+        image=rng.random((16, 20), dtype=np.float32),
+        mask=rng.integers(0, 3, (16, 20)).astype(np.uint8),
+        columns={
+            "x": rng.random(n_cols) * 20,
+            "y": rng.random(n_cols) * 16,
+            "class_id": rng.integers(0, 3, n_cols),
+            "site": rng.integers(0, 2, n_cols),
+            "n_atoms": rng.integers(0, 3, n_cols),
+            "counts": rng.integers(0, 3, (n_cols, 2)),
+            "elements": ("Mo", "S"),
+        },
+        params={"defocus_A": float(i), "lam": 10.0 + i},
+    )
+
+
+ATTRS = {
+    "config": {"a": 1},
+    "label_scheme": {"name": "atoms", "names": ["background", "metal", "chalcogen"]},
+    "pixel_size_A": 0.2,
+    "calibration": None,
+}
+
+
+def test_schema_round_trip_and_plain_zarr(tmp_path):
+    path = tmp_path / "s.zarr"
+    root = store.create_store(path, _layout(), ATTRS)
+    assert list(store.pending_indices(root)) == [0, 1, 2, 3]
+    s1 = _sample(1)
+    store.write_sample(root, 1, s1)
+    assert list(store.pending_indices(root)) == [0, 2, 3]
+    # read back without simgen: plain zarr
+    plain = zarr.open_group(str(path), mode="r")
+    assert plain.attrs["schema_version"] == store.SCHEMA_VERSION
+    assert plain["images"].chunks == (1, 16, 20)
+    np.testing.assert_array_equal(plain["images"][1], s1.image)
+    np.testing.assert_array_equal(plain["masks"][1], s1.mask)
+    o, n = int(plain["columns/offset"][1]), int(plain["columns/count"][1])
+    assert (o, n) == (12, 5)
+    np.testing.assert_allclose(plain["columns/x"][o : o + n], s1.columns["x"], rtol=1e-6)
+    # element order of the store (S, Mo) differs from the sample's (Mo, S): remapped
+    counts = plain["columns/counts"][o : o + n]
+    np.testing.assert_array_equal(counts[:, 0], s1.columns["counts"][:, 1])
+    assert plain["params/defocus_A"][1] == 1.0 and np.isnan(plain["params/lam"][0])
+    info = store.summary(store.open_store(path))
+    assert info["completed"] == 1 and info["params"]["lam"] == (11.0, 11.0)
+
+
+def test_resume_refuses_other_config_and_overwrite(tmp_path):
+    path = tmp_path / "s.zarr"
+    store.create_store(path, _layout(), ATTRS)
+    store.open_for_resume(path, ATTRS["config"], _layout())  # same config: fine
+    with pytest.raises(store.StoreError, match="different config"):
+        store.open_for_resume(path, {"a": 2}, _layout())
+    with pytest.raises(store.StoreError, match="overwrite"):
+        store.create_store(path, _layout(), ATTRS)
+    store.create_store(path, _layout(), ATTRS, overwrite=True)
+
+
+def test_capacity_and_missing_store_errors(tmp_path):
+    root = store.create_store(tmp_path / "s.zarr", _layout(c=3), ATTRS)
+    with pytest.raises(store.StoreError, match="capacity"):
+        store.write_sample(root, 0, _sample(0, n_cols=5))
+    assert store.pending_indices(root).tolist() == [0, 1, 2, 3]  # nothing marked complete
+    with pytest.raises(store.StoreError, match="not found"):
+        store.open_store(tmp_path / "missing.zarr")
+    (tmp_path / "junk.zarr").mkdir()
+    with pytest.raises(store.StoreError):
+        store.open_store(tmp_path / "junk.zarr")
+
+
+def test_wrong_schema_version(tmp_path):
+    root = store.create_store(tmp_path / "s.zarr", _layout(), ATTRS)
+    root.attrs["schema_version"] = 99
+    with pytest.raises(store.StoreError, match="schema_version"):
+        store.open_store(tmp_path / "s.zarr")
+
+
+def test_calibration_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path))
+    assert store.load_cached_calibration("k/1") is None
+    store.save_calibration("k/1", {"w": [1.0, 2.0]})
+    assert store.load_cached_calibration("k/1") == {"w": [1.0, 2.0]}
