@@ -1,0 +1,5 @@
+"""``python -m simgen`` runs the CLI."""
+
+from simgen.cli import app
+
+app()

@@ -1,0 +1,291 @@
+"""Datasets end to end: determinism across workers, SIGKILL + resume, sweeps, CLI errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from simgen import store
+from simgen.cli import app
+from simgen.cluster import ClusterSpec
+from simgen.config import load_config
+from simgen.generate import generate, stores_identical
+from simgen.pipeline import calibration_request, make_sample
+
+runner = CliRunner()
+SMALL = {
+    "dataset.n_samples": 4,
+    "dataset.image_size": [64, 64],
+    "simulation.model": "incoherent",
+    "simulation.device": "cpu",
+}
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A calibration cache shared by the tests (the calibration runs PRISM once, ~10 s)."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIMGEN_CACHE", str(path))
+        cfg = load_config().with_overrides(SMALL)
+        key, compute = calibration_request(cfg)
+        if store.load_cached_calibration(key) is None:
+            store.save_calibration(key, compute())
+        yield path
+
+
+@pytest.fixture
+def small_cfg(cache_dir, monkeypatch):
+    monkeypatch.setenv("SIMGEN_CACHE", str(cache_dir))
+    return load_config().with_overrides(SMALL)
+
+
+@pytest.fixture
+def calibration(small_cfg):
+    key, _ = calibration_request(small_cfg)
+    return store.load_cached_calibration(key)
+
+
+def test_sample_depends_only_on_seed_and_index(small_cfg, calibration):
+    a = make_sample(small_cfg, 3, calibration=calibration)
+    make_sample(small_cfg, 1, calibration=calibration)  # other work in between
+    b = make_sample(small_cfg, 3, calibration=calibration)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    c = make_sample(small_cfg.with_overrides({"dataset.seed": 1}), 3, calibration=calibration)
+    assert not np.array_equal(a.image, c.image)
+
+
+def test_one_and_two_workers_give_identical_stores(small_cfg, calibration, tmp_path):
+    generate(
+        small_cfg,
+        tmp_path / "serial.zarr",
+        cluster=ClusterSpec("none"),
+        calibration=calibration,
+        progress=False,
+    )
+    generate(
+        small_cfg,
+        tmp_path / "two.zarr",
+        cluster=ClusterSpec("local", workers=2),
+        calibration=calibration,
+        progress=False,
+    )
+    assert stores_identical(tmp_path / "serial.zarr", tmp_path / "two.zarr")
+    root = zarr.open_group(str(tmp_path / "two.zarr"), mode="r")  # plain zarr reads it
+    assert root["complete"][:].all() and root["images"].shape == (4, 64, 64)
+    assert np.isfinite(root["params/shot_lambda_counts"][:]).all()
+
+
+def test_resume_computes_only_unfinished_samples(small_cfg, calibration, tmp_path):
+    out = tmp_path / "s.zarr"
+    r1 = generate(
+        small_cfg,
+        out,
+        cluster=ClusterSpec("none"),
+        calibration=calibration,
+        progress=False,
+        stop_after=2,
+    )
+    assert r1.computed == 2
+    r2 = generate(
+        small_cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False
+    )
+    assert (r2.computed, r2.skipped) == (2, 2)
+    generate(
+        small_cfg,
+        tmp_path / "ref.zarr",
+        cluster=ClusterSpec("none"),
+        calibration=calibration,
+        progress=False,
+    )
+    assert stores_identical(out, tmp_path / "ref.zarr")
+    other = small_cfg.with_overrides({"dataset.seed": 9})
+    with pytest.raises(store.StoreError, match="different config"):
+        generate(other, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_store(
+    small_cfg, calibration, tmp_path, cache_dir
+):
+    n = 12
+    cfg = small_cfg.with_overrides({"dataset.n_samples": n})
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    out = tmp_path / "killed.zarr"
+    cmd = [
+        sys.executable,
+        "-m",
+        "simgen",
+        "generate",
+        "-c",
+        str(cfg_file),
+        "-o",
+        str(out),
+        "--cluster",
+        "none",
+    ]
+    env = {**os.environ, "SIMGEN_CACHE": str(cache_dir)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = int(zarr.open_group(str(out), mode="r")["complete"][:].sum())
+        except Exception:  # store not created yet
+            done = 0
+        if done >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = int(zarr.open_group(str(out), mode="r")["complete"][:].sum())
+    assert 0 < partial < n, "the run must be killed mid-way for this test to mean anything"
+    result = runner.invoke(
+        app, ["generate", "-c", str(cfg_file), "-o", str(out), "--cluster", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{n - partial} samples computed" in result.output
+    generate(
+        cfg,
+        tmp_path / "ref.zarr",
+        cluster=ClusterSpec("none"),
+        calibration=calibration,
+        progress=False,
+    )
+    assert stores_identical(out, tmp_path / "ref.zarr")
+
+
+def test_sweep_is_paired(small_cfg, tmp_path):
+    out = tmp_path / "sweep"
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            "--noise-lambda",
+            "5-80",
+            "--points",
+            "2",
+            "--n",
+            "2",
+            "--size",
+            "64",
+            "--set",
+            "simulation.model=incoherent",
+            "--set",
+            "simulation.device=cpu",
+            "--cluster",
+            "none",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    a = store.open_store(out / "lambda5.zarr")
+    b = store.open_store(out / "lambda80.zarr")
+    assert a["params/shot_lambda_counts"][0] == 5 and b["params/shot_lambda_counts"][0] == 80
+    for name in a.attrs["param_names"]:  # everything but the noise is identical
+        if name.startswith("shot_"):
+            continue
+        np.testing.assert_array_equal(a[f"params/{name}"][:], b[f"params/{name}"][:])
+    for i in range(2):
+        ca, cb = store.read_columns(a, i), store.read_columns(b, i)
+        np.testing.assert_array_equal(ca["x"], cb["x"])
+        np.testing.assert_array_equal(ca["class_id"], cb["class_id"])
+        np.testing.assert_array_equal(a["masks"][i], b["masks"][i])
+    ia, ib = np.asarray(a["images"][0]), np.asarray(b["images"][0])
+    assert not np.array_equal(ia, ib)
+    # same underlying image: high correlation once normalised; more counts -> less noise
+    assert np.corrcoef(ia.ravel(), ib.ravel())[0, 1] > 0.5
+    assert (out / "sweep.json").is_file()
+
+
+def test_inspect_preview_and_structure_file(small_cfg, tmp_path):
+    import ase.io
+    from ase.build import mx2
+
+    cell = mx2("MoS2", a=3.16, thickness=3.17, vacuum=5.0)
+    cell_file = tmp_path / "cell.cif"
+    ase.io.write(cell_file, cell)
+    out = tmp_path / "file.zarr"
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "--structure",
+            str(cell_file),
+            "--n",
+            "2",
+            "--size",
+            "64",
+            "--model",
+            "incoherent",
+            "--device",
+            "cpu",
+            "--cluster",
+            "none",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    root = store.open_store(out)
+    cols = store.read_columns(root, 0)
+    assert len(cols["x"]) > 25 and set(np.unique(cols["class_id"])) == {1, 2}
+    result = runner.invoke(app, ["inspect", str(out)])
+    assert result.exit_code == 0 and "2/2 samples complete" in result.output
+    result = runner.invoke(app, ["preview", str(out), "-o", str(tmp_path / "p.png")])
+    assert result.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 10_000
+    result = runner.invoke(
+        app,
+        [
+            "structure",
+            "WSe2",
+            "--fov",
+            "30",
+            "--defect",
+            "vac_X1=0.1",
+            "-o",
+            str(tmp_path / "c.xyz"),
+        ],
+    )
+    assert result.exit_code == 0 and ase.io.read(tmp_path / "c.xyz").get_chemical_symbols()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "optics.energy_kV=-80"], "energy_kV"),
+        (["--set", "optics.semiangle=30"], "unknown key optics.semiangle"),
+        (["--set", "structure.material=MoXx2"], "structure.material"),
+        (["--set", "structure.defects={vac_X1: 1.5}"], "structure.defects.vac_X1"),
+        (["--set", "structure.defects={holes: 0.1}"], "unknown defect kind"),
+        (["--set", "dataset.n_samples=0"], "dataset.n_samples"),
+        (["--set", "dataset.image_size=[8, 8]"], "dataset.image_size"),
+        (["--set", "labels.scheme=nonsense"], "labels.scheme"),
+        (["--set", "labels.disk_radius_A=-1"], "labels.disk_radius_A"),
+        (["--set", "simulation.model=magic"], "simulation.model"),
+        (["--set", "acquisition.shot.lambda_counts=-5"], "lambda_counts"),
+        (["--set", "acquisition.drift.vx_A_per_s={uniform: [1, 0]}"], "vx_A_per_s"),
+        (["--set", "nonsense.key=1"], "unknown key nonsense.key"),
+        (["--set", "optics.haadf_inner_mrad=250"], "haadf"),
+        (["--noise-lambda", "20-5"], "--noise-lambda"),
+        (["--structure", "/no/such/file.xyz"], "structure.file"),
+        (["--config", "/no/such/config.yaml"], "config file not found"),
+        (["--device", "gpu"], "gpu"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_before_any_work(args, message, tmp_path, small_cfg):
+    out = tmp_path / "never.zarr"
+    result = runner.invoke(app, ["generate", "-o", str(out), "--cluster", "none", *args])
+    assert result.exit_code != 0
+    assert message in result.output, result.output
+    assert not out.exists()
