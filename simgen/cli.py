@@ -386,5 +386,81 @@ def structure_cmd(
     )
 
 
+@app.command()
+def calibrate(
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    force: Annotated[bool, typer.Option(help="Recompute even when cached")] = False,
+):
+    """Calibrate the incoherent model against PRISM for the config's optics and elements
+    (cached; `generate` does this by itself when needed)."""
+    from simgen import store
+    from simgen.pipeline import calibration_request
+
+    cfg = build_config(config, overrides, **{"simulation.model": "incoherent"})
+    key, compute = calibration_request(cfg)
+    data = None if force else store.load_cached_calibration(key)
+    if data is None:
+        typer.echo(f"calibrating against {cfg.simulation.calibration_reference} ...", err=True)
+        try:
+            data = compute()
+        except (ValueError, RuntimeError) as err:
+            fail(str(err))
+        path = store.save_calibration(key, data)
+    else:
+        path = store._cache_file(key)
+    typer.echo(f"calibration {key}\n  cached at {path}")
+    for name in ("weights_A2", "widths_A", "kappa", "background", "fit"):
+        if name in data:
+            typer.echo(f"  {name}: {json.dumps(data[name], default=float)[:300]}")
+
+
+@app.command()
+def check(
+    store_path: Annotated[Path, typer.Argument(help="Dataset store (*.zarr)")],
+    index: Annotated[list[int] | None, typer.Option("--index", "-i", help="Samples")] = None,
+):
+    """Recompute samples from the store's config and report label-to-column offsets in
+    their noise-free images (and whether the recorded image is reproduced bit for bit)."""
+    import numpy as np
+
+    from simgen import store
+    from simgen.check import check_labels
+    from simgen.config import SimgenConfig
+    from simgen.pipeline import make_sample
+
+    try:
+        root = store.open_store(store_path)
+        cfg = SimgenConfig.from_dict(root.attrs["config"])
+    except (store.StoreError, ValueError) as err:
+        fail(str(err))
+    done = list(store.iter_complete(root))
+    if not done:
+        fail("the store holds no complete sample yet")
+    for i in index or done[:3]:
+        if i not in done:
+            fail(f"sample {i} is not complete in {store_path}")
+        sample = make_sample(cfg, i, calibration=root.attrs.get("calibration"))
+        cols = store.read_columns(root, i)
+        occupied = cols["n_atoms"] > 0
+        report = check_labels(sample.noise_free, cols["y"][occupied], cols["x"][occupied])
+        same = np.array_equal(sample.image, np.asarray(root["images"][i]))
+        typer.echo(f"sample {i}: {report}; recorded image reproduced bit for bit: {same}")
+
+
+@app.command()
+def figures(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder")] = Path("figures"),
+    seed: Annotated[int, typer.Option(help="Seed of the acquisition draw")] = 0,
+):
+    """One PNG per acquisition stage (ideal, contamination, scan, current, shot, detector,
+    labels) so you can see what each imperfection does."""
+    from simgen.figures import make_figures
+
+    paths = make_figures(output, seed=seed)
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
 def main():  # pragma: no cover
     sys.exit(app())

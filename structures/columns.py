@@ -151,9 +151,7 @@ def _composition_scheme() -> LabelScheme:
         for a, b in combinations_with_replacement(CHALCOGENS, 2)
     ]
     names = ("background",) + METALS + tuple(pairs) + CHALCOGENS + ("vac_M", "vac_X", "other")
-    mapping = {
-        n: i for i, n in enumerate(names) if n not in ("background", "other", "vac_M", "vac_X")
-    }
+    mapping = {n: i for i, n in enumerate(names) if n not in ("background", "other")}
     return LabelScheme("composition", names, "composition", mapping)
 
 
@@ -323,6 +321,22 @@ def _compositions(counts: np.ndarray, elements: tuple[str, ...]) -> np.ndarray:
     return out
 
 
+def _composition_keys(scheme, composition, counts, elements, n_atoms, site):
+    """Keys for composition schemes: empty sites get ``vac_M``/``vac_X``; a metal site
+    holding no metal (an antisite) is ``other``, never a chalcogen-column class."""
+    keys = composition.copy()
+    if scheme.by != "composition":
+        return keys
+    keys[(n_atoms == 0) & (site == METAL)] = "vac_M"
+    keys[(n_atoms == 0) & (site == CHALCOGEN)] = "vac_X"
+    metal_cols = np.array([e not in CHALCOGENS for e in elements], dtype=bool)
+    has_metal = (
+        counts[:, metal_cols].sum(axis=1) > 0 if metal_cols.any() else np.zeros(len(keys), bool)
+    )
+    keys[(site == METAL) & (n_atoms > 0) & ~has_metal] = "other"
+    return keys
+
+
 def column_table(ml: Monolayer, scheme: str | Mapping | LabelScheme = "defects") -> ColumnTable:
     """Column table of a builder monolayer, emptied sites included.
 
@@ -349,10 +363,7 @@ def column_table(ml: Monolayer, scheme: str | Mapping | LabelScheme = "defects")
     composition = _compositions(counts, elements)
     defect = ml.sites.defect.astype(object)
     site = ml.sites.sublattice.astype(np.int8)
-    comp_keys = composition.copy()
-    if scheme.by == "composition":  # empty sites get their own composition classes
-        comp_keys[(n_atoms == 0) & (site == METAL)] = "vac_M"
-        comp_keys[(n_atoms == 0) & (site == CHALCOGEN)] = "vac_X"
+    comp_keys = _composition_keys(scheme, composition, counts, elements, n_atoms, site)
     class_id = scheme.assign(site, n_atoms, defect, comp_keys)
     return ColumnTable(
         x,
@@ -482,10 +493,7 @@ def columns_from_atoms(
     x0, y0 = fov_origin
     lx, ly = fov_extent
     in_fov = (x_all >= x0) & (x_all < x0 + lx) & (y_all >= y0) & (y_all < y0 + ly)
-    comp_keys = composition.copy()
-    if scheme.by == "composition":
-        comp_keys[(n_atoms == 0) & (site == METAL)] = "vac_M"
-        comp_keys[(n_atoms == 0) & (site == CHALCOGEN)] = "vac_X"
+    comp_keys = _composition_keys(scheme, composition, counts, elements, n_atoms, site)
     class_id = scheme.assign(site, n_atoms, defect, comp_keys)
     return ColumnTable(
         x_all,

@@ -279,3 +279,18 @@ def test_all_defect_kinds_documented():
         "dopant_M",
         "vac_complex",
     }
+
+
+def test_composition_scheme_puts_antisites_in_other():
+    ml = apply_defects(
+        build_monolayer("WSe2", fov=30, rng=0),
+        {"antisite_X1": 2, "antisite_X2": 2, "vac_M": 1, "vac_X2": 1},
+        by="count",
+        rng=0,
+    )
+    t = column_table(ml, "composition")
+    names = np.array(t.scheme.names)[t.class_id]
+    assert set(names[np.isin(t.defect, ["antisite_X1", "antisite_X2"])]) == {"other"}
+    assert set(names[t.defect == "vac_M"]) == {"vac_M"}
+    assert set(names[t.defect == "vac_X2"]) == {"vac_X"}
+    assert set(names[(t.defect == "none") & (t.site == METAL)]) == {"W"}

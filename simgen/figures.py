@@ -1,15 +1,14 @@
-"""Write one PNG per acquisition stage into ``docs/images/`` (used by docs/acquisition.md).
+"""Write one PNG per acquisition stage (the pictures of docs/acquisition.md).
 
 Run from the repository root::
 
-    .venv/bin/python docs/make_acquisition_figures.py            # -> docs/images/acq_*.png
-    .venv/bin/python docs/make_acquisition_figures.py --out /tmp/figs --seed 3
+    .venv/bin/simgen figures -o docs/images            # -> docs/images/acq_*.png
+    .venv/bin/simgen figures -o /tmp/figs --seed 3
 
 The input is a rendered 2H-MX2 lattice (:func:`simgen.check.synthetic_lattice`, 512² at
 0.2 Å), so the figures need no simulation engine; the settings exaggerate each effect a
 little so it is visible. PNGs are written with matplotlib's Agg backend and reduced to a
-64-colour palette (each well under 150 kB). :func:`make_figures` is importable (e.g. by a
-future ``simgen figures`` command).
+64-colour palette (each well under 150 kB). :func:`make_figures` is importable (``simgen figures`` calls it).
 """
 
 from __future__ import annotations
@@ -195,7 +194,7 @@ def make_figures(out_dir: str | Path = "docs/images", *, seed: int = 0) -> list[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "images"))
+    parser.add_argument("--out", default="docs/images")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for path in make_figures(args.out, seed=args.seed):
