@@ -1,0 +1,66 @@
+"""U-Net and the model registry (training/models)."""
+
+import pytest
+import torch
+from torch import nn
+
+from training.models import MODELS, UNet, build_model, register_model
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+@pytest.mark.parametrize("shape", [(32, 32), (37, 50), (9, 70)])
+def test_unet_output_shape_any_input_size(norm, shape):
+    model = build_model("unet", n_classes=5, depth=2, width=4, norm=norm).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, *shape))
+    assert out.shape == (2, 5, *shape)
+
+
+def test_unet_depth_and_width_set_the_size():
+    def n_params(**kw):
+        return sum(p.numel() for p in UNet(n_classes=3, **kw).parameters())
+
+    assert n_params(depth=2, width=8) < n_params(depth=3, width=8) < n_params(depth=3, width=16)
+    assert len(UNet(depth=4).down) == 4
+
+
+def test_unet_is_fully_convolutional_and_translation_consistent():
+    torch.manual_seed(0)
+    model = UNet(n_classes=3, depth=2, width=4).eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        full = model(x)
+        shifted = model(torch.roll(x, shifts=(8, 8), dims=(-2, -1)))
+    # away from the borders a shift by a multiple of 2**depth shifts the output
+    torch.testing.assert_close(shifted[..., 24:40, 24:40], full[..., 16:32, 16:32])
+
+
+def test_registry_errors_and_extension():
+    with pytest.raises(ValueError, match="unknown name 'segnet'"):
+        build_model("segnet")
+    with pytest.raises(ValueError, match="unet"):
+        build_model("unet", colour=3)
+    with pytest.raises(ValueError, match="n_classes"):
+        build_model("unet", n_classes=1)
+
+    @register_model("_test_pointwise")
+    class Pointwise(nn.Module):
+        def __init__(self, in_channels=1, n_classes=2):
+            super().__init__()
+            self.conv = nn.Conv2d(in_channels, n_classes, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    try:
+        assert isinstance(build_model("_test_pointwise", n_classes=3), Pointwise)
+    finally:
+        MODELS.pop("_test_pointwise")

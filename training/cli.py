@@ -1,0 +1,294 @@
+"""``simgen-train``: train, evaluate and apply FCNs on simgen stores.
+
+A thin Typer layer: each command parses its options, loads the config and calls one
+library function. torch is imported inside the commands, so ``--help`` and ``config``
+start fast. Bad input ends with a one-line ``error: ...`` on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="simgen-train",
+    help="Train fully convolutional networks on simgen stores, evaluate and predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Write and check training configs (YAML).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _clean_errors(fn):
+    """Report ValueError/FileNotFoundError as one line and exit 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, FloatingPointError) as err:
+            _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _parse_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"--range: expected START:STOP, got {text!r}") from None
+    if not 0 <= a < b:
+        raise ValueError(f"--range: expected 0 <= START < STOP, got {text!r}")
+    return a, b
+
+
+def load_train_config(config: Path | None, overrides: list[str] | None = None, **direct):
+    """TrainConfig from an optional YAML file, ``key.path=value`` overrides and options.
+
+    Parameters
+    ----------
+    config : Path, optional
+        YAML file (default config when omitted).
+    overrides : list of str
+        ``dotted.key=value`` strings; values are parsed as YAML.
+    **direct
+        Dotted keys set from command-line options (``None`` values are ignored).
+
+    Returns
+    -------
+    TrainConfig
+    """
+    import yaml
+
+    from simgen.configbase import set_by_path
+    from training.config import TrainConfig
+
+    base = TrainConfig.load(config) if config is not None else TrainConfig()
+    data = base.to_dict()
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {key}: value is not valid YAML: {value!r}") from None
+        set_by_path(data, key.strip(), parsed)
+    for key, value in direct.items():
+        if value is not None:
+            set_by_path(data, key, value)
+    return TrainConfig.from_dict(data)
+
+
+# -- config ------------------------------------------------------------------------------
+@config_app.command("init")
+@_clean_errors
+def config_init(
+    path: Annotated[Path, typer.Argument(help="YAML file to write.")] = Path("train.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+):
+    """Write the default config (the small CPU recipe) with a comment on every key."""
+    from training.config import annotated_yaml
+
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; pass --force to overwrite")
+    path.write_text(annotated_yaml())
+    typer.echo(f"wrote {path}")
+
+
+@config_app.command("check")
+@_clean_errors
+def config_check(
+    path: Annotated[Path, typer.Argument(help="YAML config to validate.")],
+):
+    """Validate a config file and print it with every default filled in."""
+    from training.config import TrainConfig
+
+    typer.echo(TrainConfig.load(path).to_yaml(), nl=False)
+
+
+# -- train -------------------------------------------------------------------------------
+@app.command()
+@_clean_errors
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML config (see `config init`).")
+    ] = None,
+    store: Annotated[
+        list[str] | None,
+        typer.Option("--store", "-s", help="Training store (repeat); replaces data.train_stores."),
+    ] = None,
+    val_store: Annotated[
+        list[str] | None,
+        typer.Option("--val-store", help="Validation store (repeat); replaces data.val_stores."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: dotted.key=value (repeat)."),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override epochs.")] = None,
+    members: Annotated[int | None, typer.Option(help="Ensemble size (override).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last.pt.")
+    ] = False,
+    stop_after: Annotated[
+        int | None, typer.Option(help="Stop after this many epochs (resume later).")
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+):
+    """Train a network (or an ensemble) on stores; writes checkpoints and history.csv."""
+    cfg = load_train_config(
+        config,
+        set_,
+        **{
+            "data.train_stores": store or None,
+            "data.val_stores": val_store or None,
+            "epochs": epochs,
+            "members": members,
+            "device": device,
+            "progress": False if quiet else None,
+        },
+    )
+    from training.train import train_ensemble, train_model
+
+    if cfg.members > 1:
+        results = train_ensemble(cfg, out, resume=resume, stop_after=stop_after)
+    else:
+        results = [train_model(cfg, out, resume=resume, stop_after=stop_after)]
+    for r in results:
+        last = r.history[-1] if r.history else {}
+        state = "done" if r.finished else "stopped (resume with --resume)"
+        score = ", ".join(
+            f"{k} {last[k]:.4f}"
+            for k in ("train_loss", "val_loss", "val_f1", "val_macro_f1")
+            if last.get(k) is not None
+        )
+        typer.echo(f"{r.out_dir}: {state}; epoch {len(r.history)}; {score}")
+
+
+# -- evaluate ----------------------------------------------------------------------------
+@app.command()
+@_clean_errors
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Checkpoint, run directory or ensemble directory.")],
+    stores: Annotated[list[Path], typer.Argument(help="Labelled store(s) to score on.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Directory for metrics.json, confusion.png.")
+    ] = None,
+    sample_range: Annotated[
+        str | None, typer.Option("--range", help="Samples START:STOP of each store.")
+    ] = None,
+    radius: Annotated[
+        float | None, typer.Option(help="Matching radius [Å] (default: the model's).")
+    ] = None,
+    greedy: Annotated[
+        bool, typer.Option("--greedy", help="Greedy matching instead of Hungarian.")
+    ] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the 8 flips/rotations.")] = False,
+    tile: Annotated[int, typer.Option(help="Inference tile size [px].")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Column detection and classification scores of a model on labelled stores."""
+    from training.evaluate import evaluate_stores
+
+    result = evaluate_stores(
+        model,
+        stores,
+        out_dir=out,
+        eval_overrides={"radius_A": radius} if radius is not None else None,
+        sample_range=_parse_range(sample_range),
+        device=device,
+        tile=tile,
+        tta=tta,
+        method="greedy" if greedy else "hungarian",
+        progress=not quiet,
+    )
+    det = result["detection"]
+    typer.echo(
+        f"{result['n_images']} images: detection precision {det['precision'] or 0:.4f} "
+        f"recall {det['recall'] or 0:.4f} F1 {det['f1'] or 0:.4f}"
+    )
+    for name, c in result["classes"].items():
+        if c["support"] or c["fp"]:
+            typer.echo(
+                f"  {name:>14}: support {c['support']:6d}  precision {c['precision'] or 0:.3f}"
+                f"  recall {c['recall'] or 0:.3f}  F1 {c['f1'] or 0:.3f}"
+            )
+    if out is not None:
+        typer.echo(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
+
+
+# -- predict -----------------------------------------------------------------------------
+@app.command()
+@_clean_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="Checkpoint, run directory or ensemble directory.")],
+    store: Annotated[Path, typer.Argument(help="Store whose images to label.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output Zarr directory (new).")],
+    sample_range: Annotated[
+        str | None, typer.Option("--range", help="Samples START:STOP (default: all).")
+    ] = None,
+    probabilities: Annotated[
+        bool,
+        typer.Option("--probabilities", help="Also store probabilities (and ensemble variance)."),
+    ] = False,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the 8 flips/rotations.")] = False,
+    tile: Annotated[int, typer.Option(help="Inference tile size [px].")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Label the images of a store: class maps, detected columns (and probabilities)."""
+    import numpy as np
+
+    from training.predict import predict_store
+
+    span = _parse_range(sample_range)
+    indices = None
+    if span is not None:
+        from training.stores import open_store
+
+        st = open_store(store)
+        indices = st.complete_indices(*span)
+        if not len(indices):
+            raise ValueError(f"--range {sample_range}: no complete sample in {store}")
+        indices = np.asarray(indices)
+    path = predict_store(
+        model,
+        store,
+        out,
+        indices=indices,
+        save_probabilities=probabilities,
+        device=device,
+        tile=tile,
+        tta=tta,
+        progress=not quiet,
+    )
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry convenience
+    """Run the app (``python -m training.cli``)."""
+    app(prog_name="simgen-train")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

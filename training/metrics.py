@@ -1,0 +1,378 @@
+"""Column-level evaluation: maps → columns → matching → detection and class scores.
+
+Pure NumPy/SciPy (no torch). The chain:
+
+1. :func:`find_columns` turns class-probability maps ``[K, H, W]`` (or a class map
+   ``[H, W]``) into columns: the foreground (``1 − p_background > threshold``) is split into
+   connected components — optionally further split around peaks of the smoothed
+   foreground probability by a watershed — and each component gives one column with a
+   probability-weighted sub-pixel centroid and the class of largest summed probability.
+2. :func:`match_columns` pairs detected and true columns closer than a radius: the
+   largest number of pairs, and among those the smallest total distance (Hungarian
+   assignment on each connected group of candidates), or greedily by distance.
+3. :class:`ColumnScores` accumulates over images: detection precision/recall/F1 (any
+   column, class ignored), per-class precision/recall/F1, the confusion matrix over
+   matched columns, and pixel IoU per class.
+
+Positions are in pixels with ``x`` = column index and ``y`` = row index (the store's
+convention, no half-pixel offset).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+_EMPTY = {
+    "x": np.zeros(0),
+    "y": np.zeros(0),
+    "class_id": np.zeros(0, np.int64),
+    "score": np.zeros(0),
+    "area": np.zeros(0),
+}
+
+
+def find_columns(
+    probs=None,
+    class_map=None,
+    *,
+    threshold: float = 0.5,
+    min_area_px: float = 2.0,
+    min_distance_px: float | None = None,
+    smooth_px: float = 1.0,
+) -> dict[str, np.ndarray]:
+    """Detect columns in a probability map or class map.
+
+    Parameters
+    ----------
+    probs : ndarray, shape (K, H, W), optional
+        Class probabilities (class 0 = background).
+    class_map : ndarray of int, shape (H, W), optional
+        Class per pixel; used when ``probs`` is not given (one-hot probabilities).
+    threshold : float
+        Foreground probability above which a pixel belongs to a column.
+    min_area_px : float
+        Components smaller than this many pixels are dropped.
+    min_distance_px : float, optional
+        When given, components holding several peaks of the smoothed foreground
+        probability at least this far apart are split by a watershed (merged columns).
+    smooth_px : float
+        Gaussian sigma [px] of the smoothing used to find peaks.
+
+    Returns
+    -------
+    dict of ndarray
+        ``x``, ``y`` (sub-pixel centroid [px]), ``class_id`` (int), ``score`` (mean foreground
+        probability), ``area`` (pixels), one entry per column.
+    """
+    if probs is None:
+        if class_map is None:
+            raise ValueError("find_columns: give probs or class_map")
+        cm = np.asarray(class_map)
+        if cm.ndim != 2:
+            raise ValueError(f"class_map: expected [H, W], got shape {cm.shape}")
+        k = int(cm.max()) + 1 if cm.size else 1
+        probs = (np.arange(max(k, 2))[:, None, None] == cm[None]).astype(np.float32)
+    probs = np.asarray(probs)
+    if probs.ndim != 3 or probs.shape[0] < 2:
+        raise ValueError(f"probs: expected [K >= 2, H, W], got shape {probs.shape}")
+    fg_prob = 1.0 - probs[0].astype(np.float64)
+    fg = fg_prob > threshold
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return {k: v.copy() for k, v in _EMPTY.items()}
+    if min_distance_px is not None and min_distance_px > 0:
+        labels, n = _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px)
+    index = np.arange(1, n + 1)
+    area = np.asarray(ndimage.sum_labels(fg, labels, index), dtype=np.float64)
+    com = np.asarray(ndimage.center_of_mass(fg_prob, labels, index), dtype=np.float64)
+    score = np.asarray(ndimage.mean(fg_prob, labels, index), dtype=np.float64)
+    class_mass = np.stack(
+        [np.asarray(ndimage.sum_labels(probs[c], labels, index)) for c in range(1, len(probs))]
+    )
+    class_id = np.argmax(class_mass, axis=0).astype(np.int64) + 1
+    keep = area >= min_area_px
+    com = com.reshape(-1, 2)
+    return {
+        "x": com[keep, 1],
+        "y": com[keep, 0],
+        "class_id": class_id[keep],
+        "score": score[keep],
+        "area": area[keep],
+    }
+
+
+def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
+    """Watershed split of components around peaks of the smoothed foreground probability."""
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    smooth = ndimage.gaussian_filter(fg_prob, smooth_px) if smooth_px > 0 else fg_prob
+    peaks = peak_local_max(
+        smooth,
+        min_distance=max(1, int(round(min_distance_px))),
+        labels=labels,
+        exclude_border=False,
+    )
+    markers = np.zeros(labels.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    # every component keeps at least one marker (its maximum)
+    has = np.zeros(n + 1, bool)
+    has[labels[tuple(peaks.T)]] = True
+    missing = np.flatnonzero(~has[1:]) + 1
+    if len(missing):
+        pos = ndimage.maximum_position(smooth, labels, missing)
+        for j, p in enumerate(pos):
+            markers[p] = len(peaks) + j + 1
+    new = watershed(-smooth, markers, mask=fg)
+    return new, int(markers.max())
+
+
+def match_columns(pred_xy, true_xy, radius: float, method: str = "hungarian"):
+    """Pair detected and true columns closer than ``radius``.
+
+    Parameters
+    ----------
+    pred_xy, true_xy : array_like, shape (n, 2) and (m, 2)
+        Positions ``(x, y)`` [px].
+    radius : float
+        Largest matching distance [px] (inclusive).
+    method : {"hungarian", "greedy"}
+        ``hungarian``: as many pairs as possible, then the smallest total distance, solved
+        exactly on each connected group of candidate pairs; ``greedy``: repeatedly take the
+        closest remaining pair.
+
+    Returns
+    -------
+    pred_idx, true_idx : ndarray of int
+        Indices of the matched pairs.
+    dist : ndarray of float
+        Their distances [px].
+    """
+    if method not in ("hungarian", "greedy"):
+        raise ValueError(f"method: expected hungarian or greedy, got {method!r}")
+    if radius <= 0:
+        raise ValueError(f"radius: must be > 0, got {radius}")
+    p = np.asarray(pred_xy, dtype=np.float64).reshape(-1, 2)
+    t = np.asarray(true_xy, dtype=np.float64).reshape(-1, 2)
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    if len(p) == 0 or len(t) == 0:
+        return empty
+    cand = cKDTree(p).query_ball_tree(cKDTree(t), r=radius)
+    pi = np.array([i for i, js in enumerate(cand) for _ in js], dtype=np.int64)
+    ti = np.array([j for js in cand for j in js], dtype=np.int64)
+    if len(pi) == 0:
+        return empty
+    d = np.hypot(*(p[pi] - t[ti]).T)
+    if method == "greedy":
+        order = np.lexsort((ti, pi, d))
+        used_p, used_t, keep = set(), set(), []
+        for k in order:
+            if pi[k] not in used_p and ti[k] not in used_t:
+                used_p.add(pi[k])
+                used_t.add(ti[k])
+                keep.append(k)
+        keep = np.array(keep, dtype=np.int64)
+        order = np.argsort(pi[keep], kind="stable")
+        keep = keep[order]
+        return pi[keep], ti[keep], d[keep]
+    # connected groups of the bipartite candidate graph: nodes 0..n-1 pred, n..n+m-1 true
+    n, m = len(p), len(t)
+    adj = coo_matrix((np.ones(len(pi)), (pi, n + ti)), shape=(n + m, n + m))
+    _, comp = connected_components(adj, directed=False)
+    edge_comp = comp[pi]
+    out_p, out_t, out_d = [], [], []
+    big = 1e6 * (1.0 + radius)
+    for c in np.unique(edge_comp):
+        sel = edge_comp == c
+        ps, ts = np.unique(pi[sel]), np.unique(ti[sel])
+        cost = np.full((len(ps), len(ts)), big)
+        cost[np.searchsorted(ps, pi[sel]), np.searchsorted(ts, ti[sel])] = d[sel]
+        r, col = linear_sum_assignment(cost)
+        ok = cost[r, col] < big
+        out_p.append(ps[r[ok]])
+        out_t.append(ts[col[ok]])
+        out_d.append(cost[r[ok], col[ok]])
+    pm, tm, dm = np.concatenate(out_p), np.concatenate(out_t), np.concatenate(out_d)
+    order = np.argsort(pm, kind="stable")
+    return pm[order], tm[order], dm[order]
+
+
+def prf(tp: int, fp: int, fn: int) -> dict:
+    """Precision, recall and F1 from counts (``None`` where undefined)."""
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    if precision is None or recall is None:
+        f1 = None
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def _select(cols: dict, keep: np.ndarray) -> dict:
+    return {k: np.asarray(v)[keep] for k, v in cols.items()}
+
+
+def inside(cols: dict, shape, border_px: float = 0.0) -> np.ndarray:
+    """Mask of columns at least ``border_px`` inside an image of ``shape`` (H, W)."""
+    h, w = shape
+    x, y = np.asarray(cols["x"]), np.asarray(cols["y"])
+    return (x >= border_px) & (y >= border_px) & (x <= w - 1 - border_px) & (y <= h - 1 - border_px)
+
+
+class ColumnScores:
+    """Accumulates column and pixel scores over images.
+
+    Parameters
+    ----------
+    class_names : sequence of str
+        Name of every class by id (index 0 = background).
+    """
+
+    def __init__(self, class_names):
+        self.class_names = list(class_names)
+        k = len(self.class_names)
+        if k < 2:
+            raise ValueError("class_names: need background and at least one class")
+        self.confusion = np.zeros((k, k), np.int64)  # true × predicted, matched columns
+        self.pixels = np.zeros((k, k), np.int64)  # true × predicted, pixels
+        self.n_true = np.zeros(k, np.int64)
+        self.n_pred = np.zeros(k, np.int64)
+        self.matched = 0
+        self.pred_total = 0
+        self.true_total = 0
+        self.dist_sum = 0.0
+        self.n_images = 0
+
+    def add_columns(
+        self,
+        pred: dict,
+        true: dict,
+        radius_px: float,
+        *,
+        shape=None,
+        border_px: float = 0.0,
+        method: str = "hungarian",
+    ) -> dict:
+        """Match one image's columns and add them to the totals.
+
+        Parameters
+        ----------
+        pred, true : dict of ndarray
+            Columns with ``x``, ``y`` [px] and ``class_id``; true columns of class 0 (not
+            labelled in the masks) and ids beyond the class list are ignored.
+        radius_px : float
+            Matching radius [px].
+        shape : (int, int), optional
+            Image shape; with it, true columns closer than ``border_px`` to an edge (or
+            outside) are left out, with the detections matched to them and the unmatched
+            detections in that band (matching itself uses all columns).
+        border_px : float
+            Width of the excluded edge band [px].
+        method : {"hungarian", "greedy"}
+            See :func:`match_columns`.
+
+        Returns
+        -------
+        dict
+            ``pred_idx``, ``true_idx`` of the matches (into the filtered columns), and the
+            filtered ``pred`` and ``true`` columns.
+        """
+        k = len(self.class_names)
+        true_id = np.asarray(true["class_id"]).astype(np.int64)
+        t = _select({k_: true[k_] for k_ in ("x", "y", "class_id")}, (true_id > 0) & (true_id < k))
+        p = dict(pred)
+        pi, ti, d = match_columns(
+            np.column_stack([p["x"], p["y"]]), np.column_stack([t["x"], t["y"]]), radius_px, method
+        )
+        if shape is not None:
+            # true columns count when inside the band; a match counts when its true column
+            # does; an unmatched detection counts when it lies inside the band itself
+            count_t = inside(t, shape, border_px)
+            count_p = inside(p, shape, border_px)
+            count_p[pi] = count_t[ti]
+            keep = count_t[ti]
+            new_t = np.cumsum(count_t) - 1
+            new_p = np.cumsum(count_p) - 1
+            pi, ti, d = new_p[pi[keep]], new_t[ti[keep]], d[keep]
+            t, p = _select(t, count_t), _select(p, count_p)
+        tc = np.asarray(t["class_id"], np.int64)
+        pc = np.clip(np.asarray(p["class_id"], np.int64), 0, k - 1)
+        np.add.at(self.confusion, (tc[ti], pc[pi]), 1)
+        self.n_true += np.bincount(tc, minlength=k)[:k]
+        self.n_pred += np.bincount(pc, minlength=k)[:k]
+        self.matched += len(pi)
+        self.pred_total += len(pc)
+        self.true_total += len(tc)
+        self.dist_sum += float(d.sum())
+        self.n_images += 1
+        return {"pred_idx": pi, "true_idx": ti, "pred": p, "true": t}
+
+    def add_pixels(self, pred_map, true_map) -> None:
+        """Add one image's pixel confusion (class maps of equal shape)."""
+        k = len(self.class_names)
+        p = np.clip(np.asarray(pred_map, np.int64).ravel(), 0, k - 1)
+        t = np.asarray(true_map, np.int64).ravel()
+        if p.shape != t.shape:
+            raise ValueError("add_pixels: prediction and truth differ in shape")
+        if t.size and t.max() >= k:
+            raise ValueError(f"add_pixels: true class {t.max()} beyond the {k} classes")
+        self.pixels += np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+    def iou(self) -> np.ndarray:
+        """Pixel IoU per class (NaN for a class absent from truth and prediction)."""
+        inter = np.diag(self.pixels).astype(np.float64)
+        union = self.pixels.sum(0) + self.pixels.sum(1) - inter
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+
+    def summary(self) -> dict:
+        """All scores as a JSON-ready dict.
+
+        Returns
+        -------
+        dict
+            ``detection`` (precision/recall/F1 over columns, class ignored, and the mean
+            localisation error of matches [px]), ``classes`` (per class: precision,
+            recall, F1, support, and ``detected`` = fraction of its true columns matched by
+            a column of any class), ``confusion`` (true × predicted over matched columns,
+            with ``class_names``), ``pixel`` (IoU per class, mean IoU over foreground
+            classes present, pixel accuracy), ``n_images``.
+        """
+        k = len(self.class_names)
+        det = prf(self.matched, self.pred_total - self.matched, self.true_total - self.matched)
+        det["mean_distance_px"] = self.dist_sum / self.matched if self.matched else None
+        classes = {}
+        matched_true = self.confusion.sum(1)
+        for c in range(1, k):
+            tp = int(self.confusion[c, c])
+            entry = prf(tp, int(self.n_pred[c] - tp), int(self.n_true[c] - tp))
+            entry["support"] = int(self.n_true[c])
+            entry["detected"] = float(matched_true[c] / self.n_true[c]) if self.n_true[c] else None
+            classes[self.class_names[c]] = entry
+        iou = self.iou()
+        fg = iou[1:][~np.isnan(iou[1:])]
+        total = self.pixels.sum()
+        return {
+            "n_images": self.n_images,
+            "detection": det,
+            "classes": classes,
+            "confusion": {
+                "class_names": self.class_names,
+                "matrix": self.confusion.tolist(),
+                "rows": "true class",
+                "cols": "predicted class",
+            },
+            "pixel": {
+                "iou": {
+                    n: (None if np.isnan(v) else float(v))
+                    for n, v in zip(self.class_names, iou, strict=True)
+                },
+                "mean_iou_foreground": float(fg.mean()) if fg.size else None,
+                "accuracy": float(np.trace(self.pixels) / total) if total else None,
+            },
+        }

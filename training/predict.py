@@ -1,0 +1,378 @@
+"""Inference: checkpoints → class-probability maps of whole images (tiles, TTA, ensembles).
+
+Images of any size are normalised with :func:`training.augment.normalize_image` (the
+function used in training), cut into overlapping tiles, and the tile predictions blended
+with weights that fall off linearly over the overlap (no seams). An :class:`Ensemble`
+averages the members' probabilities and reports their per-pixel variance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.augment import dihedral, inverse_dihedral, normalize_image
+from training.models import build_model
+from training.stores import LabelScheme, check_scheme
+from training.train import load_checkpoint_dict, resolve_device
+
+
+def load_checkpoint(path, device="cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the network of a checkpoint, in eval mode.
+
+    Parameters
+    ----------
+    path : path-like
+        ``last.pt`` or ``best.pt`` of a run.
+    device : str or torch.device
+
+    Returns
+    -------
+    model : torch.nn.Module
+    info : dict
+        The checkpoint's metadata (``config``, ``label_scheme``, ``class_names``,
+        ``pixel_size_A``, ``normalization``, ``epoch``, ``history``...), without states.
+    """
+    dev = resolve_device(device)
+    ckpt = load_checkpoint_dict(path, map_location=dev)
+    spec = ckpt["model"]
+    model = build_model(spec["name"], **spec["kwargs"])
+    model.load_state_dict(ckpt["model_state"])
+    model.to(dev).eval()
+    info = {k: v for k, v in ckpt.items() if not k.endswith("_state") and k != "rng"}
+    info["path"] = str(path)
+    return model, info
+
+
+def resolve_checkpoints(model_path) -> list[Path]:
+    """Checkpoint files named by a path: a ``.pt`` file, a run directory or an ensemble.
+
+    A directory with ``ensemble.json`` gives its members' checkpoints; a run directory
+    gives its ``best.pt`` (``last.pt`` when there is no ``best.pt``).
+
+    Raises
+    ------
+    ValueError
+        When nothing usable is found.
+    """
+    p = Path(model_path)
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        ens = p / "ensemble.json"
+        if ens.is_file():
+            members = [p / m for m in json.loads(ens.read_text())["members"]]
+            missing = [str(m) for m in members if not m.is_file()]
+            if missing:
+                raise ValueError(f"{ens}: member checkpoint(s) missing: {', '.join(missing)}")
+            return members
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return [p / name]
+        raise ValueError(f"{p}: no best.pt, last.pt or ensemble.json in this directory")
+    raise ValueError(f"model not found: {p}")
+
+
+def _starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    step = max(tile - overlap, 1)
+    starts = list(range(0, length - tile + 1, step))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def _ramp(size: int, overlap: int, first: bool, last: bool) -> np.ndarray:
+    w = np.ones(size)
+    if overlap > 0:
+        r = (np.arange(overlap) + 1.0) / (overlap + 1.0)
+        n = min(overlap, size)
+        if not first:
+            w[:n] = np.minimum(w[:n], r[:n])
+        if not last:
+            w[-n:] = np.minimum(w[-n:], r[:n][::-1])
+    return w
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module,
+    image,
+    *,
+    tile: int = 256,
+    overlap: int = 32,
+    batch_size: int = 4,
+    tta: bool = False,
+    normalize: bool = True,
+    amp: bool = False,
+) -> np.ndarray:
+    """Class probabilities of one image.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Network in eval mode (its parameters' device is used).
+    image : array_like, shape (H, W)
+        Recorded image (any units) or, with ``normalize=False``, an already normalised one.
+    tile : int
+        Tile side [px] (images smaller than a tile go through whole).
+    overlap : int
+        Overlap of neighbouring tiles [px]; blending weights ramp over it.
+    batch_size : int
+        Tiles per forward pass.
+    tta : bool
+        Average over the 8 flips/rotations of the square (8× the cost).
+    normalize : bool
+        Apply :func:`normalize_image` first (as in training).
+    amp : bool
+        Autocast on CUDA.
+
+    Returns
+    -------
+    ndarray of float32, shape (K, H, W)
+    """
+    img = normalize_image(image) if normalize else np.asarray(image, dtype=np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"image: expected [H, W], got shape {img.shape}")
+    if tile < 16:
+        raise ValueError(f"tile: must be >= 16 px, got {tile}")
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap: must be in [0, tile), got {overlap}")
+    if not tta:
+        return _predict_tiled(model, img, tile, overlap, batch_size, amp)
+    acc = None
+    for k in range(8):
+        p = inverse_dihedral(
+            _predict_tiled(model, dihedral(img, k), tile, overlap, batch_size, amp), k
+        )
+        acc = p.astype(np.float64) if acc is None else acc + p
+    return (acc / 8).astype(np.float32)
+
+
+def _predict_tiled(model, img, tile, overlap, batch_size, amp) -> np.ndarray:
+    device = next(model.parameters()).device
+    h, w = img.shape
+    th, tw = min(tile, h), min(tile, w)
+    rows, cols = _starts(h, th, overlap), _starts(w, tw, overlap)
+    acc = None
+    wsum = np.zeros((h, w))
+    jobs = [(r, c) for r in rows for c in cols]
+    use_amp = amp and device.type == "cuda"
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b : b + batch_size]
+        x = torch.from_numpy(np.stack([img[r : r + th, c : c + tw] for r, c in chunk])[:, None])
+        x = x.to(device)
+        if use_amp:
+            with torch.autocast(device_type="cuda"):
+                logits = model(x)
+        else:
+            logits = model(x)
+        probs = logits.float().softmax(1).cpu().numpy()
+        if acc is None:
+            acc = np.zeros((probs.shape[1], h, w))
+        for (r, c), p in zip(chunk, probs, strict=True):
+            wr = _ramp(th, overlap, r == 0, r + th >= h)
+            wc = _ramp(tw, overlap, c == 0, c + tw >= w)
+            wt = wr[:, None] * wc[None, :]
+            acc[:, r : r + th, c : c + tw] += p * wt
+            wsum[r : r + th, c : c + tw] += wt
+    return (acc / wsum).astype(np.float32)
+
+
+class Ensemble:
+    """Several networks trained on one label scheme; mean and variance of probabilities.
+
+    Parameters
+    ----------
+    models : list of torch.nn.Module
+        Members in eval mode.
+    infos : list of dict
+        Their checkpoint metadata (as :func:`load_checkpoint` returns).
+
+    Raises
+    ------
+    ValueError
+        When the members disagree on the label scheme.
+    """
+
+    def __init__(self, models: list[nn.Module], infos: list[dict]):
+        if not models or len(models) != len(infos):
+            raise ValueError("models: expected at least one model and one info per model")
+        self.models = list(models)
+        self.infos = list(infos)
+        self.scheme = LabelScheme.from_attrs(infos[0]["label_scheme"])
+        for info in infos[1:]:
+            check_scheme(
+                LabelScheme.from_attrs(info["label_scheme"]),
+                self.scheme,
+                f"checkpoint {info.get('path', '?')}",
+                "the first member's",
+            )
+        self.class_names = self.scheme.class_names
+
+    @classmethod
+    def load(cls, model_path, device="cpu") -> Ensemble:
+        """Load the checkpoint(s) a path names (see :func:`resolve_checkpoints`)."""
+        paths = (
+            [p for mp in model_path for p in resolve_checkpoints(mp)]
+            if isinstance(model_path, list | tuple)
+            else resolve_checkpoints(model_path)
+        )
+        loaded = [load_checkpoint(p, device) for p in paths]
+        return cls([m for m, _ in loaded], [i for _, i in loaded])
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    @property
+    def config(self) -> dict:
+        """Training config of the first member (plain dict)."""
+        return self.infos[0]["config"]
+
+    def predict(self, image, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel class-probability mean and variance over the members.
+
+        Parameters
+        ----------
+        image : array_like, shape (H, W)
+        **kwargs
+            Passed to :func:`predict_probabilities` (``tile``, ``overlap``, ``tta``...).
+
+        Returns
+        -------
+        mean, var : ndarray of float32, shape (K, H, W)
+            ``var`` is the population variance (exactly 0 for identical members).
+        """
+        mean = m2 = None
+        for n, model in enumerate(self.models, start=1):
+            p = predict_probabilities(model, image, **kwargs).astype(np.float64)
+            if mean is None:
+                mean, m2 = p.copy(), np.zeros_like(p)
+                continue
+            delta = p - mean
+            mean += delta / n
+            m2 += delta * (p - mean)
+        return mean.astype(np.float32), (m2 / len(self.models)).astype(np.float32)
+
+
+def predict_store(
+    model_path,
+    store_path,
+    out_path,
+    *,
+    indices=None,
+    save_probabilities: bool = False,
+    device="auto",
+    tile: int = 256,
+    overlap: int = 32,
+    batch_size: int = 4,
+    tta: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Predict every (complete) sample of a store and write a Zarr group of results.
+
+    The output group holds ``index`` (int64 ``[n]``, source sample), ``class_map`` (uint8
+    ``[n, H, W]``), optionally ``probability`` and — for ensembles — ``variance`` (float32
+    ``[n, K, H, W]``), and the detected columns as flat arrays ``columns/sample``,
+    ``columns/x``, ``columns/y`` (pixels), ``columns/class_id``, ``columns/score``; attributes
+    name the source store, checkpoints, class names and pixel size.
+
+    Parameters
+    ----------
+    model_path : path-like or list
+        Checkpoint, run directory or ensemble directory.
+    store_path : path-like
+        simgen store to predict.
+    out_path : path-like
+        Output Zarr directory (must not exist).
+    indices : sequence of int, optional
+        Samples to predict (default: all complete ones).
+    save_probabilities : bool
+        Also store probabilities (and ensemble variance).
+    device, tile, overlap, batch_size, tta
+        See :func:`predict_probabilities`.
+    progress : bool
+        tqdm bar over samples.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import zarr
+
+    from training.config import EvalConfig
+    from training.metrics import find_columns
+    from training.stores import open_stores
+
+    out_path = Path(out_path)
+    if out_path.exists():
+        raise ValueError(f"output already exists: {out_path}")
+    ens = Ensemble.load(model_path, resolve_device(device))
+    (store,) = open_stores([store_path], expected=ens.scheme)
+    idx = store.complete_indices() if indices is None else np.asarray(indices, dtype=np.int64)
+    bad = [int(i) for i in idx if not (0 <= i < store.n_samples and store.complete[i] == 1)]
+    if bad:
+        raise ValueError(f"indices: samples {bad[:5]} are out of range or not complete")
+    ev = EvalConfig.from_dict(ens.config.get("evaluate", {}))
+    p = store.pixel_size_A
+    h, w = store.image_shape
+    k = len(ens.class_names)
+    n = len(idx)
+    root = zarr.open_group(str(out_path), mode="w")
+    root.create_array("index", data=np.asarray(idx, dtype=np.int64))
+    cmap = root.create_array("class_map", shape=(n, h, w), chunks=(1, h, w), dtype="uint8")
+    prob = var = None
+    if save_probabilities:
+        prob = root.create_array(
+            "probability", shape=(n, k, h, w), chunks=(1, k, h, w), dtype="float32"
+        )
+        if len(ens) > 1:
+            var = root.create_array(
+                "variance", shape=(n, k, h, w), chunks=(1, k, h, w), dtype="float32"
+            )
+    found = {"sample": [], "x": [], "y": [], "class_id": [], "score": []}
+    iterator = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(iterator, desc="predict", dynamic_ncols=True)
+    for j in iterator:
+        i = int(idx[j])
+        mean, variance = ens.predict(
+            store.image(i), tile=tile, overlap=overlap, batch_size=batch_size, tta=tta
+        )
+        cmap[j] = mean.argmax(0).astype(np.uint8)
+        if prob is not None:
+            prob[j] = mean
+        if var is not None:
+            var[j] = variance
+        cols = find_columns(
+            mean,
+            threshold=ev.threshold,
+            min_area_px=ev.min_area_A2 / p**2,
+            min_distance_px=ev.min_separation_A / p or None,
+        )
+        found["sample"].append(np.full(len(cols["x"]), i, np.int64))
+        for key in ("x", "y", "class_id", "score"):
+            found[key].append(cols[key])
+    dtypes = {"sample": "int64", "x": "float32", "y": "float32", "class_id": "int16"}
+    grp = root.create_group("columns")
+    for key, parts in found.items():
+        data = np.concatenate(parts) if parts else np.zeros(0)
+        grp.create_array(key, data=data.astype(dtypes.get(key, "float32")))
+    root.attrs.update(
+        {
+            "source_store": str(store_path),
+            "checkpoints": [info["path"] for info in ens.infos],
+            "class_names": ens.class_names,
+            "label_scheme": ens.scheme.to_dict(),
+            "pixel_size_A": p,
+            "tta": tta,
+        }
+    )
+    return out_path
