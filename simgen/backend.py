@@ -68,6 +68,13 @@ def resolve_device(device: str | None = "auto") -> str:
     return "cpu"
 
 
+def mark_fallback_reported() -> None:
+    """Do not repeat the ``device='auto'`` CPU fallback message in this process (workers
+    of a dataset run: the coordinating process has said it already)."""
+    global _warned_auto_fallback
+    _warned_auto_fallback = True
+
+
 def get_array_module(x: Any = None) -> ModuleType:
     """Return ``numpy`` or ``cupy`` for an array, a dask array, or a device name."""
     if x is None:

@@ -197,10 +197,12 @@ def generate(
         lo, hi = _parse_range(noise_lambda, "--noise-lambda")
         named["acquisition.shot.lambda_counts"] = lo if lo == hi else {"uniform": [lo, hi]}
     cfg = build_config(config, overrides, **named)
-    _run_generate(cfg, output, workers, scheduler, cluster, overwrite)
+    _run_generate(cfg, output, workers, scheduler, cluster, overwrite, verbose=verbose)
 
 
-def _run_generate(cfg, output, workers, scheduler, cluster, overwrite, calibration="auto"):
+def _run_generate(
+    cfg, output, workers, scheduler, cluster, overwrite, calibration="auto", verbose=False
+):
     from simgen.cluster import ClusterSpec
     from simgen.generate import generate as run
     from simgen.pipeline import check_ready
@@ -209,7 +211,9 @@ def _run_generate(cfg, output, workers, scheduler, cluster, overwrite, calibrati
     try:
         check_ready(cfg)
         cal = _calibration_for(cfg) if calibration == "auto" else calibration
-        spec = ClusterSpec(kind=cluster.value, workers=workers, scheduler=scheduler)
+        spec = ClusterSpec(
+            kind=cluster.value, workers=workers, scheduler=scheduler, quiet=not verbose
+        )
         report = run(cfg, output, cluster=spec, overwrite=overwrite, calibration=cal)
     except (ValueError, StoreError, RuntimeError, FileNotFoundError) as err:
         fail(str(err))

@@ -36,12 +36,15 @@ class ClusterSpec:
         Keyword arguments for ``SLURMCluster``/``PBSCluster`` (``queue``, ``account``,
         ``cores``, ``memory``, ``walltime``, ``job_extra_directives``...). Settings in
         ``~/.config/dask/jobqueue.yaml`` apply as usual.
+    quiet : bool
+        Keep dask.distributed's INFO logs (worker start/stop) off the terminal.
     """
 
     kind: str = "local"
     workers: int | None = None
     scheduler: str | None = None
     jobqueue: dict = field(default_factory=dict)
+    quiet: bool = True
 
     def __post_init__(self):
         if self.kind not in CLUSTERS:
@@ -82,7 +85,19 @@ def open_client(spec: ClusterSpec) -> Iterator[object | None]:
         cluster.close()
 
 
+def _quiet_distributed_logs() -> None:
+    """Keep dask.distributed's per-worker INFO lines off the terminal unless the user
+    asked for verbose logs (its loggers set their own levels on import)."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("distributed"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _start_cluster(spec: ClusterSpec):
+    import distributed  # noqa: F401  (creates its loggers, which we then quiet)
+
+    if spec.quiet:
+        _quiet_distributed_logs()
     if spec.kind == "local":
         from distributed import LocalCluster
 

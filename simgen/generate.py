@@ -39,8 +39,11 @@ class GenerateReport:
 
 def _task(store_path: str, config_dict: dict, calibration: dict | None, indices: list[int]):
     """Run on a worker: compute and write samples ``indices`` (one chunk group)."""
+    from simgen.backend import mark_fallback_reported
     from simgen.config import SimgenConfig
     from simgen.pipeline import make_sample
+
+    mark_fallback_reported()
 
     key = (store_path, repr(config_dict))
     if _WORKER_CACHE.get("key") != key:
@@ -85,7 +88,10 @@ def generate(
     """
     from simgen.pipeline import store_attrs, store_layout
 
+    from simgen.backend import resolve_device
+
     cluster = cluster or ClusterSpec()
+    resolve_device(cfg.simulation.device)  # says once, here, if 'auto' falls back to the CPU
     out = Path(out)
     layout = store_layout(cfg)
     config_dict = cfg.to_dict()

@@ -1,0 +1,782 @@
+"""Calibration of the incoherent HAADF model against PRISM or multislice.
+
+The incoherent model (:mod:`simgen.simulate`) writes the image as
+``I(r) = b + sum_(column j, element e) A_je (|P|^2 * G_(sigma_e))(r - r_j)`` with
+
+* ``A_je = n_je * w_e * kappa_e ** (n_j - 1)``: ``n_je`` atoms of element ``e`` in a column
+  of ``n_j`` atoms; ``w_e`` [Å²] is the HAADF cross-section of a lone atom of ``e`` (the
+  fraction of the beam it scatters into the detector per unit probe intensity), and
+  ``kappa_e`` the channelling factor of an atom sharing its column (a two-atom S2 column
+  gives ``2 kappa_S w_S``, a mixed SSe column ``kappa_S w_S + kappa_Se w_Se``);
+* ``sigma_e`` [Å]: the width of the object peak (thermal smearing and the extent of the
+  high-angle scattering potential);
+* ``b``: a constant background (fraction of the beam).
+
+:func:`calibrate` fixes these numbers for one energy, convergence angle and detector by
+fitting the model to reference images (PRISM or multislice; zero aberrations, no source
+or focal spread: those act on the probe, which the incoherent model computes exactly) of
+small periodic cells, one per (metal, chalcogen) pair of the elements, each in its own
+lattice and holding every column type: lone metal atoms, pristine X2 columns,
+single-vacancy X columns (entrance- and exit-side atom), mixed chalcogen columns and empty
+sites. For fixed widths the images are linear in ``(w_e, kappa_e w_e, b)``: linear least
+squares, nested in a bounded nonlinear least-squares fit of the widths
+(``scipy.optimize.least_squares``).
+
+The result is a :class:`Calibration` (``to_dict``/``from_dict``; ``key`` names what it
+depends on). Nothing here touches files: caching is the store/CLI layer's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from simgen.backend import to_numpy
+from simgen.distributions import as_rng
+from simgen.optics import OpticsConfig, nyquist_sampling_A, optics_values
+from simgen.simulate import (
+    MAX_WIDTH_A,
+    NYQUIST_FRACTION,
+    Columns,
+    IncoherentRenderer,
+    _periodic_images,
+    simulate,
+)
+
+__all__ = [
+    "CALIBRATION_VERSION",
+    "CHALCOGEN_SYMBOLS",
+    "Calibration",
+    "calibrate",
+    "calibration_key",
+    "fit_calibration",
+    "reference_cell",
+    "reference_cells",
+]
+
+#: Bumped whenever the model or the fit changes what a calibration means.
+CALIBRATION_VERSION = 1
+
+#: Elements that go on chalcogen sites of the reference cell; everything else is a metal.
+CHALCOGEN_SYMBOLS = ("O", "S", "Se", "Te")
+
+_OPTICS_FIELDS = ("energy_kV", "semiangle_mrad", "haadf_inner_mrad", "haadf_outer_mrad")
+
+
+def _z(symbol: str) -> int:
+    from ase.data import atomic_numbers
+
+    return atomic_numbers[symbol]
+
+
+def _canonical_elements(elements: Sequence[str]) -> tuple[str, ...]:
+    from ase.data import atomic_numbers
+
+    els = tuple(dict.fromkeys(str(e) for e in elements))
+    bad = [e for e in els if e not in atomic_numbers]
+    if bad:
+        raise ValueError(f"elements: unknown element symbol {bad[0]!r}")
+    if not els:
+        raise ValueError("elements: give at least one element")
+    return tuple(sorted(els, key=_z))
+
+
+def _round(value: float) -> float:
+    return float(f"{float(value):.6g}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-element weights, channelling factors and widths of the incoherent model.
+
+    Parameters
+    ----------
+    elements : tuple of str
+        Calibrated elements, by atomic number.
+    weights_A2 : dict
+        ``w_e`` [Å²]: HAADF cross-section of a lone atom (single-atom column).
+    kappa : dict
+        ``kappa_e``: factor applied to each atom of ``e`` in a column of ``n`` atoms,
+        ``kappa_e ** (n - 1)``.
+    widths_A : dict
+        ``sigma_e`` [Å]: standard deviation of the object peak.
+    background : float
+        Constant background (fraction of the beam).
+    energy_kV, semiangle_mrad, haadf_inner_mrad, haadf_outer_mrad : float
+        The optics the calibration holds for.
+    reference : dict
+        How the reference image was made (``model`` and its numerical settings, the cell).
+    fit : dict
+        Fit quality (``correlation``, ``rms_relative``, ``n_pixels``...); not in the key.
+    """
+
+    elements: tuple[str, ...]
+    weights_A2: dict[str, float]
+    kappa: dict[str, float]
+    widths_A: dict[str, float]
+    background: float
+    energy_kV: float
+    semiangle_mrad: float
+    haadf_inner_mrad: float
+    haadf_outer_mrad: float
+    reference: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        els = _canonical_elements(self.elements)
+        object.__setattr__(self, "elements", els)
+        for name in ("weights_A2", "kappa", "widths_A"):
+            table = getattr(self, name)
+            if not isinstance(table, Mapping):
+                raise ValueError(f"{name}: expected a mapping element -> number")
+            missing = [e for e in els if e not in table]
+            if missing:
+                raise ValueError(f"{name}: no value for element {missing[0]!r}")
+            values = {e: float(table[e]) for e in els}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise ValueError(f"{name}: values must be finite, got {values}")
+            object.__setattr__(self, name, values)
+        for e, v in self.widths_A.items():
+            if not 0.0 <= v <= MAX_WIDTH_A:
+                raise ValueError(f"widths_A: {e} width {v} outside [0, {MAX_WIDTH_A}] Å")
+        for e, v in self.kappa.items():
+            if not v > 0:
+                raise ValueError(f"kappa: {e} factor must be > 0, got {v}")
+        for name in _OPTICS_FIELDS:
+            v = float(getattr(self, name))
+            if not v > 0 and name != "haadf_inner_mrad":
+                raise ValueError(f"{name}: must be > 0, got {v}")
+            object.__setattr__(self, name, v)
+        if not self.haadf_inner_mrad < self.haadf_outer_mrad:
+            raise ValueError("haadf_inner_mrad: must be < haadf_outer_mrad")
+        object.__setattr__(self, "background", float(self.background))
+
+    # -- identity -----------------------------------------------------------------------
+    def dependencies(self) -> dict:
+        """Everything the calibration depends on (what :attr:`key` hashes)."""
+        ref = {k: self.reference[k] for k in sorted(self.reference) if k != "seconds"}
+        return {
+            "version": CALIBRATION_VERSION,
+            "energy_kV": _round(self.energy_kV),
+            "semiangle_mrad": _round(self.semiangle_mrad),
+            "haadf_inner_mrad": _round(self.haadf_inner_mrad),
+            "haadf_outer_mrad": _round(self.haadf_outer_mrad),
+            "elements": list(self.elements),
+            "reference": json.loads(json.dumps(ref, sort_keys=True, default=str)),
+        }
+
+    @property
+    def key(self) -> str:
+        """Stable, file-name-safe identifier of the calibration's dependencies.
+
+        ``<model>-<E>kV-<alpha>mrad-<inner>-<outer>mrad-<elements>-<hash>``, the hash over
+        :meth:`dependencies` (energy, semi-angle, detector, elements, reference model and
+        its numerical settings, calibration version).
+        """
+        deps = self.dependencies()
+        digest = hashlib.sha1(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:12]
+        model = str(self.reference.get("model", "unknown"))
+        return (
+            f"{model}-{deps['energy_kV']:g}kV-{deps['semiangle_mrad']:g}mrad-"
+            f"{deps['haadf_inner_mrad']:g}-{deps['haadf_outer_mrad']:g}mrad-"
+            f"{''.join(self.elements)}-{digest}"
+        )
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML-ready mapping (includes ``key`` for reference)."""
+        return {
+            "version": CALIBRATION_VERSION,
+            "key": self.key,
+            "elements": list(self.elements),
+            "weights_A2": dict(self.weights_A2),
+            "kappa": dict(self.kappa),
+            "widths_A": dict(self.widths_A),
+            "background": self.background,
+            "energy_kV": self.energy_kV,
+            "semiangle_mrad": self.semiangle_mrad,
+            "haadf_inner_mrad": self.haadf_inner_mrad,
+            "haadf_outer_mrad": self.haadf_outer_mrad,
+            "reference": json.loads(json.dumps(self.reference, default=str)),
+            "fit": json.loads(json.dumps(self.fit, default=str)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`; refuses other calibration versions."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"calibration: expected a mapping, got {type(data)!r}")
+        version = data.get("version", CALIBRATION_VERSION)
+        if version != CALIBRATION_VERSION:
+            raise ValueError(
+                f"calibration: version {version} != {CALIBRATION_VERSION}; recalibrate"
+            )
+        names = (
+            "elements",
+            "weights_A2",
+            "kappa",
+            "widths_A",
+            "background",
+            *_OPTICS_FIELDS,
+        )
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"calibration: missing field {missing[0]!r}")
+        cal = cls(
+            elements=tuple(data["elements"]),
+            weights_A2=dict(data["weights_A2"]),
+            kappa=dict(data["kappa"]),
+            widths_A=dict(data["widths_A"]),
+            background=data["background"],
+            reference=dict(data.get("reference", {})),
+            fit=dict(data.get("fit", {})),
+            **{n: data[n] for n in _OPTICS_FIELDS},
+        )
+        if "key" in data and data["key"] != cal.key:
+            raise ValueError(f"calibration: stored key {data['key']!r} != {cal.key!r}")
+        return cal
+
+    # -- use ------------------------------------------------------------------------------
+    def column_weights(self, counts, elements: Sequence[str]) -> np.ndarray:
+        """Integrated weight [Å²] of each column (``sum_e n_je w_e kappa_e^(n_j - 1)``)."""
+        counts = np.asarray(counts)
+        n = counts.sum(axis=1)
+        out = np.zeros(counts.shape[0])
+        for i, e in enumerate(elements):
+            if not counts[:, i].any():
+                continue
+            if e not in self.weights_A2:
+                raise ValueError(f"calibration: no weights for element {e!r}")
+            out += counts[:, i] * self.weights_A2[e] * self.kappa[e] ** (n - 1.0)
+        return out
+
+
+# -- reference cells -----------------------------------------------------------------------------
+def _lattice(metal: str, chalcogen: str) -> tuple[float, float]:
+    """Lattice constant and X–X height [Å] of 2H ``metal chalcogen``2.
+
+    From ``structures.lattices.LATTICE_TABLE``; a pair it lacks (a dopant metal) takes the
+    mean over the table's entries with the same chalcogen (or 3.2 Å, 3.3 Å).
+    """
+    try:
+        from structures.lattices import LATTICE_TABLE
+    except ImportError:  # pragma: no cover - structures is part of the project
+        LATTICE_TABLE = {}
+    if (metal, chalcogen) in LATTICE_TABLE:
+        a, d = LATTICE_TABLE[(metal, chalcogen)]
+        return float(a), float(d)
+    same = [v for (m, x), v in LATTICE_TABLE.items() if x == chalcogen]
+    if not same:
+        return 3.2, 3.3
+    return float(np.mean([v[0] for v in same])), float(np.mean([v[1] for v in same]))
+
+
+def _split(elements: Sequence[str]) -> tuple[list[str], list[str]]:
+    els = _canonical_elements(elements)
+    chalcogens = [e for e in els if e in CHALCOGEN_SYMBOLS]
+    metals = [e for e in els if e not in CHALCOGEN_SYMBOLS]
+    if not metals or not chalcogens:
+        raise ValueError(
+            f"elements: need at least one metal and one chalcogen {CHALCOGEN_SYMBOLS}, got "
+            f"{list(els)}"
+        )
+    return metals, chalcogens
+
+
+def reference_cell(
+    metal: str,
+    chalcogen: str,
+    *,
+    others: Sequence[str] = (),
+    repeats: tuple[int, int] = (3, 2),
+    lattice_A: float | None = None,
+    height_A: float | None = None,
+    vacuum_A: float = 1.25,
+    rng=0,
+):
+    """Small periodic 2H ``metal chalcogen``2 cell holding every column type to calibrate.
+
+    Metal sites hold ``metal`` (one left empty). Chalcogen sites hold pristine ``X2``
+    columns except: three ``X`` columns keeping only the atom on the beam-entrance side
+    (lower z; abTEM propagates along +z), three keeping only the exit-side atom (single
+    vacancies), one empty site (double vacancy), and one mixed ``XY`` column for each
+    chalcogen ``Y`` in ``others``. The site assignment is shuffled with ``rng``.
+
+    Parameters
+    ----------
+    metal, chalcogen : str
+        Host elements.
+    others : sequence of str
+        Further chalcogens that appear in mixed columns.
+    repeats : (int, int)
+        Orthogonal unit cells ``a x sqrt(3) a`` along x and y (grown if too few sites).
+    lattice_A, height_A : float, optional
+        Lattice constant and chalcogen–chalcogen height [Å]; default from
+        ``structures.lattices.LATTICE_TABLE``.
+    vacuum_A : float
+        Vacuum below and above the layer [Å] (it only costs slices).
+    rng : Generator, int or None
+        Shuffles the site assignment.
+
+    Returns
+    -------
+    atoms : ase.Atoms
+        Orthogonal cell, vacuum along z.
+    columns : Columns
+        One row per site (empty sites included); ``elements`` by atomic number.
+    kinds : ndarray of str
+        Per column: ``M``, ``X2``, ``X_entry``, ``X_exit``, ``XY``, ``empty_M``,
+        ``empty_X`` with element symbols for M, X, Y.
+    """
+    from ase import Atoms
+
+    others = [str(y) for y in others if str(y) != chalcogen]
+    els = _canonical_elements([metal, chalcogen, *others])
+    a, dz = _lattice(metal, chalcogen)
+    a = float(lattice_A or a)
+    dz = float(height_A or dz)
+    if not (2.0 < a < 5.0 and 1.0 < dz < 5.0):
+        raise ValueError(f"lattice_A/height_A: implausible values {a}, {dz}")
+    x = chalcogen
+    special = [(f"{x}_entry", (x,), (0,))] * 3 + [(f"{x}_exit", (x,), (1,))] * 3
+    special += [("empty_X", (), ())] + [(f"{x}{y}", (x, y), (0, 1)) for y in others]
+    nx, ny = (int(r) for r in repeats)
+    if nx < 1 or ny < 1:
+        raise ValueError(f"repeats: expected positive integers, got {repeats!r}")
+    while 2 * nx * ny < len(special) + 4:
+        nx += 1
+    n_sites = 2 * nx * ny
+    x_kinds = special + [(f"{x}2", (x, x), (0, 1))] * (n_sites - len(special))
+    m_kinds = [("empty_M", ())] + [(metal, (metal,))] * (n_sites - 1)
+    gen = as_rng(rng)
+    x_kinds = [x_kinds[i] for i in gen.permutation(n_sites)]
+    m_kinds = [m_kinds[i] for i in gen.permutation(n_sites)]
+
+    b = math.sqrt(3.0) * a
+    lz = dz + 2.0 * vacuum_A
+    z_layer = (vacuum_A, vacuum_A + dz)  # entrance side, exit side
+    offset = np.array([0.25 * a, b / 12.0])  # keeps every column off the cell edges
+    symbols, positions, col_x, col_y, kinds, counts = [], [], [], [], [], []
+    index = {e: k for k, e in enumerate(els)}
+    k = 0
+    for i in range(nx):
+        for j in range(ny):
+            o = np.array([i * a, j * b]) + offset
+            for site_m, site_x in (
+                (o, o + (0.5 * a, b / 6.0)),
+                (o + (0.5 * a, 0.5 * b), o + (0.0, 2.0 * b / 3.0)),
+            ):
+                for site, (name, atoms_here, zs) in (
+                    (site_m, (*m_kinds[k], (None,) * len(m_kinds[k][1]))),
+                    (site_x, x_kinds[k]),
+                ):
+                    row = np.zeros(len(els), np.int64)
+                    for s, z in zip(atoms_here, zs, strict=True):
+                        symbols.append(s)
+                        zz = 0.5 * lz if z is None else z_layer[z]
+                        positions.append((site[0], site[1], zz))
+                        row[index[s]] += 1
+                    col_x.append(site[0])
+                    col_y.append(site[1])
+                    kinds.append(name)
+                    counts.append(row)
+                k += 1
+    atoms = Atoms(symbols=symbols, positions=positions, cell=[nx * a, ny * b, lz], pbc=True)
+    columns = Columns(
+        x=np.asarray(col_x), y=np.asarray(col_y), counts=np.asarray(counts), elements=els
+    )
+    return atoms, columns, np.asarray(kinds)
+
+
+def reference_cells(elements: Sequence[str], *, repeats: tuple[int, int] = (3, 2), rng=0):
+    """One :func:`reference_cell` per (metal, chalcogen) pair of ``elements``.
+
+    Each cell has the lattice of its pair and mixed columns with the other chalcogens, so
+    every element is seen in its own lattice environment; the calibration fits one set of
+    per-element parameters to all of them.
+
+    Returns
+    -------
+    list of (atoms, columns, kinds)
+    """
+    metals, chalcogens = _split(elements)
+    gen = as_rng(rng)
+    return [
+        reference_cell(m, x, others=chalcogens, repeats=repeats, rng=gen)
+        for m in metals
+        for x in chalcogens
+    ]
+
+
+# -- fit -----------------------------------------------------------------------------------------
+def _calibration_optics(optics) -> dict:
+    """Nominal energy, aperture and detector; ideal probe otherwise."""
+    values = optics.nominal() if isinstance(optics, OpticsConfig) else optics_values(optics)
+    values = optics_values(values)
+    for key in values:
+        if key.startswith(("C", "phi")) or key in ("source_size_A", "focal_spread_A"):
+            values[key] = 0.0
+    return values
+
+
+def fit_calibration(
+    images,
+    columns,
+    optics: Mapping[str, float] | OpticsConfig | None,
+    *,
+    pixel_size_A: float,
+    origin_A: tuple[float, float] = (0.0, 0.0),
+    cell_xy=None,
+    periodic: bool = True,
+    reference: Mapping[str, Any] | None = None,
+    focal_points: int = 7,
+    initial_width_A: float = 0.1,
+) -> Calibration:
+    """Fit the incoherent model's weights, channelling factors and widths to images.
+
+    Parameters
+    ----------
+    images : array [H, W] or sequence of arrays
+        Reference image(s) (fraction of the beam), pixel ``(r, c)`` at
+        ``origin_A + (c, r) * pixel_size_A``.
+    columns : column table or sequence of them
+        Columns (``x, y, counts, elements``; positions in Å) of each imaged structure.
+    optics : mapping or OpticsConfig
+        The optics of the images (the probe is computed from all of them).
+    pixel_size_A : float
+        Pixel size of the images [Å].
+    origin_A : (float, float)
+        Position of pixel (0, 0) [Å] (same for all images).
+    cell_xy : (float, float) or sequence of them, optional
+        Cell lengths [Å] of each structure; required with ``periodic``.
+    periodic : bool
+        Add the periodic images of the columns.
+    reference : mapping, optional
+        Description of how the images were made (stored in the calibration and its key).
+    focal_points : int
+        Focal-spread quadrature nodes.
+    initial_width_A : float
+        Starting width of every element [Å].
+
+    Returns
+    -------
+    Calibration
+        ``fit`` holds ``correlation``, ``rms_relative`` (rms residual / mean image),
+        ``max_relative`` (max |residual| / max image) and ``n_pixels``, over all images.
+    """
+    from scipy.optimize import least_squares
+
+    opt = optics.nominal() if isinstance(optics, OpticsConfig) else optics_values(optics)
+    single = hasattr(columns, "counts")
+    images = [images] if single else list(images)
+    tables = [columns] if single else list(columns)
+    cells = [cell_xy] if single else list(cell_xy or [None] * len(tables))
+    if not (len(images) == len(tables) == len(cells)):
+        raise ValueError("images, columns and cell_xy: give one per reference structure")
+    all_els = _canonical_elements([e for tab in tables for e in tab.elements])
+    widx = {e: k for k, e in enumerate(all_els)}
+    groups = []  # (image index, element, class 1 | 2, peak x, peak y, atoms per peak)
+    renderers, targets = [], []
+    for n, (img, tab, cell) in enumerate(zip(images, tables, cells, strict=True)):
+        target = np.asarray(to_numpy(img), dtype=np.float64)
+        if target.ndim != 2:
+            raise ValueError(f"images: expected 2D arrays, got shape {target.shape}")
+        targets.append(target.ravel())
+        r = IncoherentRenderer(
+            opt, pixel_size_A, origin_A, target.shape, focal_points=focal_points, device="cpu"
+        )
+        renderers.append(r)
+        counts = np.asarray(tab.counts)
+        x = np.asarray(tab.x, dtype=np.float64)
+        y = np.asarray(tab.y, dtype=np.float64)
+        n_atoms = counts.sum(axis=1)
+        for i, e in enumerate(tab.elements):
+            for cls, sel in ((1, n_atoms == 1), (2, n_atoms >= 2)):
+                rows = np.nonzero(sel & (counts[:, i] > 0))[0]
+                if rows.size == 0:
+                    continue
+                px, py, amp = x[rows], y[rows], counts[rows, i].astype(np.float64)
+                if periodic:
+                    if cell is None:
+                        raise ValueError("cell_xy: needed with periodic=True")
+                    ny, nx = r.grid_shape
+                    lo = r.grid_origin_A
+                    hi = (lo[0] + nx * r.step_A, lo[1] + ny * r.step_A)
+                    sel_i, px, py = _periodic_images(px, py, tuple(cell), lo, hi)
+                    amp = amp[sel_i]
+                groups.append((n, str(e), cls, px, py, amp))
+    if not groups:
+        raise ValueError("columns: no atoms to calibrate against")
+    present = sorted({g[1] for g in groups}, key=_z)
+    labels = sorted({(g[1], g[2]) for g in groups}, key=lambda k: (_z(k[0]), k[1]))
+    lab_idx = {k: j for j, k in enumerate(labels)}
+    offsets = np.cumsum([0] + [t.size for t in targets])
+    t = np.concatenate(targets)
+
+    def design(widths):
+        a = np.zeros((t.size, len(labels) + 1))
+        for n, e, cls, px, py, amp in groups:
+            sig = np.full(px.size, widths[widx[e]])
+            img = np.asarray(renderers[n].render(px, py, amp, sig), dtype=np.float64)
+            a[offsets[n] : offsets[n + 1], lab_idx[(e, cls)]] += img.ravel()
+        a[:, -1] = 1.0
+        return a
+
+    def solve(widths):
+        a = design(widths)
+        scale = np.linalg.norm(a, axis=0)
+        theta, *_ = np.linalg.lstsq(a / scale, t, rcond=None)
+        theta = theta / scale
+        return theta, a @ theta - t
+
+    res = least_squares(
+        lambda w: solve(w)[1],
+        x0=np.full(len(all_els), initial_width_A),
+        bounds=(0.0, MAX_WIDTH_A),
+        x_scale=0.05,
+        diff_step=1e-3,
+    )
+    theta, resid = solve(res.x)
+    lin = {k: float(theta[j]) for k, j in lab_idx.items()}
+    kappas = {e: lin[(e, 2)] / lin[(e, 1)] for e in present if (e, 1) in lin and (e, 2) in lin}
+    kappa_default = float(np.mean(list(kappas.values()))) if kappas else 1.0
+    weights, kappa, wid = {}, {}, {}
+    for e in present:
+        k = kappas.get(e, kappa_default)
+        w = lin[(e, 1)] if (e, 1) in lin else lin[(e, 2)] / k
+        weights[e], kappa[e], wid[e] = float(w), float(k), float(res.x[widx[e]])
+    bad = [e for e in weights if not (weights[e] > 0 and kappa[e] > 0)]
+    if bad:
+        raise RuntimeError(
+            f"calibration fit gave a non-positive weight or channelling factor for {bad}: "
+            f"weights {weights}, kappa {kappa}; the reference images are unsuitable"
+        )
+    fit = {
+        "correlation": float(np.corrcoef(t, t + resid)[0, 1]),
+        "rms_relative": float(np.sqrt(np.mean(resid**2)) / np.mean(t)),
+        "max_relative": float(np.max(np.abs(resid)) / np.max(t)),
+        "n_pixels": int(t.size),
+        "n_images": len(targets),
+        "pixel_size_A": float(pixel_size_A),
+        "nfev": int(res.nfev),
+    }
+    return Calibration(
+        elements=tuple(present),
+        weights_A2=weights,
+        kappa=kappa,
+        widths_A=wid,
+        background=float(theta[-1]),
+        energy_kV=opt["energy_kV"],
+        semiangle_mrad=opt["semiangle_mrad"],
+        haadf_inner_mrad=opt["haadf_inner_mrad"],
+        haadf_outer_mrad=opt["haadf_outer_mrad"],
+        reference=dict(reference or {"model": "image"}),
+        fit=fit,
+    )
+
+
+def _reference_settings(
+    opt: dict,
+    elements: Sequence[str],
+    *,
+    reference_model: str,
+    interpolation: int,
+    frozen_phonons: int,
+    phonon_sigma_A: float,
+    potential_sampling_A: float,
+    slice_thickness_A: float,
+    repeats: tuple[int, int],
+    pixel_size_A: float | None,
+    rng: int,
+):
+    """Reference cells, scan step and the description stored in the calibration."""
+    if reference_model not in ("prism", "multislice"):
+        raise ValueError(
+            f"reference_model: expected 'prism' or 'multislice', got {reference_model!r}"
+        )
+    if isinstance(rng, bool) or not isinstance(rng, int | np.integer):
+        raise ValueError(f"rng: calibrate takes an integer seed (it enters the key), got {rng!r}")
+    cells = reference_cells(elements, repeats=repeats, rng=int(rng))
+    p = float(pixel_size_A or NYQUIST_FRACTION * nyquist_sampling_A(opt))
+    reference = {
+        "model": reference_model,
+        "interpolation": int(interpolation) if reference_model == "prism" else 1,
+        "frozen_phonons": int(frozen_phonons),
+        "phonon_sigma_A": _round(phonon_sigma_A) if frozen_phonons else 0.0,
+        "potential_sampling_A": _round(potential_sampling_A),
+        "slice_thickness_A": _round(slice_thickness_A),
+        "cells": [
+            {
+                "formula": atoms.get_chemical_formula(),
+                "lengths_A": [_round(v) for v in atoms.cell.lengths()],
+            }
+            for atoms, _, _ in cells
+        ],
+        "repeats": [int(r) for r in repeats],
+        "seed": int(rng),
+        "pixel_size_A": _round(p),
+    }
+    return cells, p, reference
+
+
+def calibration_key(
+    optics: Mapping[str, float] | OpticsConfig | None,
+    elements: Sequence[str],
+    *,
+    reference_model: str = "prism",
+    interpolation: int = 1,
+    frozen_phonons: int = 0,
+    phonon_sigma_A: float = 0.07,
+    potential_sampling_A: float = 0.05,
+    slice_thickness_A: float = 1.0,
+    repeats: tuple[int, int] = (3, 2),
+    pixel_size_A: float | None = None,
+    rng: int = 0,
+) -> str:
+    """The :attr:`Calibration.key` that :func:`calibrate` with these arguments returns.
+
+    Cheap (no simulation): lets a cache be looked up before calibrating.
+    """
+    opt = _calibration_optics(optics)
+    els = _canonical_elements(elements)
+    _, _, reference = _reference_settings(
+        opt,
+        els,
+        reference_model=reference_model,
+        interpolation=interpolation,
+        frozen_phonons=frozen_phonons,
+        phonon_sigma_A=phonon_sigma_A,
+        potential_sampling_A=potential_sampling_A,
+        slice_thickness_A=slice_thickness_A,
+        repeats=repeats,
+        pixel_size_A=pixel_size_A,
+        rng=rng,
+    )
+    probe = Calibration(
+        elements=els,
+        weights_A2=dict.fromkeys(els, 1.0),
+        kappa=dict.fromkeys(els, 1.0),
+        widths_A=dict.fromkeys(els, 0.1),
+        background=0.0,
+        energy_kV=opt["energy_kV"],
+        semiangle_mrad=opt["semiangle_mrad"],
+        haadf_inner_mrad=opt["haadf_inner_mrad"],
+        haadf_outer_mrad=opt["haadf_outer_mrad"],
+        reference=reference,
+    )
+    return probe.key
+
+
+def calibrate(
+    optics: Mapping[str, float] | OpticsConfig | None,
+    elements: Sequence[str],
+    *,
+    reference_model: str = "prism",
+    interpolation: int = 1,
+    frozen_phonons: int = 0,
+    phonon_sigma_A: float = 0.07,
+    potential_sampling_A: float = 0.05,
+    slice_thickness_A: float = 1.0,
+    repeats: tuple[int, int] = (3, 2),
+    pixel_size_A: float | None = None,
+    device: str = "cpu",
+    rng: int = 0,
+) -> Calibration:
+    """Calibrate the incoherent model for one set of optics and elements.
+
+    Simulates :func:`reference_cells` (one small cell per metal/chalcogen pair) with
+    ``reference_model`` at the nominal energy, semi-angle and detector of ``optics`` with an
+    ideal probe (no aberrations, source size or focal spread: they act on the probe, which
+    the incoherent model computes exactly), then :func:`fit_calibration` on all of them.
+    Its :attr:`~Calibration.key` equals :func:`calibration_key` of the same arguments. Cost:
+    about 10 s per pair on two CPU cores with the defaults.
+
+    Parameters
+    ----------
+    optics : mapping, OpticsConfig or None
+        Only ``energy_kV``, ``semiangle_mrad``, ``haadf_inner_mrad`` and
+        ``haadf_outer_mrad`` matter (their nominal values for a config).
+    elements : sequence of str
+        Elements the incoherent model will meet: metals and chalcogens (O, S, Se, Te).
+    reference_model : {"prism", "multislice"}
+        Reference simulation.
+    interpolation : int
+        PRISM interpolation factor of the reference (1 = exact, the default: the
+        reference cells are small).
+    frozen_phonons : int
+        Frozen-phonon configurations of the reference (0 = static lattice).
+    phonon_sigma_A : float
+        Their displacement standard deviation per direction [Å].
+    potential_sampling_A, slice_thickness_A : float
+        Potential grid step and slice thickness [Å] of the reference.
+    repeats : (int, int)
+        Size of each reference cell in orthogonal unit cells.
+    pixel_size_A : float, optional
+        Scan step of the reference images [Å]; default ``0.9 * Nyquist`` (the images are
+        band-limited, so this holds all their information at the lowest cost).
+    device : {"cpu", "gpu", "auto"}
+        Where the reference simulations run (the fit runs on the CPU).
+    rng : int
+        Seed of the site shuffling and of the frozen-phonon displacements (an integer: it
+        is part of the key).
+
+    Returns
+    -------
+    Calibration
+        ``fit`` adds ``reference_seconds``, the reference simulations' wall time.
+    """
+    import time
+
+    opt = _calibration_optics(optics)
+    els = _canonical_elements(elements)
+    cells, p, reference = _reference_settings(
+        opt,
+        els,
+        reference_model=reference_model,
+        interpolation=interpolation,
+        frozen_phonons=frozen_phonons,
+        phonon_sigma_A=phonon_sigma_A,
+        potential_sampling_A=potential_sampling_A,
+        slice_thickness_A=slice_thickness_A,
+        repeats=repeats,
+        pixel_size_A=pixel_size_A,
+        rng=rng,
+    )
+    opt["pixel_size_A"] = p
+    t0 = time.perf_counter()
+    images = []
+    for n, (atoms, columns, _) in enumerate(cells):
+        ref = simulate(
+            atoms,
+            columns,
+            opt,
+            model=reference_model,
+            interpolation=interpolation,
+            frozen_phonons=frozen_phonons,
+            phonon_sigma_A=phonon_sigma_A,
+            potential_sampling_A=potential_sampling_A,
+            slice_thickness_A=slice_thickness_A,
+            periodic=True,
+            device=device,
+            rng=np.random.default_rng([int(rng), n]),
+        )
+        images.append(ref.image)
+    seconds = time.perf_counter() - t0
+    cal = fit_calibration(
+        images,
+        [c[1] for c in cells],
+        opt,
+        pixel_size_A=p,
+        origin_A=(0.0, 0.0),
+        cell_xy=[tuple(c[0].cell.lengths()[:2]) for c in cells],
+        periodic=True,
+        reference=reference,
+    )
+    cal.fit["reference_seconds"] = round(seconds, 2)
+    return cal
