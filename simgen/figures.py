@@ -8,7 +8,7 @@ Run from the repository root::
 The input is a rendered 2H-MX2 lattice (:func:`simgen.check.synthetic_lattice`, 512² at
 0.2 Å), so the figures need no simulation engine; the settings exaggerate each effect a
 little so it is visible. PNGs are written with matplotlib's Agg backend and reduced to a
-64-colour palette (each well under 150 kB). :func:`make_figures` is importable (``simgen figures`` calls it).
+64-colour palette (each well under 150 kB). ``simgen figures`` calls :func:`make_figures`.
 """
 
 from __future__ import annotations

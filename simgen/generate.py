@@ -86,9 +86,8 @@ def generate(
     stop_after : int, optional
         Stop after this many tasks (tests of interruption).
     """
-    from simgen.pipeline import store_attrs, store_layout
-
     from simgen.backend import resolve_device
+    from simgen.pipeline import store_attrs, store_layout
 
     cluster = cluster or ClusterSpec()
     resolve_device(cfg.simulation.device)  # says once, here, if 'auto' falls back to the CPU
