@@ -102,6 +102,14 @@ def get_scipy_module(x: Any):
     return cupyx.scipy
 
 
+def get_scipy_submodule(x: Any, name: str) -> ModuleType:
+    """Return ``scipy.<name>`` or ``cupyx.scipy.<name>`` (e.g. ``"fft"``, ``"ndimage"``)."""
+    import importlib
+
+    base = "scipy" if get_array_module(x) is np else "cupyx.scipy"
+    return importlib.import_module(f"{base}.{name}")
+
+
 def to_device(x: Any, device: str) -> Any:
     """Move an array to ``device`` (``"cpu"`` or ``"gpu"``/``"auto"``)."""
     target = resolve_device(device)

@@ -38,7 +38,7 @@ class StructureConfig(Config):
     chalcogens: dict | None = None
     rotation_deg: Distribution = Distribution("uniform", (0.0, 60.0))
     displacement_sigma_A: Distribution = Distribution("fixed", (0.01,))
-    margin_A: float = 4.0
+    margin_A: float = 8.0
     defects: dict = field(default_factory=_default_defects)
     defects_by: str = "concentration"
     substituent: str | None = None

@@ -39,6 +39,23 @@ within the window plus a probe-sized margin into a new box (vacuum where the box
 cell), so the wrap-around of abTEM's periodic potential stays outside the field of view.
 ``periodic=True`` uses the cell as one period of an infinite crystal (tiny test and
 calibration cells).
+
+API::
+
+    sim = simulate(atoms, columns, optics, model="incoherent", pixel_size_A=None,
+                   window=(x0, y0, width, height) | None, shape=(H, W) | None,
+                   origin=(x0, y0) | None, calibration=cal, interpolation=2,
+                   frozen_phonons=0, phonon_sigma_A=0.07, potential_sampling_A=0.05,
+                   slice_thickness_A=1.0, focal_points=7, scan_sampling_A=None,
+                   periodic=False, device="cpu", rng=None)
+    sim.image            # float32 [H, W], NumPy or CuPy (device="gpu")
+    sim.rows, sim.cols   # every column's sub-pixel position, same order as ``columns``
+    sim.params           # optics values used (store them per sample)
+    sim.calibration_key  # the incoherent model's calibration (None for prism/multislice)
+
+``columns`` is anything with ``x, y, counts, elements`` (``structures.ColumnTable``, or
+:class:`Columns`). :class:`IncoherentRenderer` is the incoherent model's engine (one
+probe kernel, many renders), used by :mod:`simgen.calibrate`.
 """
 
 from __future__ import annotations
@@ -52,7 +69,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from simgen.backend import get_array_module, get_scipy_module, resolve_device, to_numpy
+from simgen.backend import get_array_module, get_scipy_submodule, resolve_device, to_numpy
 from simgen.distributions import as_rng
 from simgen.optics import (
     OpticsConfig,
@@ -281,7 +298,8 @@ def _next_fast(n: int) -> int:
 
 
 def _fft(xp):
-    return get_scipy_module(xp.zeros(1)).fft
+    """``scipy.fft`` (float32-aware, no planning) or ``cupyx.scipy.fft``."""
+    return get_scipy_submodule(xp, "fft")
 
 
 # -- incoherent model -------------------------------------------------------------------------
@@ -728,7 +746,7 @@ def _reference(
         env = xp.exp(-2.0 * math.pi**2 * sigma_src**2 * (ky[:, None] ** 2 + kx[None, :] ** 2))
         img = fft.irfft2(fft.rfft2(img) * env, s=(nsy, nsx))
     if resample:
-        ndi = get_scipy_module(img).ndimage
+        ndi = get_scipy_submodule(img, "ndimage")
         rr = margin + (xp.arange(h, dtype=xp.float64) * p) / s
         cc = margin + (xp.arange(w, dtype=xp.float64) * p) / s
         coords = xp.stack(xp.meshgrid(rr, cc, indexing="ij"))
@@ -805,6 +823,9 @@ def simulate(
         PRISM interpolation factor (1 = exact).
     frozen_phonons : int
         Frozen-phonon configurations for ``prism``/``multislice`` (0 = static lattice).
+        The incoherent model ignores it (thermal smearing is in its calibrated widths;
+        calibrate against a frozen-phonon reference to include it), as it ignores the
+        other abTEM settings below.
     phonon_sigma_A : float or mapping
         Displacement standard deviation per direction [Å] (or per element).
     potential_sampling_A : float
@@ -852,11 +873,6 @@ def simulate(
         )
     if not slice_thickness_A > 0:
         raise ValueError(f"slice_thickness_A: must be > 0, got {slice_thickness_A}")
-    if frozen_phonons and model == "incoherent":
-        raise ValueError(
-            "frozen_phonons: the incoherent model has thermal vibration in its calibrated "
-            "widths; frozen phonons apply to prism/multislice"
-        )
     cell_xy = _cell_xy(atoms)
     x, y, counts, elements = _check_columns(columns)
     x0, y0, h, w = resolve_window(cell_xy, p, window, shape, origin)

@@ -1,0 +1,176 @@
+"""Calibration of the incoherent model (simgen.calibrate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import peak_values
+
+from simgen.calibrate import (
+    Calibration,
+    calibration_key,
+    fit_calibration,
+    reference_cell,
+    reference_cells,
+)
+from simgen.simulate import _periodic_images, simulate
+
+
+def test_reference_cell_holds_every_column_type():
+    atoms, columns, kinds = reference_cell("Mo", "S", others=("Se",), rng=0)
+    assert columns.elements == ("S", "Se", "Mo")
+    names, counts = np.unique(kinds, return_counts=True)
+    found = dict(zip(names.tolist(), counts.tolist(), strict=True))
+    assert found["S_entry"] == 3 and found["S_exit"] == 3
+    assert found["empty_X"] == 1 and found["empty_M"] == 1 and found["SSe"] == 1
+    assert found["Mo"] == 11 and found["S2"] == 12 - 3 - 3 - 1 - 1
+    # columns and atoms agree: every atom sits on its column, counts match
+    assert np.asarray(columns.counts).sum() == len(atoms)
+    lx, ly, lz = atoms.cell.lengths()
+    assert np.allclose(atoms.cell[:], np.diag([lx, ly, lz]))
+    xy = atoms.positions[:, :2]
+    d = np.hypot(xy[:, None, 0] - columns.x[None], xy[:, None, 1] - columns.y[None])
+    assert np.all(d.min(axis=1) < 1e-9)
+    # single chalcogens on the entrance side are lower in z (abTEM propagates along +z)
+    z = atoms.positions[:, 2]
+    entry = np.flatnonzero(kinds == "S_entry")
+    exit_ = np.flatnonzero(kinds == "S_exit")
+    z_of = {i: z[np.argmin(np.hypot(*(xy - (columns.x[i], columns.y[i])).T))] for i in entry}
+    z_ex = {i: z[np.argmin(np.hypot(*(xy - (columns.x[i], columns.y[i])).T))] for i in exit_}
+    assert max(z_of.values()) < min(z_ex.values())
+    # deterministic for a seed
+    again = reference_cell("Mo", "S", others=("Se",), rng=0)
+    assert np.array_equal(again[2], kinds)
+
+
+def test_reference_cells_cover_every_pair():
+    cells = reference_cells(["W", "Mo", "Se", "S"])
+    formulas = sorted(c[0].get_chemical_formula() for c in cells)
+    assert len(cells) == 4
+    assert all(("Mo" in f) != ("W" in f) for f in formulas)
+    with pytest.raises(ValueError, match="elements"):
+        reference_cells(["Mo", "W"])
+    with pytest.raises(ValueError, match="elements"):
+        reference_cells(["Mo", "Qq"])
+
+
+def test_fit_recovers_known_parameters(toy_calibration):
+    """A synthetic incoherent image is fitted back to its own parameters."""
+    atoms, columns, _ = reference_cell("W", "Se", others=("S",), rng=1)
+    truth = toy_calibration
+    cell = tuple(atoms.cell.lengths()[:2])
+    img = simulate(
+        atoms,
+        columns,
+        {"pixel_size_A": 0.3, "source_size_A": 0.0},
+        calibration=truth,
+        periodic=True,
+    ).image
+    cal = fit_calibration(img, columns, {"source_size_A": 0.0}, pixel_size_A=0.3, cell_xy=cell)
+    for e in ("Se", "W"):
+        assert cal.weights_A2[e] == pytest.approx(truth.weights_A2[e], rel=0.01)
+        assert cal.widths_A[e] == pytest.approx(truth.widths_A[e], abs=0.01)
+    assert cal.kappa["Se"] == pytest.approx(truth.kappa["Se"], rel=0.01)
+    assert cal.background == pytest.approx(truth.background, rel=0.05)
+    assert cal.fit["correlation"] > 0.99999
+
+
+def test_calibration_values_are_physical(calibration_for):
+    mos2, wse2 = calibration_for(("Mo", "S")), calibration_for(("W", "Se"))
+    w = {**mos2.weights_A2, **wse2.weights_A2}
+    assert w["W"] > w["Mo"] > w["Se"] > w["S"] > 0  # Z-contrast: 74 > 42 > 34 > 16
+    # HAADF cross-sections follow roughly Z^1.6-1.8 (Krivanek et al. 2010)
+    z = {"S": 16, "Se": 34, "Mo": 42, "W": 74}
+    n = np.polyfit(np.log([z[e] for e in w]), np.log([w[e] for e in w]), 1)[0]
+    assert 1.4 < n < 2.0
+    for cal in (mos2, wse2):
+        assert cal.fit["correlation"] > 0.9995
+        assert all(0.8 < k < 1.5 for k in cal.kappa.values())
+        assert all(0.0 < s < 0.3 for s in cal.widths_A.values())
+        assert abs(cal.background) < 0.02 * max(cal.weights_A2.values())
+
+
+def test_calibration_transfers_to_other_aberrations(prism_defect_cell, calibration_for):
+    """Calibrated with an ideal probe, the model holds for defocus and threefold astigmatism."""
+    cal = calibration_for(("Mo", "S"))
+    for optics in ({"C10_A": -20.0}, {"C10_A": 10.0, "C23_A": 400.0, "phi23_deg": 15.0}):
+        atoms, columns, _, ref = prism_defect_cell("Mo", "S", **optics)
+        inc = simulate(
+            atoms, columns, {"pixel_size_A": 0.2, **optics}, calibration=cal, periodic=True
+        )
+        occupied = np.asarray(columns.counts).sum(axis=1) > 0
+        a = peak_values(inc.image, inc.rows, inc.cols)[occupied]
+        b = peak_values(ref.image, ref.rows, ref.cols)[occupied]
+        # measured: defocus 20 Å: r = 0.99996, 1.9 %; C23: see docs/physics.md
+        assert np.corrcoef(inc.image.ravel(), ref.image.ravel())[0, 1] > 0.999
+        assert np.median(np.abs(a - b) / b) < 0.05
+
+
+def test_serialisation_and_key(toy_calibration):
+    cal = toy_calibration
+    data = json.loads(json.dumps(cal.to_dict()))
+    again = Calibration.from_dict(data)
+    assert again == cal and again.key == cal.key
+    assert set(cal.key) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
+    # the key follows what the calibration depends on, not the fit outcome
+    other_fit = {**data, "weights_A2": {**data["weights_A2"], "W": 1.0}}
+    assert Calibration.from_dict(other_fit).key == cal.key
+    for change in ({"energy_kV": 60.0}, {"haadf_inner_mrad": 70.0}, {"elements": ["S", "Mo"]}):
+        d = {**data, **change}
+        d.pop("key")
+        if "elements" in change:
+            for table in ("weights_A2", "kappa", "widths_A"):
+                d[table] = {e: d[table][e] for e in change["elements"]}
+        assert Calibration.from_dict(d).key != cal.key
+    with pytest.raises(ValueError, match="key"):
+        Calibration.from_dict({**data, "key": "something-else"})
+    with pytest.raises(ValueError, match="version"):
+        Calibration.from_dict({**data, "version": 0})
+    with pytest.raises(ValueError, match="weights_A2"):
+        Calibration.from_dict({k: v for k, v in data.items() if k != "weights_A2"})
+    with pytest.raises(ValueError, match="widths_A"):
+        Calibration.from_dict({**data, "key": None, "widths_A": {**data["widths_A"], "S": -1}})
+
+
+def test_calibration_key_predicts_the_key(calibration_for):
+    cal = calibration_for(("Mo", "S"))
+    assert calibration_key(None, ["S", "Mo"]) == cal.key
+    assert calibration_key({"energy_kV": 80.0, "C10_A": 50.0}, ["Mo", "S"]) == cal.key
+    assert calibration_key(None, ["Mo", "S"], reference_model="multislice") != cal.key
+    assert calibration_key(None, ["Mo", "S"], interpolation=2) != cal.key
+    assert calibration_key(None, ["Mo", "S", "Se"]) != cal.key
+    assert calibration_key({"semiangle_mrad": 25.0}, ["Mo", "S"]) != cal.key
+    with pytest.raises(ValueError, match="reference_model"):
+        calibration_key(None, ["Mo", "S"], reference_model="bloch")
+    with pytest.raises(ValueError, match="rng"):
+        calibration_key(None, ["Mo", "S"], rng=np.random.default_rng(0))
+
+
+def test_column_weights_apply_channelling(toy_calibration):
+    cal = toy_calibration
+    counts = np.array([[0, 1], [0, 2], [1, 1], [0, 0]])  # S, S2, SeS... order (Se, S)
+    w = cal.column_weights(counts, ("Se", "S"))
+    assert w[0] == pytest.approx(cal.weights_A2["S"])
+    assert w[1] == pytest.approx(2 * cal.kappa["S"] * cal.weights_A2["S"])
+    assert w[2] == pytest.approx(
+        cal.kappa["S"] * cal.weights_A2["S"] + cal.kappa["Se"] * cal.weights_A2["Se"]
+    )
+    assert w[3] == 0.0
+
+
+def test_periodic_images_cover_the_box():
+    # copies of (1, 1) in a 5 x 4 Å cell that fall inside [-6, 9) x [-2, 7)
+    idx, x, y = _periodic_images(
+        np.array([1.0]), np.array([1.0]), (5.0, 4.0), (-6.0, -2.0), (9.0, 7.0)
+    )
+    assert sorted(zip(x.tolist(), y.tolist(), strict=True)) == [
+        (-4.0, 1.0),
+        (-4.0, 5.0),
+        (1.0, 1.0),
+        (1.0, 5.0),
+        (6.0, 1.0),
+        (6.0, 5.0),
+    ]
+    assert np.all(idx == 0)

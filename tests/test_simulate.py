@@ -1,0 +1,348 @@
+"""HAADF image models (simgen.simulate): physics, fidelity, geometry, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import hollow_sites, make_tmd_cell, peak_values
+
+from simgen import backend
+from simgen.optics import OpticsConfig
+from simgen.simulate import Columns, IncoherentRenderer, plane_slices, simulate
+
+
+def _mean_by_kind(values, kinds):
+    return {str(k): float(np.mean(values[kinds == k])) for k in np.unique(kinds)}
+
+
+def _contrast(sim, kinds, metal, chalcogen):
+    """Mean peak per column kind and the hollow-site (no column) background."""
+    peaks = _mean_by_kind(peak_values(sim.image, sim.rows, sim.cols), kinds)
+    h = hollow_sites(metal, chalcogen)
+    x0, y0 = sim.origin_A
+    bg = peak_values(
+        sim.image, (h[:, 1] - y0) / sim.pixel_size_A, (h[:, 0] - x0) / sim.pixel_size_A
+    )
+    return peaks, float(np.mean(bg))
+
+
+# -- physics --------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["prism", "incoherent"])
+def test_z_contrast(model, prism_defect_cell, calibration_for):
+    results = {}
+    for metal, chalcogen in (("Mo", "S"), ("W", "Se")):
+        atoms, columns, kinds, ref = prism_defect_cell(metal, chalcogen)
+        if model == "prism":
+            sim = ref
+        else:
+            cal = calibration_for((metal, chalcogen))
+            sim = simulate(atoms, columns, {"pixel_size_A": 0.2}, calibration=cal, periodic=True)
+        results[metal + chalcogen] = _contrast(sim, kinds, metal, chalcogen)
+    (mos2, bg_mos2), (wse2, bg_wse2) = results["MoS"], results["WSe"]
+    assert wse2["M"] > mos2["M"]  # W (Z 74) brighter than Mo (42)
+    assert wse2["X2"] > mos2["X2"]  # Se2 brighter than S2
+    for peaks, bg in ((mos2, bg_mos2), (wse2, bg_wse2)):
+        assert peaks["M"] > peaks["X2"]  # a metal atom outshines two chalcogens
+        full = peaks["X2"] - bg
+        assert 0.35 < (peaks["X1"] - bg) / full < 0.65  # one chalcogen left
+        for empty in ("empty_X", "empty_M"):  # an empty site sits at background
+            assert abs(peaks[empty] - bg) < 0.1 * full
+
+
+@pytest.mark.parametrize(("metal", "chalcogen"), [("Mo", "S"), ("W", "Se")])
+def test_incoherent_matches_prism(metal, chalcogen, prism_defect_cell, calibration_for):
+    atoms, columns, kinds, ref = prism_defect_cell(metal, chalcogen)
+    cal = calibration_for((metal, chalcogen))
+    inc = simulate(atoms, columns, {"pixel_size_A": 0.2}, calibration=cal, periodic=True)
+    assert inc.image.shape == ref.image.shape and inc.image.dtype == np.float32
+    corr = np.corrcoef(inc.image.ravel(), ref.image.ravel())[0, 1]
+    occupied = np.asarray(columns.counts).sum(axis=1) > 0
+    a = peak_values(inc.image, inc.rows, inc.cols)[occupied]
+    b = peak_values(ref.image, ref.rows, ref.cols)[occupied]
+    median_err = float(np.median(np.abs(a - b) / b))
+    # measured: MoS2 0.99994 / 0.7 %, WSe2 0.99996 / 0.7 % (see docs/physics.md)
+    assert corr >= 0.98
+    assert median_err <= 0.05
+    # same units: fraction of the beam on the detector
+    assert inc.image.mean() == pytest.approx(ref.image.mean(), rel=0.05)
+    assert inc.calibration_key == cal.key and inc.calibration is cal
+
+
+def test_aberrations_change_the_image(toy_calibration):
+    atoms, columns, kinds = make_tmd_cell("W", "Se", repeats=(3, 2))
+    base = simulate(atoms, columns, {}, calibration=toy_calibration, periodic=True).image
+    peak = base.max()
+    for change in ({"C10_A": -20.0}, {"C23_A": 1000.0, "phi23_deg": 20.0}, {"C21_A": 800.0}):
+        img = simulate(atoms, columns, change, calibration=toy_calibration, periodic=True).image
+        assert np.abs(img - base).max() > 0.05 * peak, change
+    defocused = simulate(
+        atoms, columns, {"C10_A": 40.0}, calibration=toy_calibration, periodic=True
+    )
+    assert defocused.image.max() < 0.85 * peak  # defocus spreads the probe
+    # a larger source blurs the image: lower peaks, same mean
+    blurred = simulate(
+        atoms, columns, {"source_size_A": 1.2}, calibration=toy_calibration, periodic=True
+    ).image
+    assert blurred.max() < 0.8 * peak
+    assert blurred.mean() == pytest.approx(base.mean(), rel=0.02)
+
+
+def test_coma_shifts_columns_along_its_azimuth(toy_calibration):
+    atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(3, 2))
+    opt = {"pixel_size_A": 0.1, "source_size_A": 0.0}
+    base = simulate(atoms, columns, opt, calibration=toy_calibration, periodic=True).image
+    coma = simulate(
+        atoms, columns, {**opt, "C21_A": 1500.0}, calibration=toy_calibration, periodic=True
+    ).image
+    # coma moves the probe's intensity centroid by +C21 alpha^2 / 3 = 0.45 Å along phi21 = 0
+    # (see test_optics), so a column lights up when the probe sits 0.45 Å before it: the
+    # image moves along -x, not along y. Compare cross-correlation peaks.
+    f = np.fft.fft2(coma - coma.mean()) * np.conj(np.fft.fft2(base - base.mean()))
+    xc = np.fft.ifft2(f).real
+    dr, dc = np.unravel_index(xc.argmax(), xc.shape)
+    dr = dr - xc.shape[0] if dr > xc.shape[0] // 2 else dr
+    dc = dc - xc.shape[1] if dc > xc.shape[1] // 2 else dc
+    assert dr == 0 and -6 <= dc <= -2
+
+
+# -- geometry -------------------------------------------------------------------------------
+def test_column_positions_match_image_maxima(toy_calibration):
+    from structures import build_monolayer, column_table
+
+    ml = build_monolayer("MoS2", fov=(40.0, 40.0), rotation_deg=12.0, margin=6.0, rng=3)
+    table = column_table(ml)
+    x0, y0 = ml.fov_origin[0] + 0.37, ml.fov_origin[1] + 0.11  # not on the pixel grid
+    sim = simulate(
+        ml.atoms,
+        table,
+        {"pixel_size_A": 0.2, "source_size_A": 0.6},
+        calibration=toy_calibration,
+        shape=(180, 190),
+        origin=(x0, y0),
+    )
+    img = np.asarray(sim.image, dtype=np.float64)
+    h, w = img.shape
+    metal = (table.site == 0) & (table.n_atoms > 0)
+    inside = (sim.rows > 3) & (sim.rows < h - 4) & (sim.cols > 3) & (sim.cols < w - 4)
+    errors = []
+    for r, c in zip(sim.rows[metal & inside], sim.cols[metal & inside], strict=True):
+        r0, c0 = int(round(r)), int(round(c))
+        patch = img[r0 - 2 : r0 + 3, c0 - 2 : c0 + 3]
+        i, j = np.unravel_index(patch.argmax(), patch.shape)
+        rr, cc = r0 - 2 + i, c0 - 2 + j
+        # sub-pixel maximum: parabola through the 3 neighbours on each axis
+        dy = (
+            0.5
+            * (img[rr - 1, cc] - img[rr + 1, cc])
+            / (img[rr - 1, cc] - 2 * img[rr, cc] + img[rr + 1, cc])
+        )
+        dx = (
+            0.5
+            * (img[rr, cc - 1] - img[rr, cc + 1])
+            / (img[rr, cc - 1] - 2 * img[rr, cc] + img[rr, cc + 1])
+        )
+        errors.append(np.hypot(rr + dy - r, cc + dx - c))
+    assert len(errors) > 50
+    assert max(errors) < 0.3
+
+
+def test_rows_cols_follow_the_pixel_convention(toy_calibration):
+    atoms, columns, _ = make_tmd_cell("Mo", "S", repeats=(3, 2))
+    sim = simulate(
+        atoms,
+        columns,
+        {"pixel_size_A": 0.25},
+        calibration=toy_calibration,
+        window=(1.0, 2.0, 6.0, 5.0),
+    )
+    assert sim.image.shape == (20, 24)
+    assert np.allclose(sim.cols, (columns.x - 1.0) / 0.25)
+    assert np.allclose(sim.rows, (columns.y - 2.0) / 0.25)
+    assert sim.origin_A == (1.0, 2.0) and sim.pixel_size_A == 0.25
+
+
+def test_shifting_the_origin_by_whole_pixels_shifts_the_image(toy_calibration):
+    atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(3, 2))
+    a = simulate(
+        atoms, columns, {}, calibration=toy_calibration, shape=(30, 30), origin=(0.5, 0.7)
+    ).image
+    b = simulate(
+        atoms,
+        columns,
+        {},
+        calibration=toy_calibration,
+        shape=(30, 30),
+        origin=(0.5 + 3 * 0.2, 0.7 + 2 * 0.2),
+    ).image
+    assert np.allclose(a[2:, 3:], b[:-2, :-3], atol=1e-7)
+
+
+def test_coarse_pixels_are_point_samples_of_the_fine_image(toy_calibration):
+    """Above the Nyquist step every model simulates finer and keeps every m-th point."""
+    atoms, columns, _ = make_tmd_cell("Mo", "S", repeats=(3, 2))
+    fine = simulate(
+        atoms,
+        columns,
+        {"pixel_size_A": 0.25},
+        calibration=toy_calibration,
+        shape=(30, 30),
+        origin=(0.3, 0.4),
+    )
+    coarse = simulate(
+        atoms,
+        columns,
+        {"pixel_size_A": 0.5},
+        calibration=toy_calibration,
+        shape=(15, 15),
+        origin=(0.3, 0.4),
+    )
+    assert coarse.info["step_A"] <= 0.9 * 0.349
+    assert np.allclose(coarse.image, fine.image[::2, ::2], atol=1e-6 * fine.image.max())
+
+
+def test_reference_models_sample_and_resample():
+    atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(2, 1))
+    kw = {"model": "prism", "interpolation": 1, "periodic": True}
+    ref = simulate(atoms, columns, {"pixel_size_A": 0.2}, **kw)
+    coarse = simulate(atoms, columns, {"pixel_size_A": 0.4}, shape=(10, 12), **kw)
+    assert coarse.info["scan_step_A"] == pytest.approx(0.2)
+    assert np.allclose(coarse.image, ref.image[:20:2, :24:2], rtol=2e-3, atol=1e-6)
+    # scanning on a coarser step and resampling with splines: within 1.5 % of the maximum
+    res = simulate(atoms, columns, {"pixel_size_A": 0.2}, shape=(20, 25), scan_sampling_A=0.3, **kw)
+    assert res.info["resampled"]
+    assert np.abs(res.image - ref.image[:20, :25]).max() < 0.015 * ref.image.max()
+
+
+def test_multislice_agrees_with_prism():
+    atoms, columns, _ = make_tmd_cell("Mo", "S", repeats=(2, 1))
+    kw = {"shape": (3, 4), "origin": (2.0, 2.2), "periodic": True}
+    ms = simulate(atoms, columns, {"pixel_size_A": 0.2}, model="multislice", **kw)
+    pr = simulate(atoms, columns, {"pixel_size_A": 0.2}, model="prism", interpolation=1, **kw)
+    assert ms.model == "multislice" and ms.calibration_key is None
+    assert np.allclose(ms.image, pr.image, rtol=2e-3)
+
+
+def test_plane_slices_start_at_atomic_planes():
+    slices = plane_slices([1.25, 2.93, 4.42, 1.27], 5.67, 1.0)
+    edges = np.cumsum((0.0,) + slices)
+    assert edges[-1] == pytest.approx(5.67)
+    for z in (1.25, 2.93, 4.42):
+        assert np.min(np.abs(edges - (z - 0.05))) < 1e-9
+    assert max(slices) <= 1.0
+
+
+# -- randomness and devices -----------------------------------------------------------------
+def test_same_seed_same_image(toy_calibration):
+    atoms, columns, _ = make_tmd_cell("Mo", "S", repeats=(2, 1))
+    cfg = OpticsConfig.stem_learning().replace(
+        semiangle_mrad=30, haadf_inner_mrad=60, pixel_size_A=0.3
+    )
+    a = simulate(atoms, columns, cfg, calibration=toy_calibration, rng=11)
+    b = simulate(atoms, columns, cfg, calibration=toy_calibration, rng=11)
+    c = simulate(atoms, columns, cfg, calibration=toy_calibration, rng=12)
+    assert a.params == b.params and np.array_equal(a.image, b.image)
+    assert a.params != c.params
+    kw = {"model": "prism", "frozen_phonons": 2, "interpolation": 1, "periodic": True}
+    opt = {"pixel_size_A": 0.6}
+    f1 = simulate(atoms, columns, opt, rng=5, **kw)
+    f2 = simulate(atoms, columns, opt, rng=5, **kw)
+    f3 = simulate(atoms, columns, opt, rng=6, **kw)
+    assert np.array_equal(f1.image, f2.image)
+    assert not np.array_equal(f1.image, f3.image)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(toy_calibration):
+    if not backend.gpu_available():
+        pytest.skip("no CuPy / CUDA device")
+    atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(2, 1))
+    opt = {"C10_A": 10.0, "C23_A": 200.0, "focal_spread_A": 20.0, "pixel_size_A": 0.25}
+    for model in ("incoherent", "prism"):
+        kw = {"calibration": toy_calibration} if model == "incoherent" else {"interpolation": 1}
+        cpu = simulate(atoms, columns, opt, model=model, periodic=True, device="cpu", **kw)
+        gpu = simulate(atoms, columns, opt, model=model, periodic=True, device="gpu", **kw)
+        assert backend.device_of(gpu.image) == "gpu" and gpu.image.dtype == np.float32
+        host = backend.to_numpy(gpu.image)
+        assert np.allclose(host, cpu.image, rtol=1e-3, atol=1e-5 * cpu.image.max()), model
+
+
+# -- errors ---------------------------------------------------------------------------------
+def test_bad_inputs_raise_clear_errors(toy_calibration):
+    atoms, columns, _ = make_tmd_cell("Mo", "S", repeats=(2, 1))
+    cal = toy_calibration
+    with pytest.raises(ValueError, match="model"):
+        simulate(atoms, columns, {}, model="bloch", calibration=cal)
+    if not backend.gpu_available():
+        with pytest.raises(RuntimeError, match="gpu"):
+            simulate(atoms, columns, {}, calibration=cal, device="gpu")
+    with pytest.raises(ValueError, match="device"):
+        simulate(atoms, columns, {}, calibration=cal, device="tpu")
+    with pytest.raises(ValueError, match="window"):
+        simulate(atoms, columns, {}, calibration=cal, window=(-3.0, 0.0, 4.0, 4.0))
+    with pytest.raises(ValueError, match="window"):
+        simulate(atoms, columns, {}, calibration=cal, window=(1.0, 1.0, 40.0, 2.0))
+    with pytest.raises(ValueError, match="window"):
+        simulate(atoms, columns, {}, calibration=cal, shape=(5, 500))
+    with pytest.raises(ValueError, match="calibration"):
+        simulate(atoms, columns, {})
+    with pytest.raises(ValueError, match="calibration"):
+        simulate(atoms, columns, {"energy_kV": 60}, calibration=cal)
+    te = Columns(columns.x, columns.y, columns.counts[:, ::-1], ("Te", "Re"))
+    with pytest.raises(ValueError, match="calibration"):
+        simulate(atoms, te, {}, calibration=cal)
+    with pytest.raises(ValueError, match="columns"):
+        simulate(
+            atoms,
+            Columns(columns.x[:-1], columns.y, columns.counts, ("Mo", "S")),
+            {},
+            calibration=cal,
+        )
+    with pytest.raises(ValueError, match="elements"):
+        simulate(
+            atoms, Columns(columns.x, columns.y, columns.counts, ("Mo", "Xx")), {}, calibration=cal
+        )
+    with pytest.raises(ValueError, match="optics"):
+        simulate(atoms, columns, {"defocus": 3}, calibration=cal)
+    with pytest.raises(ValueError, match="pixel_size_A"):
+        simulate(atoms, columns, {}, calibration=cal, pixel_size_A=-0.1)
+    with pytest.raises(ValueError, match="frozen_phonons"):
+        simulate(atoms, columns, {}, calibration=cal, frozen_phonons=-1)
+    with pytest.raises(ValueError, match="potential_sampling_A"):
+        simulate(atoms, columns, {}, model="prism", potential_sampling_A=0.1)
+    with pytest.raises(ValueError, match="scan_sampling_A"):
+        simulate(atoms, columns, {}, model="prism", scan_sampling_A=0.5)
+    sheared = atoms.copy()
+    sheared.set_cell([[6.3, 0, 0], [3.1, 5.5, 0], [0, 0, 5.7]])
+    with pytest.raises(ValueError, match="orthogonal"):
+        simulate(sheared, columns, {}, calibration=cal)
+
+
+def test_renderer_rejects_too_wide_peaks():
+    r = IncoherentRenderer({}, 0.2, (0.0, 0.0), (8, 8))
+    with pytest.raises(ValueError, match="sigma_A"):
+        r.render([0.5], [0.5], [0.01], [0.9])
+
+
+# -- slow -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_non_periodic_rotated_cell_matches_prism(calibration_for):
+    """A rotated, non-periodic cell with a margin: no wrap-around reaches the window."""
+    from structures import apply_defects, build_monolayer, column_table
+
+    ml = build_monolayer("MoS2", fov=(10.0, 10.0), rotation_deg=12.0, margin=6.0, rng=0)
+    ml = apply_defects(ml, {"vac_X1": 2, "vac_X2": 1}, by="count", rng=1)
+    table = column_table(ml)
+    opt = {"pixel_size_A": 0.2, "source_size_A": 0.5}
+    window = (*ml.fov_origin, *ml.fov_extent)
+    ref = simulate(ml.atoms, table, opt, model="prism", interpolation=3, window=window)
+    inc = simulate(ml.atoms, table, opt, calibration=calibration_for(("Mo", "S")), window=window)
+    h, w = inc.image.shape
+    keep = (inc.rows > 1) & (inc.rows < h - 2) & (inc.cols > 1) & (inc.cols < w - 2)
+    keep &= table.n_atoms > 0
+    a = peak_values(inc.image, inc.rows[keep], inc.cols[keep])
+    b = peak_values(ref.image, ref.rows[keep], ref.cols[keep])
+    assert np.corrcoef(inc.image.ravel(), ref.image.ravel())[0, 1] > 0.999
+    assert np.median(np.abs(a - b) / b) < 0.03
+    # the border rows/columns agree as well as the interior (no wrap-around artefacts)
+    for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
+        assert inc.image[edge].mean() == pytest.approx(ref.image[edge].mean(), rel=0.05)
