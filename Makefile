@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Build .venv and install the project (CPU torch on CPU machines)
 
 dataset: $(STAMP) ## Generate the default labelled dataset (PRISM on GPU, calibrated incoherent model on CPU)
-	$(BIN)/simgen generate $(if $(CONFIG),--config $(CONFIG),) --auto-model -o $(OUT)
+	$(BIN)/simgen generate $(if $(CONFIG),--config $(CONFIG),) -o $(OUT)
 	$(BIN)/simgen preview $(OUT) -o $(OUT:.zarr=)_preview.png
 	@echo "store:   $(OUT)"
 	@echo "preview: $(OUT:.zarr=)_preview.png"
