@@ -368,6 +368,9 @@ class DetectorConfig(_StageConfig):
         Read-noise σ, in counts (``read_noise_mode="counts"``) or relative to the image
         mean (``"relative"``, 2DIP-Net's Gaussian noise).
     read_noise_mode : {"counts", "relative"}
+        ``counts``: σ in electron counts; without shot noise (λ = 0, unlimited dose) it is
+        not applied, and the stored ``detector_read_noise`` is 0. ``relative``: σ as a
+        fraction of the image mean, applied in any case.
     saturation : float or None
         Largest output value (output units), None for none.
     bits : {None, 8, 16}
@@ -1548,6 +1551,12 @@ def apply_acquisition(
     k = shot_counts_per_unit(current, values, mode=cfg.shot.mode)
     counts = add_shot_noise(current, values, rng=r_shot, mode=cfg.shot.mode)
     det = cfg.detector
+    if math.isnan(k) and det.read_noise_mode == "counts":
+        # No shot noise means an unlimited dose: the image is not in counts, and read noise
+        # given in counts is negligible against an unlimited signal. Applying it to the
+        # relative-unit image would bury the lattice (use read_noise_mode: relative for
+        # Gaussian noise on shot-noise-free images).
+        values["detector_read_noise"] = 0.0
     image = apply_detector(
         counts,
         values,

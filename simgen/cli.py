@@ -252,9 +252,8 @@ def sweep(
     """Noise sweep: one store per noise level, same structures and optics (paired)."""
     from simgen.sweep import plan_sweep, write_manifest
 
-    if (noise_lambda is None) == (gaussian_sigma is None) and not (noise_lambda and gaussian_sigma):
-        if noise_lambda is None:
-            fail("give --noise-lambda and/or --gaussian-sigma")
+    if noise_lambda is None and gaussian_sigma is None:
+        fail("give --noise-lambda and/or --gaussian-sigma")
     base = build_config(
         config,
         overrides,

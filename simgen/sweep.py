@@ -16,6 +16,7 @@ import numpy as np
 # config fields the sweep varies (see simgen.acquisition)
 LAMBDA_KEY = "acquisition.shot.lambda_counts"
 SIGMA_KEY = "acquisition.detector.read_noise"
+SIGMA_MODE_KEY = "acquisition.detector.read_noise_mode"
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def plan_sweep(base, *, noise_lambda=None, gaussian_sigma=None, points=None, bin
                 levels["lambda"] = list(lam)
             if sig is not None:
                 overrides[SIGMA_KEY] = _value(sig)
+                # σ relative to the image mean: defined with or without shot noise
+                overrides[SIGMA_MODE_KEY] = "relative"
                 parts.append(_label("sigma", sig))
                 levels["sigma"] = list(sig)
             plan.append(SweepEntry("_".join(parts), base.with_overrides(overrides), levels))

@@ -485,3 +485,25 @@ def test_gpu_matches_cpu():
     assert (g - to_numpy(gpu.noise_free) * cpu.params["shot_counts_per_unit"]).var() == (
         pytest.approx((c - cpu.noise_free * cpu.params["shot_counts_per_unit"]).var(), rel=0.05)
     )
+
+
+def test_read_noise_in_counts_is_not_applied_without_shot_noise():
+    # λ = 0 is an unlimited dose: counts-mode read noise would otherwise bury a
+    # relative-unit image (the "no noise" bin of a sweep would be the noisiest).
+    cfg = AcquisitionConfig.from_dict(
+        {"shot": {"lambda_counts": 0.0}, "detector": {"read_noise": 1.0}}
+    )
+    lat, pad = lattice_for(cfg)
+    args = (lat.image, lat.rows, lat.cols)
+    out = apply_acquisition(*args, cfg, pad=pad, pixel_size_A=P, rng=3)
+    np.testing.assert_array_equal(out.image, out.noise_free)
+    assert out.params["detector_read_noise"] == 0.0
+    rel = AcquisitionConfig.from_dict(
+        {
+            "shot": {"lambda_counts": 0.0},
+            "detector": {"read_noise": 0.05, "read_noise_mode": "relative"},
+        }
+    )
+    out = apply_acquisition(*args, rel, pad=pad, pixel_size_A=P, rng=3)
+    resid = np.asarray(out.image) - np.asarray(out.noise_free)
+    assert resid.std() == pytest.approx(0.05 * float(np.mean(out.noise_free)), rel=0.05)
