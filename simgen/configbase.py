@@ -140,11 +140,42 @@ class Config:
         return cls.from_dict(data or {})
 
     @classmethod
+    def load_with_overrides(
+        cls,
+        path: str | Path | None = None,
+        overrides: list[str] | tuple[str, ...] = (),
+        direct: dict[str, Any] | None = None,
+    ) -> Self:
+        """Load ``path`` (or the defaults), then apply ``--set key=value`` strings and
+        ``direct`` ``{"a.b": value}`` settings (None values skipped), and validate."""
+        data = (cls.load(path) if path is not None else cls()).to_dict()
+        for key, value in parse_overrides(overrides).items():
+            set_by_path(data, key, value)
+        for key, value in (direct or {}).items():
+            if value is not None:
+                set_by_path(data, key, value)
+        return cls.from_dict(data)
+
+    @classmethod
     def load(cls, path: str | Path) -> Self:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
         return cls.from_yaml(path.read_text())
+
+
+def parse_overrides(items) -> dict[str, Any]:
+    """``["optics.C10_A=5", "dataset.image_size=[64, 64]"]`` -> ``{key: YAML value}``."""
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ValueError(f"--set: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"--set {key}: value is not valid YAML: {value!r}") from None
+    return out
 
 
 def set_by_path(data: dict, dotted: str, value: Any) -> dict:

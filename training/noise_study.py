@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simgen.configbase import Config, set_by_path
+from simgen.configbase import Config
 from training.config import TrainConfig, _check_pair, _check_range, _help, annotated_yaml
 
 #: Class names that are never defects (the host lattice and the mask background).
@@ -205,23 +205,7 @@ def load_study_config(path=None, overrides=None, **direct) -> NoiseStudyConfig:
     ValueError
         Missing or invalid file, malformed override, invalid value.
     """
-    import yaml
-
-    base = NoiseStudyConfig.load(path) if path is not None else NoiseStudyConfig()
-    data = base.to_dict()
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set: expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"--set {key}: value is not valid YAML: {value!r}") from None
-        set_by_path(data, key.strip(), parsed)
-    for key, value in direct.items():
-        if value is not None:
-            set_by_path(data, key, value)
-    return NoiseStudyConfig.from_dict(data)
+    return NoiseStudyConfig.load_with_overrides(path, overrides or (), direct)
 
 
 # ---------------------------------------------------------------------------------------
