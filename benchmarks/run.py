@@ -6,7 +6,13 @@ import importlib
 import sys
 import traceback
 
-BENCHES = ("bench_simulate", "bench_acquisition", "bench_generate", "bench_training")
+BENCHES = (
+    "bench_simulate",
+    "bench_acquisition",
+    "bench_generate",
+    "bench_training",
+    "bench_label",
+)
 
 
 def main(names: list[str] | None = None) -> int:

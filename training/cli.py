@@ -74,26 +74,9 @@ def load_train_config(config: Path | None, overrides: list[str] | None = None, *
     -------
     TrainConfig
     """
-    import yaml
-
-    from simgen.configbase import set_by_path
     from training.config import TrainConfig
 
-    base = TrainConfig.load(config) if config is not None else TrainConfig()
-    data = base.to_dict()
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set: expected key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ValueError(f"--set {key}: value is not valid YAML: {value!r}") from None
-        set_by_path(data, key.strip(), parsed)
-    for key, value in direct.items():
-        if value is not None:
-            set_by_path(data, key, value)
-    return TrainConfig.from_dict(data)
+    return TrainConfig.load_with_overrides(config, overrides or (), direct)
 
 
 # -- config ------------------------------------------------------------------------------
@@ -283,6 +266,155 @@ def predict(
         progress=not quiet,
     )
     typer.echo(f"wrote {path}")
+
+
+# -- noise-study -------------------------------------------------------------------------
+@app.command("noise-study")
+@_clean_errors
+def noise_study(
+    train_sweep: Annotated[
+        Path | None,
+        typer.Argument(help="Training sweep directory (`simgen sweep`); or train_sweep in -c."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Study directory; re-running it does only missing work."),
+    ] = None,
+    test_sweep: Annotated[
+        Path | None,
+        typer.Option("--test", help="Paired test sweep directory (made with another --seed)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Study YAML (see --write-config).")
+    ] = None,
+    extra_store: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--extra-store",
+            help="Extra labelled test store, or folder of stores (repeat); replaces extra_stores.",
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a study key: dotted.key=value, e.g. train.epochs=10."),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    write_config: Annotated[
+        Path | None,
+        typer.Option("--write-config", help="Write the resolved study config (YAML) and exit."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+):
+    """Noise study: one model per training-noise bin, scored on a paired test sweep."""
+    from training.noise_study import load_study_config, run_noise_study, study_yaml
+
+    cfg = load_study_config(
+        config,
+        set_,
+        **{
+            "train_sweep": str(train_sweep) if train_sweep is not None else None,
+            "test_sweep": str(test_sweep) if test_sweep is not None else None,
+            "extra_stores": extra_store or None,
+            "train.device": device,
+            "train.progress": False if quiet else None,
+        },
+    )
+    if write_config is not None:
+        write_config.write_text(study_yaml(cfg))
+        typer.echo(f"wrote {write_config}")
+        return
+    if out is None:
+        raise ValueError("--out: give the study directory")
+    result = run_noise_study(cfg, out, log=typer.echo)
+    typer.echo(
+        f"{len(result.trained)} model(s) trained, {len(result.reused_models)} reused; "
+        f"{len(result.evaluated)} evaluation(s) computed, {len(result.reused_evaluations)} reused"
+    )
+    for name, path in result.files.items():
+        typer.echo(f"  {name}: {path}")
+
+
+# -- label -------------------------------------------------------------------------------
+@app.command(
+    help="Label experimental images: columns, sublattices, classes, vacancies, concentrations."
+    "\n\nWrites columns.csv, summary.json, overlay.png, class_averages.png and "
+    "defect_density.png into OUT/<image>/ (a subfolder per frame of a stack), OUT/summary.csv "
+    "over all images "
+    "and OUT/failures.txt. A file that cannot be labelled is reported on one line and the "
+    "others go on; the exit code is 1 when any failed."
+)
+@_clean_errors
+def label(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files (.dm3 .dm4 .emd .ser .tif .mrc .npy .png), glob patterns or "
+            "folders (searched recursively).",
+            show_default=False,
+        ),
+    ],
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Checkpoint, run directory or ensemble.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one per image).")],
+    pixel_size: Annotated[
+        float | None,
+        typer.Option("--pixel-size", help="Pixel size [Å] for files without a calibration."),
+    ] = None,
+    material: Annotated[
+        str | None,
+        typer.Option(
+            help="Material (e.g. WSe2): FFT pixel-size calibration of uncalibrated files; "
+            "lattice constant of the summary."
+        ),
+    ] = None,
+    sum_frames: Annotated[
+        bool, typer.Option("--sum-frames", help="Label the sum of a stack, not each frame.")
+    ] = False,
+    tile: Annotated[
+        int, typer.Option(help="Inference tile side in px (at the model's pixel size).")
+    ] = 512,
+    overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px.")] = 64,
+    tta: Annotated[
+        bool, typer.Option("--tta/--no-tta", help="Average the 8 flips/rotations (8× the cost).")
+    ] = True,
+    background: Annotated[
+        bool,
+        typer.Option("--background", help="Subtract a wide Gaussian blur before labelling."),
+    ] = False,
+    background_sigma: Annotated[
+        float, typer.Option(help="σ of the background blur in Å (with --background).")
+    ] = 3.0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+):
+    """Label experimental images with a trained model (``training.label.label_files``)."""
+    from training.label import label_files
+
+    run = label_files(
+        inputs,
+        model,
+        out,
+        pixel_size_A=pixel_size,
+        material=material,
+        sum_frames=sum_frames,
+        device=device,
+        progress=not quiet,
+        tile=tile,
+        overlap=overlap,
+        tta=tta,
+        background_removal=background,
+        background_sigma_A=background_sigma,
+    )
+    typer.echo(
+        f"labelled {len(run.labelled)} image(s), {run.n_columns} columns; "
+        f"{len(run.failures)} failed; wrote {out / 'summary.csv'}"
+    )
+    if run.failures:
+        typer.echo(
+            f"error: {len(run.failures)} input(s) failed, see {out / 'failures.txt'}", err=True
+        )
+        raise typer.Exit(1)
 
 
 def main() -> None:  # pragma: no cover - console entry convenience

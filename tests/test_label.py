@@ -1,0 +1,521 @@
+"""Labelling experimental images (training/label.py, ``simgen-train label``) end to end.
+
+A small U-Net is trained once per session on a store made by the real generator
+(incoherent model, WSe2, 128² px at 0.2 Å); the "experiments" are images of another seed
+simulated at 0.16 Å/px (so labelling must resample and map positions back), written as
+.tif, .npy, .emd and .dm3 files with and without a calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from scipy import ndimage
+from test_readers import dm3_bytes
+from typer.testing import CliRunner
+
+from structures import CHALCOGEN, METAL
+from training.catalogue import read_columns_csv
+from training.label import (
+    OUTPUT_FILES,
+    expand_inputs,
+    label_image,
+    model_pixel_size,
+    resample_image,
+    sample_disks,
+    to_original_px,
+)
+from training.metrics import match_columns
+from training.readers import ExperimentImage
+
+runner = CliRunner()
+MATERIAL = "WSe2"
+#: Generator settings shared by the training store and the experiments (clear images: the
+#: test checks the labelling chain, not how far a 30-second network generalises).
+SIM = {
+    "simulation.model": "incoherent",
+    "simulation.device": "cpu",
+    "structure.material": MATERIAL,
+    "acquisition.shot.lambda_counts": {"uniform": [30.0, 60.0]},
+    "acquisition.contamination.rel": {"uniform": [0.0, 0.1]},
+}
+EXP_PIXEL_A = 0.16  # the experiments' pixel size; the network is trained at 0.2 Å
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on a busy two-core machine run several-fold slower
+    yield
+    torch.set_num_threads(n)
+
+
+def _generate(cfg, out, calibration):
+    from simgen.cluster import ClusterSpec
+    from simgen.generate import generate
+
+    generate(cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sim(tmp_path_factory):
+    """``(config builder, calibration)``: the incoherent model calibrated once (PRISM, ~10 s)."""
+    from simgen import store
+    from simgen.config import load_config
+    from simgen.pipeline import calibration_request
+
+    path = tmp_path_factory.mktemp("label_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SIMGEN_CACHE", str(path))
+        base = load_config().with_overrides(SIM)
+        key, compute = calibration_request(base)
+        calibration = store.load_cached_calibration(key)
+        if calibration is None:
+            calibration = compute()
+            store.save_calibration(key, calibration)
+        yield (lambda **over: base.with_overrides(over)), calibration
+
+
+@pytest.fixture(scope="session")
+def experiment(sim, tmp_path_factory):
+    """Two 256² WSe2 images at 0.16 Å/px (seed 11) and their true columns."""
+    make_cfg, calibration = sim
+    cfg = make_cfg(
+        **{
+            "dataset.n_samples": 2,
+            "dataset.image_size": [256, 256],
+            "dataset.seed": 11,
+            "optics.pixel_size_A": EXP_PIXEL_A,
+        }
+    )
+    root = zarr.open_group(
+        str(_generate(cfg, tmp_path_factory.mktemp("exp") / "exp.zarr", calibration)), mode="r"
+    )
+    images, truth = [], []
+    for i in range(2):
+        o, n = int(root["columns/offset"][i]), int(root["columns/count"][i])
+        images.append(np.asarray(root["images"][i], dtype=np.float32))
+        truth.append(
+            {k: np.asarray(root[f"columns/{k}"][o : o + n]) for k in ("x", "y", "class_id", "site")}
+        )
+    assert root.attrs["pixel_size_A"] == pytest.approx(EXP_PIXEL_A)
+    return {"images": images, "truth": truth, "pixel_size_A": EXP_PIXEL_A}
+
+
+@pytest.fixture(scope="session")
+def model_dir(sim, tmp_path_factory):
+    """A depth-2 U-Net trained 10 × 128 crops on 48 simulated images (~30 s on one core)."""
+    from training.config import TrainConfig
+    from training.train import train_model
+
+    make_cfg, calibration = sim
+    d = tmp_path_factory.mktemp("label_model")
+    cfg = make_cfg(**{"dataset.n_samples": 48, "dataset.image_size": [128, 128]})
+    train = _generate(cfg, d / "train.zarr", calibration)
+    config = TrainConfig.from_dict(
+        {
+            "seed": 0,
+            "epochs": 10,
+            "val_every": 10,
+            "progress": False,
+            "num_threads": 1,
+            "data": {
+                "train_stores": [str(train)],
+                "crop": 64,
+                "batch_size": 16,
+                "val_fraction": 0.1,
+                "samples_per_epoch": 128,
+            },
+            "model": {"depth": 2, "width": 8},
+            "optim": {"lr": 0.01},
+        }
+    )
+    n = torch.get_num_threads()
+    try:
+        run = train_model(config, d / "run")
+    finally:
+        torch.set_num_threads(n)
+    assert run.finished
+    return run.out_dir
+
+
+@pytest.fixture(scope="session")
+def ensemble(model_dir):
+    from training.predict import Ensemble
+
+    return Ensemble.load(model_dir, "cpu")
+
+
+def experiment_image(experiment, i, **changes) -> ExperimentImage:
+    fields = {
+        "data": experiment["images"][i],
+        "pixel_size_A": experiment["pixel_size_A"],
+        "pixel_size_source": "user",
+        "pixel_size_uncertainty_A": None,
+        "source": f"exp{i}",
+        "frame": None,
+    }
+    fields.update(changes)
+    return ExperimentImage(**fields)
+
+
+def score(catalogue, truth, shape, pixel_size_A, *, radius_A=0.6, border_A=1.0):
+    """Site detection F1 and sublattice accuracy of a catalogue against the true columns.
+
+    Every labelled true column (class > 0: atoms and vacancy sites) and every catalogue row
+    (detected columns and confirmed vacancies) farther than ``border_A`` from the edges
+    count; pairs closer than ``radius_A`` match.
+    """
+    h, w = shape
+    b = border_A / pixel_size_A
+
+    def inside(x, y):
+        return (x >= b) & (x <= w - 1 - b) & (y >= b) & (y <= h - 1 - b)
+
+    keep_t = (truth["class_id"] > 0) & inside(truth["x"], truth["y"])
+    keep_p = inside(catalogue.x_px, catalogue.y_px)
+    t_xy = np.column_stack([truth["x"], truth["y"]])[keep_t]
+    p_xy = catalogue.positions_px[keep_p]
+    pi, ti, dist = match_columns(p_xy, t_xy, radius_A / pixel_size_A)
+    precision, recall = len(pi) / len(p_xy), len(ti) / len(t_xy)
+    f1 = 2 * precision * recall / (precision + recall)
+    sites_ok = catalogue.site[keep_p][pi] == truth["site"][keep_t][ti]
+    return {
+        "f1": f1,
+        "site_accuracy": float(np.mean(sites_ok)),
+        "n_true": len(t_xy),
+        "error_A": float(np.mean(dist)) * pixel_size_A,
+    }
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def test_resampling_maps_positions_back_exactly():
+    y, x = np.mgrid[:90, :120]
+    true = np.array([[31.3, 47.8], [80.2, 20.6]])  # (x, y) [px]
+    img = sum(np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * 2.5**2)) for cx, cy in true)
+    for target in (0.2, 0.13, 0.31):  # original 0.16 Å/px: shrink and enlarge
+        out, scale = resample_image(img, 0.16, target)
+        assert out.shape == (round(90 * 0.16 / target), round(120 * 0.16 / target))
+        assert scale == (out.shape[0] / 90, out.shape[1] / 120)
+        halves = np.zeros(out.shape, int)  # left blob | right blob
+        halves[:, : int(55 * scale[1])] = 1
+        halves[:, int(55 * scale[1]) :] = 2
+        com = np.array(ndimage.center_of_mass(out, halves, [1, 2]))[:, ::-1]
+        np.testing.assert_allclose(to_original_px(com, scale), true, atol=0.01)
+    same, scale = resample_image(img, 0.2, 0.2001)
+    assert scale == (1.0, 1.0) and same.shape == img.shape
+    with pytest.raises(ValueError, match="target_pixel_size_A"):
+        resample_image(img, 0.2, 0.0)
+
+
+def test_sample_disks_means_and_image_edges():
+    maps = np.zeros((2, 20, 30))
+    maps[1, 10, 10] = 9.0
+    maps[0, :, 0] = 1.0
+    got = sample_disks(maps, [[10.0, 10.0], [0.0, 5.0], [-50.0, 5.0]], radius_px=1.0)
+    assert got[0, 1] == pytest.approx(9.0 / 5)  # centre and 4 neighbours
+    assert got[1, 0] == pytest.approx(3 / 4)  # 4 of the 5 disk pixels inside the image
+    assert got[2, 0] == pytest.approx(1.0)  # entirely outside: nearest pixel
+    assert sample_disks(maps, np.zeros((0, 2)), 1.0).shape == (0, 2)
+
+
+def test_expand_inputs_files_globs_and_folders(tmp_path):
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    for name in ("a/x.tif", "a/deep/y.dm4", "a/notes.txt", "b.npy", "c.PNG"):
+        (tmp_path / name).write_bytes(b"")
+    files, missing = expand_inputs(
+        [
+            tmp_path / "a",
+            str(tmp_path / "*.npy"),
+            tmp_path / "b.npy",  # again: kept once
+            tmp_path / "a" / "notes.txt",  # named: kept, the reader will refuse it
+            tmp_path / "nothing.tif",
+            str(tmp_path / "*.mrc"),
+        ]
+    )
+    names = [f.relative_to(tmp_path).as_posix() for f in files]
+    assert names == ["a/deep/y.dm4", "a/x.tif", "b.npy", "a/notes.txt"]
+    assert [m[1] for m in missing] == ["file not found", "pattern matches no file"]
+    files, _ = expand_inputs([tmp_path])
+    assert "c.PNG" in [f.name for f in files]
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def test_labels_simulated_experiments(ensemble, experiment):
+    assert model_pixel_size(ensemble) == pytest.approx(0.2)
+    for i in range(2):
+        im = experiment_image(experiment, i)
+        res = label_image(im, ensemble, tile=128, overlap=32, tta=i == 0, material=MATERIAL)
+        s = score(res.catalogue, experiment["truth"][i], im.shape, EXP_PIXEL_A)
+        assert s["f1"] >= 0.95, s
+        assert s["site_accuracy"] >= 0.99, s
+        assert s["error_A"] < 0.15, s
+        cat = res.catalogue
+        assert cat.pixel_size_A == EXP_PIXEL_A  # positions in the original pixels and Å
+        np.testing.assert_allclose(cat.x_A, cat.x_px * EXP_PIXEL_A)
+        summary = res.summary
+        assert summary["resampling"]["factor_yx"] == pytest.approx([0.8, 0.8], abs=0.003)
+        assert summary["lattice"]["lattice_constant_measured_A"] == pytest.approx(3.282, rel=0.02)
+        assert summary["settings"]["tta"] is (i == 0)
+        assert summary["n_columns"] == res.n_columns == len(res.column_probs)
+        # class probabilities and ensemble variance per detected column (one member: 0)
+        det = cat.detected
+        assert np.all((cat.probability[det] > 0) & (cat.probability[det] <= 1))
+        np.testing.assert_array_equal(cat.variance[det], 0.0)
+        # classes respect the sublattice; hosts dominate a lightly defective film
+        names = np.array(cat.class_names)[cat.class_id]
+        metal_classes = {"metal", "vac_M", "antisite_X1", "antisite_X2", "dopant_M"}
+        assert set(names[cat.site == METAL]) <= metal_classes
+        assert "metal" not in set(names[cat.site == CHALCOGEN])
+        assert summary["classes"]["metal"]["count"] > 0.8 * summary["n_sites"]["metal"]
+
+
+def test_background_removal_takes_out_a_strong_smooth_background(ensemble, experiment):
+    img = experiment["images"][1]
+    y, x = np.mgrid[: img.shape[0], : img.shape[1]]
+    blob = np.exp(-((x - 90.0) ** 2 + (y - 160.0) ** 2) / (2 * 60.0**2))  # σ ≈ 10 Å
+    dirty = img + float(img.mean()) * (3.0 * x / img.shape[1] + 8.0 * blob)
+    im = experiment_image(experiment, 1, data=dirty.astype(np.float32))
+    kwargs = {"tile": 128, "overlap": 32, "tta": False}
+    res = label_image(im, ensemble, background_removal=True, **kwargs)
+    s = score(res.catalogue, experiment["truth"][1], im.shape, EXP_PIXEL_A)
+    assert s["f1"] >= 0.95 and s["site_accuracy"] >= 0.99, s
+    assert res.summary["settings"]["background_removal"] is True
+    assert res.summary["settings"]["background_sigma_A"] == 3.0
+    try:  # without the removal the normalised lattice contrast is too weak in the blob
+        plain = label_image(im, ensemble, **kwargs)
+    except ValueError as err:
+        assert "no 2H lattice" in str(err)
+    else:
+        assert score(plain.catalogue, experiment["truth"][1], im.shape, EXP_PIXEL_A)["f1"] < s["f1"]
+
+
+def test_site_constraint_corrects_a_planted_wrong_class(ensemble, experiment):
+    im = experiment_image(experiment, 0)
+    base = label_image(im, ensemble, tile=128, overlap=32, tta=False)
+    cat = base.catalogue
+    h, w = im.shape
+    interior = (
+        cat.detected & (np.abs(cat.x_px - w / 2) < w / 4) & (np.abs(cat.y_px - h / 2) < h / 4)
+    )
+    names = list(cat.class_names)
+    chal = np.flatnonzero(interior & (cat.class_id == names.index("chalcogen")))[0]
+    metal = np.flatnonzero(interior & (cat.class_id == names.index("metal")))[0]
+    fy, fx = base.scale
+    plant = {  # column -> probabilities written over its blob (the network's "mistake")
+        chal: {"metal": 0.6, "chalcogen": 0.35, "background": 0.05},
+        metal: {"vac_X1": 0.6, "metal": 0.35, "background": 0.05},
+    }
+
+    class Planted:
+        """The trained ensemble with the maps around two columns overwritten."""
+
+        def __init__(self, inner):
+            self.inner, self.scheme, self.infos = inner, inner.scheme, inner.infos
+            self.config = inner.config
+
+        def predict(self, image, **kwargs):
+            mean, var = self.inner.predict(image, **kwargs)
+            mean = mean.copy()
+            yy, xx = np.mgrid[: mean.shape[1], : mean.shape[2]]
+            for k, probs in plant.items():
+                cx, cy = (cat.x_px[k] + 0.5) * fx - 0.5, (cat.y_px[k] + 0.5) * fy - 0.5
+                disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= (0.8 / 0.2) ** 2
+                mean[:, disk] = 0.0
+                for name, p in probs.items():
+                    mean[names.index(name), disk] = p
+            return mean, var
+
+    res = label_image(im, Planted(ensemble), tile=128, overlap=32, tta=False)
+    new = res.catalogue
+    for k, site, want in ((chal, CHALCOGEN, "chalcogen"), (metal, METAL, "metal")):
+        j = int(np.argmin(np.hypot(new.x_px - cat.x_px[k], new.y_px - cat.y_px[k])))
+        assert np.hypot(new.x_px[j] - cat.x_px[k], new.y_px[j] - cat.y_px[k]) < 0.5
+        wrong = "metal" if want == "chalcogen" else "vac_X1"
+        assert names[res.unconstrained_class[j]] == wrong  # what the network said
+        assert new.site[j] == site and names[new.class_id[j]] == want  # the constraint's fix
+        assert new.probability[j] == pytest.approx(1.0)  # the only allowed class with mass
+    assert res.summary["constraint"]["changed"] >= 2
+
+
+@pytest.mark.parametrize("support", [0.3, 0.0])
+def test_empty_site_is_a_vacancy_only_when_the_network_supports_it(ensemble, experiment, support):
+    im = experiment_image(experiment, 1)
+    base = label_image(im, ensemble, tile=128, overlap=32, tta=False)
+    cat = base.catalogue
+    names = list(cat.class_names)
+    h, w = im.shape
+    centre = cat.detected & (np.abs(cat.x_px - w / 2) < w / 4) & (np.abs(cat.y_px - h / 2) < h / 4)
+    k = np.flatnonzero(centre & (cat.class_id == names.index("metal")))[0]
+    fy, fx = base.scale
+
+    class Erased:
+        """The ensemble with one metal column erased: background, or partly vac_M."""
+
+        def __init__(self, inner):
+            self.inner, self.scheme, self.infos = inner, inner.scheme, inner.infos
+            self.config = inner.config
+
+        def predict(self, image, **kwargs):
+            mean, var = self.inner.predict(image, **kwargs)
+            mean = mean.copy()
+            yy, xx = np.mgrid[: mean.shape[1], : mean.shape[2]]
+            cx, cy = (cat.x_px[k] + 0.5) * fx - 0.5, (cat.y_px[k] + 0.5) * fy - 0.5
+            disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= (1.0 / 0.2) ** 2
+            mean[:, disk] = 0.0
+            mean[0, disk] = 1.0 - support
+            mean[names.index("vac_M"), disk] = support
+            return mean, var
+
+    res = label_image(im, Erased(ensemble), tile=128, overlap=32, tta=False)
+    new = res.catalogue
+    d = np.hypot(new.x_px - cat.x_px[k], new.y_px - cat.y_px[k])
+    assert not np.any(new.detected & (d < 1.0))  # the column is gone
+    near = ~new.detected & (d < 1.0)
+    empty = res.summary["empty_sites"]
+    if support:
+        assert near.sum() == 1 and new.site[near][0] == METAL
+        assert names[new.class_id[near][0]] == "vac_M"
+        assert new.probability[near][0] == pytest.approx(1.0)  # vac_M: the only metal class seen
+        assert empty["confirmed"] >= 1
+    else:
+        assert near.sum() == 0  # found by the lattice, but nothing supports a vacancy
+        assert empty["unconfirmed"] >= 1
+        assert res.fit.empty_site[~res.empty_confirmed].tolist().count(METAL) >= 1
+
+
+def test_label_image_refuses_bad_input(ensemble, experiment):
+    im = experiment_image(experiment, 0)
+    with pytest.raises(ValueError, match="ExperimentImage"):
+        label_image(im.data, ensemble)
+    with pytest.raises(ValueError, match="tile"):
+        label_image(im, ensemble, tile=8)
+    with pytest.raises(ValueError, match="overlap"):
+        label_image(im, ensemble, tile=64, overlap=64)
+    flat = experiment_image(experiment, 0, data=np.zeros((64, 64), np.float32), source="flat")
+    with pytest.raises(ValueError, match="flat: no 2H lattice the model recognises"):
+        label_image(flat, ensemble, tta=False)  # the network sees "columns" in a blank image
+    with pytest.raises(ValueError, match="flat: 0 columns found; no lattice to label"):
+        label_image(flat, ensemble, tta=False, threshold=0.999)
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def _write_files(folder, experiment):
+    """Good and bad files of a microscopist's folder."""
+    img0, img1 = experiment["images"]
+    nm = EXP_PIXEL_A / 10
+    (folder / "sub").mkdir(parents=True)
+    tifffile.imwrite(
+        folder / "scan0.tif",
+        img0,
+        imagej=True,
+        resolution=(1 / nm, 1 / nm),
+        metadata={"unit": "nm"},
+    )
+    (folder / "sub" / "scan0.dm3").write_bytes(dm3_bytes(img0, nm, "nm"))
+    from rsciio.emd import file_writer
+
+    axes = [
+        {"name": n, "scale": nm, "offset": 0.0, "units": "nm", "size": 256, "navigate": False}
+        for n in ("y", "x")
+    ]
+    meta = {"General": {"title": "HAADF"}, "Signal": {"signal_type": ""}}
+    file_writer(
+        str(folder / "scan1.emd"),
+        {"data": img1, "axes": axes, "metadata": meta, "original_metadata": {}},
+    )
+    np.save(folder / "stack.npy", np.stack([img0, 1.1 * img0]))  # no calibration: FFT
+    (folder / "corrupt.tif").write_bytes(b"this is not a TIFF file" * 20)
+    np.save(folder / "sub" / "line.npy", np.arange(50.0))  # not an image
+    noise = np.random.default_rng(0).poisson(10.0, (128, 128)).astype(np.float32)
+    np.save(folder / "noise.npy", noise)  # no pixel size, no lattice to calibrate on
+    tifffile.imwrite(  # calibrated, but no lattice for the network to label
+        folder / "sub" / "noise.tif",
+        noise,
+        imagej=True,
+        resolution=(1 / nm, 1 / nm),
+        metadata={"unit": "nm"},
+    )
+
+
+def test_cli_labels_a_folder_and_reports_bad_files(model_dir, experiment, tmp_path):
+    pytest.importorskip("h5py", reason="rosettasciio reads EMD (HDF5) through h5py")
+    from training.cli import app
+
+    data = tmp_path / "data"
+    _write_files(data, experiment)
+    out = tmp_path / "out"
+    args = ["label", str(data), str(tmp_path / "missing.dm4"), "--model", str(model_dir)]
+    args += ["-o", str(out), "--material", MATERIAL, "--tile", "128", "--no-tta", "-q"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    # one line per failure, naming the file and the reason; the others were labelled
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 5, result.stderr
+    reasons = {
+        "corrupt.tif": "unreadable or corrupt",
+        "line.npy": "2-D image or a 3-D stack",
+        "noise.npy": "FFT calibration failed",
+        "missing.dm4": "file not found",
+        "noise.tif": "no 2H lattice the model recognises",
+    }
+    for name, reason in reasons.items():
+        assert any(name in line and reason in line for line in failed), (name, failed)
+    lines = (out / "failures.txt").read_text().splitlines()
+    assert sorted(lines) == sorted(line.removeprefix("failed: ") for line in failed)
+    assert all(ln.count(str(tmp_path)) == 1 for ln in lines)  # the path once per line
+    assert "labelled 5 image(s)" in result.stdout
+    import csv
+
+    with open(out / "summary.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ok = {r["image"]: r for r in rows if r["status"] == "ok"}
+    assert sorted(ok) == ["scan0-dm3", "scan0-tif", "scan1", "stack/frame_000", "stack/frame_001"]
+    assert sum(r["status"] == "failed" for r in rows) == 5
+    assert ok["stack/frame_001"]["pixel_size_source"] == "fft"
+    assert float(ok["stack/frame_000"]["pixel_size_A"]) == pytest.approx(EXP_PIXEL_A, rel=0.02)
+    assert float(ok["scan1"]["pixel_size_A"]) == pytest.approx(EXP_PIXEL_A, rel=1e-6)
+    for name, truth_i in (("scan0-tif", 0), ("scan0-dm3", 0), ("scan1", 1), ("stack/frame_001", 0)):
+        for f in OUTPUT_FILES:
+            assert (out / name / f).stat().st_size > 0, (name, f)
+        cat = read_columns_csv(out / name / "columns.csv")
+        p = float(ok[name]["pixel_size_A"])
+        s = score(cat, experiment["truth"][truth_i], (256, 256), p)
+        assert s["f1"] >= 0.95 and s["site_accuracy"] >= 0.99, (name, s)
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert summary["n_columns"] == int(ok[name]["n_columns"]) == int(cat.detected.sum())
+        assert summary["classes"]["vac_X1"]["per_cm2"] == pytest.approx(
+            summary["classes"]["vac_X1"]["count"] / summary["area_nm2"] * 1e14
+        )
+    assert os.path.isdir(out / "stack" / "frame_000")
+
+
+def test_cli_sums_frames_and_exits_zero_when_all_succeed(model_dir, experiment, tmp_path):
+    from training.cli import app
+
+    stack = tmp_path / "stack.npy"
+    np.save(stack, np.stack([experiment["images"][0]] * 3))
+    out = tmp_path / "out"
+    args = ["label", str(stack), "-m", str(model_dir), "-o", str(out), "--pixel-size", "0.16"]
+    result = runner.invoke(app, args + ["--sum-frames", "--tile", "128", "--no-tta", "-q"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (out / "stack").iterdir()) == sorted(OUTPUT_FILES)
+    assert (out / "failures.txt").read_text() == ""
+    cat = read_columns_csv(out / "stack" / "columns.csv")
+    assert score(cat, experiment["truth"][0], (256, 256), 0.16)["f1"] >= 0.95
+    # a model that does not exist is one error line and exit code 1
+    result = runner.invoke(app, ["label", str(stack), "-m", str(tmp_path / "nope"), "-o", str(out)])
+    assert result.exit_code == 1 and "error: model not found" in result.stderr
