@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 
-def main(n_samples: int = 24, size: int = 256) -> None:
+def main(n_samples: int = 96, size: int = 256) -> None:
     from simgen import store
     from simgen.cluster import ClusterSpec
     from simgen.config import load_config
