@@ -242,6 +242,9 @@ def test_inspect_preview_and_structure_file(small_cfg, tmp_path):
     assert len(cols["x"]) > 25 and set(np.unique(cols["class_id"])) == {1, 2}
     result = runner.invoke(app, ["inspect", str(out)])
     assert result.exit_code == 0 and "2/2 samples complete" in result.output
+    result = runner.invoke(app, ["check", str(out), "-i", "1"])
+    assert result.exit_code == 0, result.output
+    assert "reproduced bit for bit: True" in result.output and "100.00% within" in result.output
     result = runner.invoke(app, ["preview", str(out), "-o", str(tmp_path / "p.png")])
     assert result.exit_code == 0 and (tmp_path / "p.png").stat().st_size > 10_000
     result = runner.invoke(
