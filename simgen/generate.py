@@ -135,16 +135,27 @@ def generate(
 def _progress_bar(total, enabled, initial=0):
     if not enabled or total == 0:
         return None
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="sample", desc="generate", smoothing=0.1)
+    # in a batch log (no terminal) refresh every 10 s instead of many times a second
+    interval = 0.1 if sys.stderr.isatty() else 10.0
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="sample",
+        desc="generate",
+        smoothing=0.1,
+        mininterval=interval,
+    )
 
 
 def _tick(bar, n, done, t0, on_progress, total):
     if bar is not None:
         bar.update(n)
         rate = done / max(time.perf_counter() - t0, 1e-9)
-        bar.set_postfix_str(f"{rate:.2f} samples/s")
+        bar.set_postfix_str(f"{rate:.2f} samples/s", refresh=False)
     if on_progress is not None:
         on_progress(done, total)
 
