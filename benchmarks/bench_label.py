@@ -2,7 +2,7 @@
 
 ``main()`` simulates one image with simgen (the incoherent model, the material, optics and
 noise of the model's training store, another seed), labels it with
-:func:`training.label.label_image` as ``simgen-train label`` does (512² tiles, 64 px
+:func:`training.experiments.label.label_image` as ``simgen-train label`` does (512² tiles, 64 px
 overlap, 8-fold TTA) and prints columns per minute, the time of each stage and the time
 to write the five output files. Not pass/fail.
 
@@ -145,9 +145,9 @@ def bench_label(
     import torch
     import zarr
 
-    from training.label import label_image, write_outputs
+    from training.experiments.label import label_image, write_outputs
+    from training.experiments.readers import ExperimentImage
     from training.predict import Ensemble
-    from training.readers import ExperimentImage
 
     threads = threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,7 +10,7 @@ import pytest
 from test_lattice import detected_columns
 
 from structures import CHALCOGEN, METAL, get_scheme
-from training.catalogue import (
+from training.experiments.catalogue import (
     COLUMN_FIELDS,
     build_catalogue,
     catalogue_from_lattice,
@@ -23,7 +23,7 @@ from training.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from training.lattice import UNASSIGNED, fit_lattice
+from training.experiments.lattice import UNASSIGNED, fit_lattice
 
 NAMES = get_scheme("defects").names
 ID = {n: i for i, n in enumerate(NAMES)}

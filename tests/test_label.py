@@ -21,8 +21,8 @@ from test_readers import dm3_bytes
 from typer.testing import CliRunner
 
 from structures import CHALCOGEN, METAL
-from training.catalogue import read_columns_csv
-from training.label import (
+from training.experiments.catalogue import read_columns_csv
+from training.experiments.label import (
     OUTPUT_FILES,
     expand_inputs,
     label_image,
@@ -31,8 +31,8 @@ from training.label import (
     sample_disks,
     to_original_px,
 )
+from training.experiments.readers import ExperimentImage
 from training.metrics import match_columns
-from training.readers import ExperimentImage
 
 runner = CliRunner()
 MATERIAL = "WSe2"

@@ -24,16 +24,19 @@ from structures import (
     get_scheme,
     parse_material,
 )
-from training.lattice import (
-    UNASSIGNED,
+from training.experiments.calibration import (
     CalibrationError,
+    calibrate_lattice,
+    calibrate_pixel_size,
+    find_lattice_spots,
+)
+from training.experiments.lattice import (
+    UNASSIGNED,
     allowed_sites,
     apply_site_constraint,
     assign_sublattices,
-    calibrate_pixel_size,
     constrain_probabilities,
     decide_metal_sublattice,
-    find_lattice_spots,
     fit_lattice,
     metal_is_brighter,
     scheme_names,
@@ -129,12 +132,19 @@ def test_fft_calibration_non_square_image_and_stack():
     assert abs(est_stack / 0.18 - 1) < 0.02
 
 
-def test_fft_calibration_reports_scan_distortion_as_uncertainty():
-    # 4 % compression along y: the three lattice directions disagree, and the spread shows it
+def test_fft_calibration_measures_scan_distortion():
+    # 4 % compression along the slow scan (y): the fast-scan pixel size stays the microscope's
+    # calibration and the anisotropy p_y/p_x - 1 = 1/0.96 - 1 is measured, not averaged in
     img, *_ = render_haadf("MoS2", 0.2, (384, 384), 10.0, distort=lambda c, r: (c, 0.96 * r))
+    cal = calibrate_lattice(img, lattice_constant("MoS2"))
+    assert abs(cal.pixel_size_A / 0.2 - 1) < 0.003
+    assert cal.pixel_size_x_A == cal.pixel_size_A
+    assert abs(cal.pixel_size_y_A / (0.2 / 0.96) - 1) < 0.003
+    assert abs(cal.anisotropy - (1 / 0.96 - 1)) < 0.003
+    assert abs(cal.shear) < 0.003
+    assert cal.distorted
     est, unc = calibrate_pixel_size(img, lattice_constant("MoS2"))
-    assert abs(est / 0.2 - 1) < 0.03
-    assert unc > 0.004 * 0.2
+    assert est == cal.pixel_size_A and 0 < unc < 0.01 * est
 
 
 def test_fft_calibration_fails_without_a_hexagonal_lattice():

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 from test_lattice import render_haadf
 
-from training.readers import ExperimentImage, ReaderError, length_to_A, read_image
+from training.experiments.readers import ExperimentImage, ReaderError, length_to_A, read_image
 
 RNG = np.random.default_rng(0)
 STACK = RNG.random((3, 40, 50)).astype(np.float32)
@@ -305,3 +305,108 @@ def test_clear_errors_for_bad_requests(tmp_path):
 def _save(path, array):
     np.save(path, array)
     return path
+
+
+# -------------------------------------------- TIFFs as acquisition software writes them
+
+
+COMPRESSIONS = ["lzw", "deflate", "adobe_deflate", "zstd", "packbits", "jpeg"]
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+def test_compressed_tiffs_read(tmp_path, compression):
+    """8-bit exports with every common compression (the real WSe2 set is 8-bit LZW)."""
+    img = (STACK[0] * 255).astype(np.uint8)
+    path = tmp_path / f"20MX 80kV ADF {compression}.tif"  # spaces, as microscopes name files
+    tifffile.imwrite(path, img, compression=compression)
+    (im,) = read_image(path, pixel_size_A=0.1)
+    assert im.data.dtype == np.float32 and im.shape == img.shape
+    if compression == "jpeg":  # lossy
+        assert np.abs(im.data - img).mean() < 3.0
+    else:
+        np.testing.assert_array_equal(im.data, img)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.uint8, np.uint16, np.int16, np.uint32, np.int32, np.float32, np.float64]
+)
+def test_tiff_integer_and_float_data(tmp_path, dtype):
+    scale = 1.0 if np.dtype(dtype).kind == "f" else 200
+    img = (STACK[1] * scale).astype(dtype)
+    path = tmp_path / "image.tif"
+    tifffile.imwrite(path, img, compression="zlib")
+    (im,) = read_image(path, pixel_size_A=0.1)
+    np.testing.assert_allclose(im.data, img.astype(np.float64), rtol=1e-6)
+    assert im.metadata["original_dtype"] == np.dtype(dtype).name
+
+
+def test_imagej_hyperstack_frames(tmp_path):
+    data = RNG.random((2, 3, 40, 50)).astype(np.float32)  # T, Z, Y, X
+    path = tmp_path / "hyper.tif"
+    tifffile.imwrite(
+        path, data, imagej=True, resolution=(10, 10), metadata={"axes": "TZYX", "unit": "nm"}
+    )
+    ims = read_image(path)
+    assert len(ims) == 6 and ims[4].frame == 4
+    np.testing.assert_array_equal(ims[4].data, data[1, 1])
+    assert ims[0].pixel_size_A == pytest.approx(1.0)
+    assert ims[0].metadata["hyperstack_shape"] == [2, 3]
+
+
+def test_ome_tiff_physical_size(tmp_path):
+    path = tmp_path / "scan.ome.tif"
+    tifffile.imwrite(
+        path,
+        STACK[0],
+        metadata={"axes": "YX", "PhysicalSizeX": 0.018, "PhysicalSizeXUnit": "nm",
+                  "PhysicalSizeY": 0.018, "PhysicalSizeYUnit": "nm"},
+    )  # fmt: skip
+    (im,) = read_image(path)
+    assert im.pixel_size_A == pytest.approx(0.18)
+    assert im.metadata["calibration"] == "ome"
+
+
+def test_fei_tags_in_an_lzw_tiff(tmp_path):
+    ini = "[Scan]\r\nPixelWidth=9.5e-012\r\nPixelHeight=9.5e-012\r\n"
+    path = tmp_path / "velox export.tif"
+    img = (STACK[2] * 255).astype(np.uint8)
+    tifffile.imwrite(path, img, compression="lzw", extratags=[(34682, "s", 0, ini, True)])
+    (im,) = read_image(path)
+    assert im.pixel_size_A == pytest.approx(0.095) and im.pixel_size_source == "metadata"
+
+
+# ------------------------------------------------ the file's calibration against the FFT
+
+
+def test_file_calibration_checked_against_the_fft(tmp_path, caplog):
+    img, *_ = render_haadf("WSe2", 0.17, (320, 320), 21.0, dose=8.0)
+    good, bad = tmp_path / "good.tif", tmp_path / "bad.tif"
+    for path, nm in ((good, 0.017), (bad, 0.019)):  # the second is 11.8 % off
+        res = 1 / nm
+        tifffile.imwrite(path, img, imagej=True, resolution=(res, res), metadata={"unit": "nm"})
+    (im,) = read_image(good, material="WSe2")
+    assert im.pixel_size_source == "metadata" and "calibration_warning" not in im.metadata
+    assert abs(im.metadata["fft_mismatch"]) < 0.01 and im.lattice is not None
+    with caplog.at_level("WARNING"):
+        (im,) = read_image(bad, material="WSe2")
+    assert im.pixel_size_A == pytest.approx(0.19) and im.pixel_size_source == "metadata"
+    assert "+11" in im.metadata["calibration_warning"] and "using the file" in caplog.text
+    (im,) = read_image(bad, material="WSe2", calibrate="fft")
+    assert im.pixel_size_source == "fft" and abs(im.pixel_size_A / 0.17 - 1) < 0.005
+    (im,) = read_image(bad, material="WSe2", calibrate="file")
+    assert im.lattice is None and "fft_mismatch" not in im.metadata
+    check_error(bad, "calibrate must be one of", calibrate="maybe")
+    check_error(bad, "needs a material", calibrate="fft")
+
+
+@pytest.mark.slow  # the default suite never reads ../shared
+def test_real_wse2_tiffs_read_and_calibrate():
+    """The real 8-bit LZW WSe2 exports of ../shared/real (developers only; skipped elsewhere)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / ".." / "shared" / "real" / "wse2_80kV_adf"
+    files = sorted(folder.glob("*.tif"))
+    if not files:
+        pytest.skip("no ../shared/real/wse2_80kV_adf (development data, not shipped)")
+    (im,) = read_image(files[0], material="WSe2")
+    assert im.pixel_size_source == "fft" and 0.09 < im.pixel_size_A < 0.1

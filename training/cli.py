@@ -388,8 +388,8 @@ def label(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
-    """Label experimental images with a trained model (``training.label.label_files``)."""
-    from training.label import label_files
+    """Label experimental images with a trained model (``experiments.label.label_files``)."""
+    from training.experiments.label import label_files
 
     run = label_files(
         inputs,

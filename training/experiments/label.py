@@ -13,7 +13,8 @@ The user-facing end of a model's life (``simgen-train label``). One image goes t
    probability-weighted sub-pixel centroids of the foreground blobs, merged blobs split by
    a watershed) and each column's class probabilities and ensemble variance averaged over
    a small disk,
-5. the **lattice fit** (:func:`training.lattice.fit_lattice`: two sublattices by topology,
+5. the **lattice fit** (:func:`~training.experiments.lattice.fit_lattice`: two sublattices by
+   topology,
    metal sublattice from the probabilities, empty lattice sites),
 6. the **site constraint** (metal-site classes only on metal sites, chalcogen-site classes
    only on chalcogen sites) and the **vacancy check** of empty sites: an empty site becomes
@@ -46,7 +47,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from training.catalogue import (
+from training.experiments.calibration import lattice_constant_of
+from training.experiments.catalogue import (
     Catalogue,
     build_catalogue,
     catalogue_from_lattice,
@@ -57,15 +59,14 @@ from training.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from training.lattice import (
+from training.experiments.lattice import (
     UNASSIGNED,
     LatticeFit,
     constrain_probabilities,
     fit_lattice,
-    lattice_constant_of,
     scheme_names,
 )
-from training.readers import FORMATS, ExperimentImage, ReaderError, read_image
+from training.experiments.readers import FORMATS, ExperimentImage, ReaderError, read_image
 
 #: Relative pixel-size difference below which an image is not resampled.
 RESAMPLE_TOLERANCE = 1e-3
@@ -91,7 +92,7 @@ class LabelResult:
         One row per lattice site in the original image's pixels: detected columns (class
         after the site constraint) and confirmed empty sites (vacancies).
     summary : dict
-        :func:`training.catalogue.summarize` of the catalogue plus the provenance of the
+        :func:`training.experiments.catalogue.summarize` of the catalogue plus the provenance of the
         result (``source``, ``frame``, ``model``, ``resampling``, ``lattice``,
         ``empty_sites``, ``settings``, ``seconds``); JSON-ready.
     scheme : dict
@@ -345,7 +346,7 @@ def label_image(
     Parameters
     ----------
     image : ExperimentImage
-        From :func:`training.readers.read_image` (data and pixel size [Å/px]).
+        From :func:`training.experiments.readers.read_image` (data and pixel size [Å/px]).
     ensemble : Ensemble or path-like
         A :class:`training.predict.Ensemble` (or any object with its ``predict``,
         ``scheme``, ``infos`` and ``config``), or a checkpoint / run / ensemble directory to
@@ -383,7 +384,7 @@ def label_image(
         every empty site as class 0 (background: no column, no class).
     min_metal_margin : float
         Refuse the image when the network's probabilities decide the metal sublattice less
-        clearly than this (:func:`training.lattice.decide_metal_sublattice`; ≈ 0.9 on
+        clearly than this (:func:`training.experiments.lattice.decide_metal_sublattice`; ≈ 0.9 on
         simulated images, ≈ 0 on noise or a blank image, where the "columns" are the
         network's hallucinations); 0 disables the check.
     material : str, optional
@@ -626,7 +627,7 @@ def write_outputs(result: LabelResult, outdir) -> dict[str, Path]:
     dict
         File name -> path written.
     """
-    from training.report import class_averages_png, defect_density_png, overlay_png
+    from training.experiments.pictures import class_averages_png, defect_density_png, overlay_png
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
@@ -677,7 +678,8 @@ def expand_inputs(inputs: Iterable) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files named by paths, glob patterns and folders.
 
     Folders are searched recursively for the readable extensions
-    (:data:`training.readers.FORMATS`); glob patterns (``*``, ``?``, ``[``; ``**`` recurses)
+    (:data:`~training.experiments.readers.FORMATS`); glob patterns (``*``, ``?``, ``[``;
+    ``**`` recurses)
     are expanded; a file given by name is kept whatever its extension (the reader then says
     what is wrong with it). Duplicates are dropped, order is sorted per input.
 

@@ -2,17 +2,22 @@
 
 Formats: Gatan ``.dm3``/``.dm4``, ``.emd`` (Velox and Berkeley/NCEM), FEI TIA ``.ser``
 (through rosettasciio), ``.tif``/``.tiff`` (tifffile: ImageJ, FEI/Thermo and resolution
-tags), ``.mrc`` (mrcfile), ``.npy`` and ``.png``. No dependency on the training code: the
-result is an :class:`ExperimentImage` per frame (or one for a summed stack).
+tags, OME-TIFF, ImageJ hyperstacks; LZW, Deflate, ZSTD, PackBits and JPEG compression through
+imagecodecs), ``.mrc`` (mrcfile), ``.npy`` and ``.png``. Torch-free: the result is an
+:class:`ExperimentImage` per frame (or one for a summed stack).
 
-The pixel size comes, in order of priority, from the file's calibration, from the
-``pixel_size_A`` argument, or from the hexagonal FFT spots of the named material
-(:func:`training.lattice.calibrate_pixel_size`, with its uncertainty). Every failure is a
+The pixel size comes from the file's calibration, from the ``pixel_size_A`` argument, or
+from the hexagonal FFT spots of the named material
+(:func:`training.experiments.calibration.calibrate_lattice`, which also measures scan
+anisotropy and shear). When the file has a calibration and a material is named, both are
+measured: a disagreement above :data:`CALIBRATION_MISMATCH` is logged as a warning and kept
+in the metadata; the file's value wins unless ``calibrate="fft"``. Every failure is a
 :class:`ReaderError` whose one-line message names the file.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections.abc import Mapping
@@ -68,6 +73,14 @@ _UNITS_A = {
 PLAUSIBLE_PIXEL_A = (1e-3, 1e3)
 
 
+#: Relative disagreement between the file's pixel size and the FFT's that is warned about.
+CALIBRATION_MISMATCH = 0.03
+#: ``calibrate`` choices of :func:`read_image`.
+CALIBRATE_CHOICES = ("auto", "fft", "file")
+
+log = logging.getLogger(__name__)
+
+
 class ReaderError(ValueError):
     """An experimental image file cannot be used; the message names the file and the reason."""
 
@@ -91,7 +104,11 @@ class ExperimentImage:
     frame : int or None
         Frame index in a stack; None for a single image or a summed stack.
     metadata : dict
-        Plain values: format, original shape, units and scales read, selected dataset, ...
+        Plain values: format, original shape, units and scales read, selected dataset, the
+        FFT calibration's figures, a calibration warning, ...
+    lattice : LatticeCalibration or None
+        The FFT lattice calibration when one was made (its scan anisotropy and shear are
+        corrected before labelling).
     """
 
     data: np.ndarray
@@ -101,6 +118,7 @@ class ExperimentImage:
     source: str
     frame: int | None
     metadata: dict = field(default_factory=dict)
+    lattice: object | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -227,6 +245,10 @@ def _tiff_scale(tif) -> tuple[tuple | None, dict]:
             meta["calibration"] = "fei"
             if _plausible(px) and _plausible(py):
                 return (py, px), meta
+    ome = _ome_scale(tif)
+    if ome is not None:
+        meta["calibration"] = "ome"
+        return ome, meta
     page = tif.pages.first
     tags = page.tags
     xres, yres = tags.get("XResolution"), tags.get("YResolution")
@@ -260,6 +282,29 @@ def _tiff_scale(tif) -> tuple[tuple | None, dict]:
     return None, meta
 
 
+def _ome_scale(tif) -> tuple[float, float] | None:
+    """``(p_y, p_x)`` [Å] from OME-XML ``PhysicalSizeX/Y`` (default unit µm), if present."""
+    xml = getattr(tif, "ome_metadata", None) if getattr(tif, "is_ome", False) else None
+    if not xml:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if el.tag.endswith("Pixels") and el.get("PhysicalSizeX"):
+            px = length_to_A(float(el.get("PhysicalSizeX")), el.get("PhysicalSizeXUnit", "µm"))
+            py = length_to_A(
+                float(el.get("PhysicalSizeY", el.get("PhysicalSizeX"))),
+                el.get("PhysicalSizeYUnit", el.get("PhysicalSizeXUnit", "µm")),
+            )
+            if px and py and _plausible(px) and _plausible(py):
+                return (py, px)
+    return None
+
+
 def _load_tiff(path: Path, dataset):
     import tifffile
 
@@ -272,6 +317,10 @@ def _load_tiff(path: Path, dataset):
     if axes.endswith("S") and data.shape[-1] in (3, 4):  # RGB(A) samples
         data = _to_grey(data)
         meta["converted_from"] = "rgb"
+        axes = axes[:-1]
+    if data.ndim > 3 and axes.endswith("YX"):  # ImageJ/OME hyperstack: every plane a frame
+        meta["hyperstack_shape"] = tuple(int(n) for n in data.shape[:-2])
+        data = data.reshape(-1, *data.shape[-2:])
     return data, scale, meta
 
 
@@ -342,6 +391,7 @@ def read_image(
     frame: int | None = None,
     sum_frames: bool = False,
     dataset: int | str | None = None,
+    calibrate: str = "auto",
 ) -> list[ExperimentImage]:
     """Read an experimental image or stack with its pixel size in Å.
 
@@ -353,8 +403,9 @@ def read_image(
     pixel_size_A : float, optional
         Pixel size [Å/px] used when the file carries no calibration.
     material : str, optional
-        E.g. ``"MoS2"``: calibrate the pixel size from the FFT lattice spots with the
-        tabulated lattice constant when neither the file nor ``pixel_size_A`` gives one.
+        E.g. ``"MoS2"``: measure the lattice in the FFT with the tabulated lattice constant:
+        the pixel size when neither the file nor ``pixel_size_A`` gives one, and in any case
+        the scan anisotropy and shear (and a check of the file's calibration).
     frame : int, optional
         Return only this frame of a stack (negative indices count from the end).
     sum_frames : bool
@@ -363,6 +414,10 @@ def read_image(
         For files holding several images (e.g. Velox EMD with HAADF, DF, BF): index among the
         images or a case-insensitive part of the title. Default: the first titled HAADF,
         else the first image.
+    calibrate : {"auto", "fft", "file"}
+        ``"auto"``: the file's calibration, else ``pixel_size_A``, else the FFT; ``"fft"``:
+        the FFT's pixel size even when the file has one (needs ``material``); ``"file"``: no
+        FFT at all.
 
     Returns
     -------
@@ -436,38 +491,9 @@ def read_image(
     else:
         frames = [(k if is_stack else None, f) for k, f in enumerate(stack)]
 
-    # pixel size: file calibration, else the argument, else the FFT of the named material
-    uncertainty = None
-    if scale is not None and _plausible(scale[0]) and _plausible(scale[1]):
-        py, px = scale
-        if abs(py - px) > 1e-3 * max(py, px):
-            meta["pixel_size_yx_A"] = (py, px)  # non-square pixels: geometric mean used
-        pixel, source = math.sqrt(px * py), "metadata"
-        if pixel_size_A is not None:
-            meta["pixel_size_user_A"] = float(pixel_size_A)
-    elif pixel_size_A is not None:
-        pixel, source = float(pixel_size_A), "user"
-    elif material is not None:
-        from training.lattice import CalibrationError, calibrate_pixel_size, lattice_constant_of
-
-        try:
-            a = lattice_constant_of(material)
-        except ValueError as exc:
-            raise ReaderError(f"{p}: {_one_line(exc)}") from exc
-        try:
-            pixel, uncertainty = calibrate_pixel_size(np.stack([f for _, f in frames]), a)
-        except CalibrationError as exc:
-            raise ReaderError(
-                f"{p}: no pixel size in the file and FFT calibration failed: {_one_line(exc)}"
-            ) from exc
-        source = "fft"
-        meta["calibration_material"] = str(material)
-        meta["lattice_constant_A"] = a
-    else:
-        raise ReaderError(
-            f"{p}: no pixel size in the file; give pixel_size_A or a material (e.g. 'MoS2') for "
-            "FFT calibration"
-        )
+    pixel, source, uncertainty, lattice = _pixel_size(
+        p, np.stack([f for _, f in frames]), scale, pixel_size_A, material, calibrate, meta
+    )
     return [
         ExperimentImage(
             data=np.ascontiguousarray(img, dtype=np.float32),
@@ -477,9 +503,82 @@ def read_image(
             source=str(p),
             frame=k,
             metadata=_plain(meta),
+            lattice=lattice,
         )
         for k, img in frames
     ]
+
+
+def _pixel_size(p: Path, frames, scale, pixel_size_A, material, calibrate, meta):
+    """Pixel size [Å/px], its source and uncertainty, and the FFT lattice calibration.
+
+    Order: the file's calibration (unless ``calibrate="fft"``), ``pixel_size_A``, the FFT.
+    The FFT runs whenever a material is named (and ``calibrate != "file"``): it measures
+    the scan distortion, and a file calibration that disagrees with it is warned about.
+    """
+    if calibrate not in CALIBRATE_CHOICES:
+        raise ReaderError(f"{p}: calibrate must be one of {CALIBRATE_CHOICES}, got {calibrate!r}")
+    if calibrate == "fft" and material is None:
+        raise ReaderError(f"{p}: calibrate='fft' needs a material (e.g. 'WSe2')")
+    file_pixel = None
+    if scale is not None and _plausible(scale[0]) and _plausible(scale[1]):
+        py, px = scale
+        if abs(py - px) > 1e-3 * max(py, px):
+            meta["pixel_size_yx_A"] = (py, px)  # non-square pixels: geometric mean used
+        file_pixel = math.sqrt(px * py)
+        if pixel_size_A is not None:
+            meta["pixel_size_user_A"] = float(pixel_size_A)
+    lattice = None
+    if material is not None and calibrate != "file":
+        from training.experiments.calibration import (
+            CalibrationError,
+            calibrate_lattice,
+            lattice_constant_of,
+        )
+
+        try:
+            a = lattice_constant_of(material)
+        except (KeyError, ValueError) as exc:
+            raise ReaderError(f"{p}: {_one_line(exc)}") from exc
+        nominal = file_pixel if calibrate == "auto" else None
+        nominal = nominal if nominal is not None else pixel_size_A
+        try:
+            lattice = calibrate_lattice(frames, a, nominal_pixel_size_A=nominal)
+        except CalibrationError as exc:
+            if file_pixel is None and pixel_size_A is None or calibrate == "fft":
+                what = "no pixel size in the file and " if file_pixel is None else ""
+                raise ReaderError(f"{p}: {what}FFT calibration failed: {_one_line(exc)}") from exc
+            meta["fft_calibration_error"] = _one_line(exc)
+        if lattice is not None:
+            meta["calibration_material"] = str(material)
+            meta["lattice_constant_A"] = a
+            meta["fft_calibration"] = lattice.summary()
+    if calibrate == "fft" and lattice is not None:
+        chosen = (lattice.pixel_size_A, "fft", lattice.uncertainty_A)
+    elif file_pixel is not None:
+        chosen = (file_pixel, "metadata", None)
+    elif pixel_size_A is not None:
+        chosen = (float(pixel_size_A), "user", None)
+    elif lattice is not None:
+        chosen = (lattice.pixel_size_A, "fft", lattice.uncertainty_A)
+    else:
+        raise ReaderError(
+            f"{p}: no pixel size in the file; give pixel_size_A or a material (e.g. 'MoS2') for "
+            "FFT calibration"
+        )
+    if lattice is not None and chosen[1] != "fft":
+        mismatch = chosen[0] / lattice.pixel_size_A - 1.0
+        meta["fft_mismatch"] = mismatch
+        if abs(mismatch) > CALIBRATION_MISMATCH:
+            warning = (
+                f"{p}: the {'file' if chosen[1] == 'metadata' else 'given'} pixel size "
+                f"{chosen[0]:.4f} Å differs from the FFT lattice's {lattice.pixel_size_A:.4f} Å "
+                f"by {mismatch:+.1%}; using the {'file' if chosen[1] == 'metadata' else 'given'}"
+                " value (calibrate='fft' uses the FFT's)"
+            )
+            meta["calibration_warning"] = warning
+            log.warning(warning)
+    return (*chosen, lattice)
 
 
 def _plain(value):

@@ -8,9 +8,9 @@ from PIL import Image
 from test_lattice import detected_columns
 
 from structures import CHALCOGEN, METAL, get_scheme
-from training.catalogue import build_catalogue, catalogue_from_lattice
-from training.lattice import fit_lattice
-from training.report import (
+from training.experiments.catalogue import build_catalogue, catalogue_from_lattice
+from training.experiments.lattice import fit_lattice
+from training.experiments.pictures import (
     class_averages,
     class_averages_png,
     defect_density_map,

@@ -1,7 +1,7 @@
 """Column catalogue of a labelled experimental image, its summary and the files written.
 
 A :class:`Catalogue` holds one row per lattice site: every detected column, plus the empty
-lattice sites found by :func:`training.lattice.find_empty_sites` (``detected = False``).
+lattice sites found by :func:`training.experiments.lattice.find_empty_sites` (``detected = False``).
 :func:`summarize` turns it into counts per class and concentrations per nm², per cm² and per
 eligible site; :func:`write_columns_csv`, :func:`write_summary_json` and
 :func:`write_run_summary_csv` write ``columns.csv``, ``summary.json`` and a run-level CSV.
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from structures import CHALCOGEN, METAL
-from training.lattice import (
+from training.experiments.lattice import (
     UNASSIGNED,
     LatticeFit,
     allowed_sites,
@@ -179,7 +179,7 @@ def build_catalogue(
         ``(x, y)`` [px].
     class_id : array_like of int, shape (N,)
     scheme : str, mapping or label scheme
-        Gives the class names (:func:`training.lattice.scheme_names`).
+        Gives the class names (:func:`training.experiments.lattice.scheme_names`).
     pixel_size_A : float
         [Å/px].
     site : array_like of int, shape (N,)
@@ -241,15 +241,16 @@ def catalogue_from_lattice(
     """Catalogue of detected columns and empty sites, with the site constraint applied.
 
     Each detected column takes the most probable class allowed on its site
-    (:func:`training.lattice.apply_site_constraint`); its ``probability`` is that class's
-    probability renormalised over the allowed classes. Empty sites take the same rule on
+    (:func:`~training.experiments.lattice.apply_site_constraint`); its ``probability`` is
+    that class's probability renormalised over the allowed classes. Empty sites take the same
+    rule on
     ``empty_probs`` when given (the network's probabilities sampled there), else the
     scheme's vacancy class for their site (:func:`vacancy_class`) with NaN probability.
 
     Parameters
     ----------
     fit : LatticeFit
-        From :func:`training.lattice.fit_lattice` on ``positions_px``.
+        From :func:`training.experiments.lattice.fit_lattice` on ``positions_px``.
     positions_px : array_like, shape (N, 2)
     probs : array_like, shape (N, K)
         Per-column class probabilities (ensemble mean).
@@ -334,7 +335,8 @@ def summarize(
     * ``per_nm2`` = count / area [nm⁻²] and ``per_cm2`` = per_nm2 · 10¹⁴ [cm⁻²], with
       ``per_cm2_err`` from ``count_err``;
     * ``per_site`` = count / number of eligible sites: metal-site classes per metal site,
-      chalcogen-site classes per chalcogen site (:func:`training.lattice.allowed_sites`),
+      chalcogen-site classes per chalcogen site
+      (:func:`~training.experiments.lattice.allowed_sites`),
       others per site of either kind. Sites are all catalogue rows of that site, detected
       or empty.
 
