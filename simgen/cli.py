@@ -204,7 +204,7 @@ def _run_generate(
     cfg, output, workers, scheduler, cluster, overwrite, calibration="auto", verbose=False
 ):
     from simgen.cluster import ClusterSpec
-    from simgen.generate import generate as run
+    from simgen.generation import generate as run
     from simgen.pipeline import check_ready
     from simgen.store import StoreError
 

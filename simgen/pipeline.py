@@ -291,7 +291,7 @@ def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
     """
     import json
 
-    from simgen.simulate import simulate
+    from simgen.simulation import simulate
     from structures import get_scheme
 
     streams = sample_streams(cfg.dataset.seed, index)
