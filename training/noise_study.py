@@ -38,18 +38,17 @@ from pathlib import Path
 
 import numpy as np
 
-from simgen.configbase import Config
-from training.config import TrainConfig, _check_pair, _check_range, _help, annotated_yaml
+from simgen.configbase import Config, check_pair, check_range, described
+from structures.columns import defect_classes
+from training.config import TrainConfig, annotated_yaml
 
 #: Class names that are never defects (the host lattice and the mask background).
-HOST_CLASSES = ("background", "metal", "chalcogen")
 CHECKPOINTS = ("best", "last")
 METHODS = ("hungarian", "greedy")
 SELECT_METRICS = ("macro_defect_f1", "detection_f1")
 METRIC_NAMES = {"macro_defect_f1": "macro defect F1", "detection_f1": "detection F1"}
 #: Noise variables of a sweep (keys of ``levels`` in ``sweep.json``) and their symbols.
 VARIABLES = {"lambda": "λ", "sigma": "σ"}
-_ELEMENT = re.compile(r"([A-Z][a-z]?)(\d*)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -59,30 +58,32 @@ _ELEMENT = re.compile(r"([A-Z][a-z]?)(\d*)")
 class StudyEvalConfig(Config):
     """How every model is scored on the test sets."""
 
-    checkpoint: str = _help("Checkpoint of each model to score: best (best.pt) or last.", "best")
-    sample_range: tuple[int, int] | None = _help(
+    checkpoint: str = described(
+        "Checkpoint of each model to score: best (best.pt) or last.", "best"
+    )
+    sample_range: tuple[int, int] | None = described(
         "[start, stop) samples of each test store; null = all complete samples.", None
     )
-    radius_A: float | None = _help(
+    radius_A: float | None = described(
         "Column matching radius [Å]; null = the one each model was trained with.", None
     )
-    method: str = _help("Column matching: hungarian or greedy.", "hungarian")
-    tile: int = _help("Inference tile size [px].", 256)
-    overlap: int = _help("Overlap of inference tiles [px].", 32)
-    tta: bool = _help("Average the 8 flips/rotations at inference (8x slower).", False)
+    method: str = described("Column matching: hungarian or greedy.", "hungarian")
+    tile: int = described("Inference tile size [px].", 256)
+    overlap: int = described("Overlap of inference tiles [px].", 32)
+    tta: bool = described("Average the 8 flips/rotations at inference (8x slower).", False)
 
     def __post_init__(self):
         if self.checkpoint not in CHECKPOINTS:
             raise ValueError(f"checkpoint: expected one of {CHECKPOINTS}, got {self.checkpoint!r}")
-        _check_pair("sample_range", self.sample_range, integer=True, low=0)
+        check_pair("sample_range", self.sample_range, integer=True, low=0)
         if self.sample_range is not None and self.sample_range[0] == self.sample_range[1]:
             raise ValueError(f"sample_range: empty range {list(self.sample_range)}")
         if self.radius_A is not None:
-            _check_range("radius_A", self.radius_A, 0.0, low_open=True)
+            check_range("radius_A", self.radius_A, 0.0, low_open=True)
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        _check_range("tile", self.tile, 16)
-        _check_range("overlap", self.overlap, 0)
+        check_range("tile", self.tile, 16)
+        check_range("overlap", self.overlap, 0)
         if self.overlap >= self.tile:
             raise ValueError(f"overlap: must be < tile ({self.tile}), got {self.overlap}")
 
@@ -91,16 +92,16 @@ class StudyEvalConfig(Config):
 class ReportConfig(Config):
     """What the report averages and how it picks the best training bin."""
 
-    defect_classes: tuple[str, ...] | None = _help(
+    defect_classes: tuple[str, ...] | None = described(
         "Classes averaged into the macro defect F1; null = by the label scheme "
         "(every class but background, metal, chalcogen and full host compositions).",
         None,
     )
-    select_by: str = _help(
+    select_by: str = described(
         "Metric naming the best training bin per test bin: macro_defect_f1 or detection_f1.",
         "macro_defect_f1",
     )
-    dpi: int = _help("Resolution of the PNG figures [dots per inch].", 100)
+    dpi: int = described("Resolution of the PNG figures [dots per inch].", 100)
 
     def __post_init__(self):
         if self.defect_classes is not None and not all(
@@ -109,39 +110,41 @@ class ReportConfig(Config):
             raise ValueError("defect_classes: expected a list of class names")
         if self.select_by not in SELECT_METRICS:
             raise ValueError(f"select_by: expected one of {SELECT_METRICS}, got {self.select_by!r}")
-        _check_range("dpi", self.dpi, 30, 600)
+        check_range("dpi", self.dpi, 30, 600)
 
 
 @dataclass(frozen=True)
 class NoiseStudyConfig(Config):
     """A whole noise study: sweeps, the training recipe of every model, scoring, report."""
 
-    train_sweep: str | None = _help(
+    train_sweep: str | None = described(
         "Training sweep directory (`simgen sweep`): one model per store of its sweep.json.", None
     )
-    test_sweep: str | None = _help(
+    test_sweep: str | None = described(
         "Paired test sweep directory (same bins or others, generated with another --seed).",
         None,
     )
-    train_bins: tuple[str, ...] = _help(
+    train_bins: tuple[str, ...] = described(
         "Names of the training bins to use (store names in sweep.json); empty = all.",
         factory=tuple,
     )
-    test_bins: tuple[str, ...] = _help("Names of the test bins to use; empty = all.", factory=tuple)
-    extra_stores: tuple[str, ...] = _help(
+    test_bins: tuple[str, ...] = described(
+        "Names of the test bins to use; empty = all.", factory=tuple
+    )
+    extra_stores: tuple[str, ...] = described(
         "Further labelled test sets: a store, or a folder whose *.zarr stores are pooled.",
         factory=tuple,
     )
-    allow_shared_seed: bool = _help(
+    allow_shared_seed: bool = described(
         "Allow test stores with the training stores' dataset seed (same structures: a leak).",
         False,
     )
-    train: TrainConfig = _help(
+    train: TrainConfig = described(
         "Training config of every model; data.train_stores is set per bin by the study.",
         factory=TrainConfig,
     )
-    evaluate: StudyEvalConfig = _help("Scoring on the test sets.", factory=StudyEvalConfig)
-    report: ReportConfig = _help("Report settings.", factory=ReportConfig)
+    evaluate: StudyEvalConfig = described("Scoring on the test sets.", factory=StudyEvalConfig)
+    report: ReportConfig = described("Report settings.", factory=ReportConfig)
 
     def __post_init__(self):
         for name in ("train_sweep", "test_sweep"):
@@ -469,57 +472,6 @@ def plan_study(config: NoiseStudyConfig) -> StudyPlan:
 # ---------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------
-def _composition(name: str) -> dict | None:
-    """``"SSe"`` → ``{"S": 1, "Se": 1}``; ``None`` when the name is not a composition."""
-    from ase.data import atomic_numbers
-
-    parts = _ELEMENT.findall(name)
-    if not parts or "".join(e + n for e, n in parts) != name:
-        return None
-    if not all(e in atomic_numbers for e, _ in parts):
-        return None
-    out: dict = {}
-    for e, n in parts:
-        out[e] = out.get(e, 0) + (int(n) if n else 1)
-    return out
-
-
-def defect_classes(class_names) -> list[str]:
-    """Classes of a label scheme that count as defects for the macro defect F1.
-
-    Every class but the background (id 0), ``metal``, ``chalcogen`` and full host columns
-    of a composition scheme (one metal atom of a host metal, ``Mo``, ``W``; two chalcogen
-    atoms, ``S2``, ``SSe``, ``Te2``...). So ``defects`` gives its 8 defect kinds,
-    ``composition`` gives the single-atom chalcogen columns (``S``, ``Se``, ``Te``: one
-    atom missing), ``vac_M``, ``vac_X`` and ``other``, a custom scheme gives its own
-    classes, and ``atoms`` gives none (the macro defect F1 is then undefined).
-
-    Parameters
-    ----------
-    class_names : sequence of str
-        Names by class id; index 0 is the background.
-
-    Returns
-    -------
-    list of str
-    """
-    from structures.lattices import CHALCOGENS, METALS
-
-    out = []
-    for name in list(class_names)[1:]:
-        if name in HOST_CLASSES:
-            continue
-        comp = _composition(name)
-        if comp is not None:
-            n = sum(comp.values())
-            if n == 1 and set(comp) <= set(METALS):
-                continue
-            if n == 2 and set(comp) <= set(CHALCOGENS):
-                continue
-        out.append(name)
-    return out
-
-
 def macro_f1(classes: dict, names=None) -> float | None:
     """Mean column F1 over classes with true columns (``support > 0``).
 

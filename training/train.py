@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simgen.store import atomic_write
 from training.config import EvalConfig, OptimConfig, TrainConfig, diff_configs
 from training.data import build_datasets, class_frequencies, make_loaders
 from training.losses import SegmentationLoss, class_weights_from_frequencies
@@ -126,11 +126,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(payload: dict, path) -> Path:
     """``torch.save`` to a temporary file, then rename (a crash never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh), binary=True)
 
 
 def load_checkpoint_dict(path, map_location="cpu") -> dict:
