@@ -154,6 +154,8 @@ class Simulated:
         That calibration.
     info : dict
         Numerical settings of the run (grid steps, interpolation, frozen phonons...).
+    columns : object or None
+        The ``columns`` argument, so the image travels with what it shows.
     """
 
     image: Any
@@ -166,6 +168,7 @@ class Simulated:
     calibration_key: str | None = None
     calibration: Calibration | None = None
     info: dict = field(default_factory=dict)
+    columns: Any = None
 
 
 # -- input checks ---------------------------------------------------------------------------
@@ -672,4 +675,5 @@ def simulate(
         calibration_key=None if calibration is None else calibration.key,
         calibration=calibration,
         info=info,
+        columns=columns,
     )
