@@ -145,3 +145,26 @@ def test_atomic_write_and_json_helpers(tmp_path):
         store.atomic_write(tmp_path / "r.json", lambda fh: 1 / 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "r.json"]  # no temp left
     assert "null" in path.read_text()  # the failed write left the old file intact
+
+
+@pytest.mark.parametrize("scheme", ["atoms", "composition"])
+def test_preview_legend_never_covers_the_images(tmp_path, scheme):
+    from simgen.preview import preview_figure
+    from structures import get_scheme
+
+    names = get_scheme(scheme).to_dict()
+    layout = _layout(n=6)
+    root = store.create_store(tmp_path / "s.zarr", layout, {**ATTRS, "label_scheme": names})
+    k = len(names["names"])
+    for i in range(6):
+        s = _sample(i)
+        s.mask[:] = np.arange(16 * 20).reshape(16, 20) % k  # every class present
+        store.write_sample(root, i, s)
+    fig = preview_figure(root, count=6)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert len(legend.get_texts()) == k - 1
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent()), ax.get_title()
+    assert box.y0 >= 0  # inside the figure

@@ -16,6 +16,7 @@ the uninterrupted one bit for bit on CPU. They are plain ``torch.save`` dicts re
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -33,6 +34,8 @@ from training.losses import SegmentationLoss, class_weights_from_frequencies
 from training.metrics import ColumnScores, find_columns
 from training.models import build_model
 from training.report import write_history_csv, write_json
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "simgen-train-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -431,8 +434,7 @@ class Trainer:
             )
             if improved:
                 self.best, self.best_epoch = value, self.epoch
-            if self.progress:
-                _echo(_summary_line(row, key))
+            logger.info("%s", _summary_line(row, key))
             if out is not None:
                 payload = self.checkpoint()
                 save_checkpoint(payload, out / "last.pt")
@@ -468,12 +470,6 @@ def _progress(iterable, enabled: bool, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _echo(text: str) -> None:
-    from tqdm.auto import tqdm
-
-    tqdm.write(text)
 
 
 @dataclass(frozen=True)
