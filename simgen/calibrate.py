@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ __all__ = [
     "CALIBRATION_VERSION",
     "CHALCOGEN_SYMBOLS",
     "Calibration",
+    "ReferenceSettings",
     "calibrate",
     "calibration_key",
     "fit_calibration",
@@ -290,7 +292,6 @@ def fit_calibration(
         ``fit`` holds ``correlation``, ``rms_relative`` (rms residual / mean image),
         ``max_relative`` (max |residual| / max image) and ``n_pixels``, over all images.
     """
-    from scipy.optimize import least_squares
 
     opt = optics.nominal() if isinstance(optics, OpticsConfig) else optics_values(optics)
     single = hasattr(columns, "counts")
@@ -300,18 +301,53 @@ def fit_calibration(
     if not (len(images) == len(tables) == len(cells)):
         raise ValueError("images, columns and cell_xy: give one per reference structure")
     all_els = canonical_elements([e for tab in tables for e in tab.elements])
-    widx = {e: k for k, e in enumerate(all_els)}
-    groups = []  # (image index, element, class 1 | 2, peak x, peak y, atoms per peak)
     renderers, targets = [], []
-    for n, (img, tab, cell) in enumerate(zip(images, tables, cells, strict=True)):
+    for img in images:
         target = np.asarray(to_numpy(img), dtype=np.float64)
         if target.ndim != 2:
             raise ValueError(f"images: expected 2D arrays, got shape {target.shape}")
         targets.append(target.ravel())
-        r = IncoherentRenderer(
-            opt, pixel_size_A, origin_A, target.shape, focal_points=focal_points, device="cpu"
+        renderers.append(
+            IncoherentRenderer(
+                opt, pixel_size_A, origin_A, target.shape, focal_points=focal_points, device="cpu"
+            )
         )
-        renderers.append(r)
+    groups = _peak_groups(tables, cells, renderers, periodic)
+    theta, resid, widths, nfev, labels = _fit_design(
+        groups, renderers, targets, all_els, initial_width_A
+    )
+    t = np.concatenate(targets)
+    present = sorted({g[1] for g in groups}, key=atomic_number)
+    weights, kappa, wid = _element_parameters(theta, labels, present, widths)
+    fit = {
+        "correlation": float(np.corrcoef(t, t + resid)[0, 1]),
+        "rms_relative": float(np.sqrt(np.mean(resid**2)) / np.mean(t)),
+        "max_relative": float(np.max(np.abs(resid)) / np.max(t)),
+        "n_pixels": int(t.size),
+        "n_images": len(targets),
+        "pixel_size_A": float(pixel_size_A),
+        "nfev": int(nfev),
+    }
+    return Calibration(
+        elements=tuple(present),
+        weights_A2=weights,
+        kappa=kappa,
+        widths_A=wid,
+        background=float(theta[-1]),
+        energy_kV=opt["energy_kV"],
+        semiangle_mrad=opt["semiangle_mrad"],
+        haadf_inner_mrad=opt["haadf_inner_mrad"],
+        haadf_outer_mrad=opt["haadf_outer_mrad"],
+        reference=dict(reference or {"model": "image"}),
+        fit=fit,
+    )
+
+
+def _peak_groups(tables, cells, renderers, periodic: bool) -> list:
+    """Peaks to fit: ``(image index, element, class, x, y, atoms)`` with class 1 for lone
+    atoms and 2 for atoms sharing a column (they get the channelling factor)."""
+    groups = []
+    for n, (tab, cell, r) in enumerate(zip(tables, cells, renderers, strict=True)):
         counts = np.asarray(tab.counts)
         x = np.asarray(tab.x, dtype=np.float64)
         y = np.asarray(tab.y, dtype=np.float64)
@@ -333,7 +369,15 @@ def fit_calibration(
                 groups.append((n, str(e), cls, px, py, amp))
     if not groups:
         raise ValueError("columns: no atoms to calibrate against")
-    present = sorted({g[1] for g in groups}, key=atomic_number)
+    return groups
+
+
+def _fit_design(groups, renderers, targets, all_els, initial_width_A):
+    """Widths by bounded nonlinear least squares; for given widths the image is linear in
+    one weight per (element, class) and the background (solved exactly)."""
+    from scipy.optimize import least_squares
+
+    widx = {e: k for k, e in enumerate(all_els)}
     labels = sorted({(g[1], g[2]) for g in groups}, key=lambda k: (atomic_number(k[0]), k[1]))
     lab_idx = {k: j for j, k in enumerate(labels)}
     offsets = np.cumsum([0] + [t.size for t in targets])
@@ -363,74 +407,93 @@ def fit_calibration(
         diff_step=1e-3,
     )
     theta, resid = solve(res.x)
-    lin = {k: float(theta[j]) for k, j in lab_idx.items()}
+    widths = {e: float(res.x[widx[e]]) for e in all_els}
+    return theta, resid, widths, res.nfev, labels
+
+
+def _element_parameters(theta, labels, present, widths):
+    """Per-element weight, channelling factor and width from the fitted linear terms."""
+    lin = {k: float(theta[j]) for j, k in enumerate(labels)}
     kappas = {e: lin[(e, 2)] / lin[(e, 1)] for e in present if (e, 1) in lin and (e, 2) in lin}
     kappa_default = float(np.mean(list(kappas.values()))) if kappas else 1.0
     weights, kappa, wid = {}, {}, {}
     for e in present:
         k = kappas.get(e, kappa_default)
         w = lin[(e, 1)] if (e, 1) in lin else lin[(e, 2)] / k
-        weights[e], kappa[e], wid[e] = float(w), float(k), float(res.x[widx[e]])
+        weights[e], kappa[e], wid[e] = float(w), float(k), widths[e]
     bad = [e for e in weights if not (weights[e] > 0 and kappa[e] > 0)]
     if bad:
         raise RuntimeError(
             f"calibration fit gave a non-positive weight or channelling factor for {bad}: "
             f"weights {weights}, kappa {kappa}; the reference images are unsuitable"
         )
-    fit = {
-        "correlation": float(np.corrcoef(t, t + resid)[0, 1]),
-        "rms_relative": float(np.sqrt(np.mean(resid**2)) / np.mean(t)),
-        "max_relative": float(np.max(np.abs(resid)) / np.max(t)),
-        "n_pixels": int(t.size),
-        "n_images": len(targets),
-        "pixel_size_A": float(pixel_size_A),
-        "nfev": int(res.nfev),
-    }
-    return Calibration(
-        elements=tuple(present),
-        weights_A2=weights,
-        kappa=kappa,
-        widths_A=wid,
-        background=float(theta[-1]),
-        energy_kV=opt["energy_kV"],
-        semiangle_mrad=opt["semiangle_mrad"],
-        haadf_inner_mrad=opt["haadf_inner_mrad"],
-        haadf_outer_mrad=opt["haadf_outer_mrad"],
-        reference=dict(reference or {"model": "image"}),
-        fit=fit,
-    )
+    return weights, kappa, wid
 
 
-def _reference_settings(
-    opt: dict,
-    elements: Sequence[str],
-    *,
-    reference_model: str,
-    interpolation: int,
-    frozen_phonons: int,
-    phonon_sigma_A: float,
-    potential_sampling_A: float,
-    slice_thickness_A: float,
-    repeats: tuple[int, int],
-    pixel_size_A: float | None,
-    rng: int,
-):
-    """Reference cells, scan step and the description stored in the calibration."""
-    if reference_model not in ("prism", "multislice"):
-        raise ValueError(
-            f"reference_model: expected 'prism' or 'multislice', got {reference_model!r}"
-        )
-    if isinstance(rng, bool) or not isinstance(rng, int | np.integer):
-        raise ValueError(f"rng: calibrate takes an integer seed (it enters the key), got {rng!r}")
-    cells = reference_cells(elements, repeats=repeats, rng=int(rng))
-    p = float(pixel_size_A or NYQUIST_FRACTION * nyquist_sampling_A(opt))
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How the reference images of a calibration are made (every field enters the key).
+
+    Parameters
+    ----------
+    reference_model : {"prism", "multislice"}
+        Reference simulation.
+    interpolation : int
+        PRISM interpolation factor of the reference (1 = exact, the default: the
+        reference cells are small).
+    frozen_phonons : int
+        Frozen-phonon configurations of the reference (0 = static lattice).
+    phonon_sigma_A : float
+        Their displacement standard deviation per direction [Å].
+    potential_sampling_A, slice_thickness_A : float
+        Potential grid step and slice thickness [Å] of the reference.
+    repeats : (int, int)
+        Size of each reference cell in orthogonal unit cells.
+    pixel_size_A : float, optional
+        Scan step of the reference images [Å]; default ``0.9 * Nyquist`` (the images are
+        band-limited, so this holds all their information at the lowest cost).
+    rng : int
+        Seed of the site shuffling and of the frozen-phonon displacements (an integer: it
+        is part of the key).
+    """
+
+    reference_model: str = "prism"
+    interpolation: int = 1
+    frozen_phonons: int = 0
+    phonon_sigma_A: float = 0.07
+    potential_sampling_A: float = 0.05
+    slice_thickness_A: float = 1.0
+    repeats: tuple[int, int] = (3, 2)
+    pixel_size_A: float | None = None
+    rng: int = 0
+
+    def __post_init__(self):
+        if self.reference_model not in ("prism", "multislice"):
+            raise ValueError(
+                f"reference_model: expected 'prism' or 'multislice', got {self.reference_model!r}"
+            )
+        rng = self.rng
+        if isinstance(rng, bool) or not isinstance(rng, int | np.integer):
+            raise ValueError(
+                f"rng: calibrate takes an integer seed (it enters the key), got {rng!r}"
+            )
+
+
+def _prepare(optics, elements, settings: ReferenceSettings):
+    """Calibration optics, elements, reference cells, scan step and the description stored
+    in the calibration (what its key hashes)."""
+    opt = _calibration_optics(optics)
+    els = canonical_elements(elements)
+    s = settings
+    cells = reference_cells(els, repeats=s.repeats, rng=int(s.rng))
+    p = float(s.pixel_size_A or NYQUIST_FRACTION * nyquist_sampling_A(opt))
     reference = {
-        "model": reference_model,
-        "interpolation": int(interpolation) if reference_model == "prism" else 1,
-        "frozen_phonons": int(frozen_phonons),
-        "phonon_sigma_A": key_number(phonon_sigma_A) if frozen_phonons else 0.0,
-        "potential_sampling_A": key_number(potential_sampling_A),
-        "slice_thickness_A": key_number(slice_thickness_A),
+        "model": s.reference_model,
+        "interpolation": int(s.interpolation) if s.reference_model == "prism" else 1,
+        "frozen_phonons": int(s.frozen_phonons),
+        "phonon_sigma_A": key_number(s.phonon_sigma_A) if s.frozen_phonons else 0.0,
+        "potential_sampling_A": key_number(s.potential_sampling_A),
+        "slice_thickness_A": key_number(s.slice_thickness_A),
         "cells": [
             {
                 "formula": atoms.get_chemical_formula(),
@@ -438,46 +501,25 @@ def _reference_settings(
             }
             for atoms, _, _ in cells
         ],
-        "repeats": [int(r) for r in repeats],
-        "seed": int(rng),
+        "repeats": [int(r) for r in s.repeats],
+        "seed": int(s.rng),
         "pixel_size_A": key_number(p),
     }
-    return cells, p, reference
+    return opt, els, cells, p, reference
 
 
 def calibration_key(
     optics: Mapping[str, float] | OpticsConfig | None,
     elements: Sequence[str],
-    *,
-    reference_model: str = "prism",
-    interpolation: int = 1,
-    frozen_phonons: int = 0,
-    phonon_sigma_A: float = 0.07,
-    potential_sampling_A: float = 0.05,
-    slice_thickness_A: float = 1.0,
-    repeats: tuple[int, int] = (3, 2),
-    pixel_size_A: float | None = None,
-    rng: int = 0,
+    settings: ReferenceSettings | None = None,
+    **overrides,
 ) -> str:
     """The :attr:`Calibration.key` that :func:`calibrate` with these arguments returns.
 
-    Cheap (no simulation): lets a cache be looked up before calibrating.
+    Cheap (no simulation): lets a cache be looked up before calibrating. ``overrides``
+    are fields of :class:`ReferenceSettings`.
     """
-    opt = _calibration_optics(optics)
-    els = canonical_elements(elements)
-    _, _, reference = _reference_settings(
-        opt,
-        els,
-        reference_model=reference_model,
-        interpolation=interpolation,
-        frozen_phonons=frozen_phonons,
-        phonon_sigma_A=phonon_sigma_A,
-        potential_sampling_A=potential_sampling_A,
-        slice_thickness_A=slice_thickness_A,
-        repeats=repeats,
-        pixel_size_A=pixel_size_A,
-        rng=rng,
-    )
+    opt, els, _, _, reference = _prepare(optics, elements, _settings(settings, overrides))
     probe = Calibration(
         elements=els,
         weights_A2=dict.fromkeys(els, 1.0),
@@ -493,20 +535,21 @@ def calibration_key(
     return probe.key
 
 
+def _settings(settings: ReferenceSettings | None, overrides: dict) -> ReferenceSettings:
+    settings = ReferenceSettings() if settings is None else settings
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ReferenceSettings)})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
 def calibrate(
     optics: Mapping[str, float] | OpticsConfig | None,
     elements: Sequence[str],
+    settings: ReferenceSettings | None = None,
     *,
-    reference_model: str = "prism",
-    interpolation: int = 1,
-    frozen_phonons: int = 0,
-    phonon_sigma_A: float = 0.07,
-    potential_sampling_A: float = 0.05,
-    slice_thickness_A: float = 1.0,
-    repeats: tuple[int, int] = (3, 2),
-    pixel_size_A: float | None = None,
     device: str = "cpu",
-    rng: int = 0,
+    **overrides,
 ) -> Calibration:
     """Calibrate the incoherent model for one set of optics and elements.
 
@@ -524,27 +567,12 @@ def calibrate(
         ``haadf_outer_mrad`` matter (their nominal values for a config).
     elements : sequence of str
         Elements the incoherent model will meet: metals and chalcogens (O, S, Se, Te).
-    reference_model : {"prism", "multislice"}
-        Reference simulation.
-    interpolation : int
-        PRISM interpolation factor of the reference (1 = exact, the default: the
-        reference cells are small).
-    frozen_phonons : int
-        Frozen-phonon configurations of the reference (0 = static lattice).
-    phonon_sigma_A : float
-        Their displacement standard deviation per direction [Å].
-    potential_sampling_A, slice_thickness_A : float
-        Potential grid step and slice thickness [Å] of the reference.
-    repeats : (int, int)
-        Size of each reference cell in orthogonal unit cells.
-    pixel_size_A : float, optional
-        Scan step of the reference images [Å]; default ``0.9 * Nyquist`` (the images are
-        band-limited, so this holds all their information at the lowest cost).
+    settings : ReferenceSettings, optional
+        How the reference images are made (default :class:`ReferenceSettings()`).
     device : {"cpu", "gpu", "auto"}
         Where the reference simulations run (the fit runs on the CPU).
-    rng : int
-        Seed of the site shuffling and of the frozen-phonon displacements (an integer: it
-        is part of the key).
+    **overrides
+        Fields of :class:`ReferenceSettings` to change, e.g. ``reference_model="multislice"``.
 
     Returns
     -------
@@ -553,21 +581,8 @@ def calibrate(
     """
     import time
 
-    opt = _calibration_optics(optics)
-    els = canonical_elements(elements)
-    cells, p, reference = _reference_settings(
-        opt,
-        els,
-        reference_model=reference_model,
-        interpolation=interpolation,
-        frozen_phonons=frozen_phonons,
-        phonon_sigma_A=phonon_sigma_A,
-        potential_sampling_A=potential_sampling_A,
-        slice_thickness_A=slice_thickness_A,
-        repeats=repeats,
-        pixel_size_A=pixel_size_A,
-        rng=rng,
-    )
+    s = _settings(settings, overrides)
+    opt, _, cells, p, reference = _prepare(optics, elements, s)
     opt["pixel_size_A"] = p
     t0 = time.perf_counter()
     images = []
@@ -576,15 +591,15 @@ def calibrate(
             atoms,
             columns,
             opt,
-            model=reference_model,
-            interpolation=interpolation,
-            frozen_phonons=frozen_phonons,
-            phonon_sigma_A=phonon_sigma_A,
-            potential_sampling_A=potential_sampling_A,
-            slice_thickness_A=slice_thickness_A,
+            model=s.reference_model,
+            interpolation=s.interpolation,
+            frozen_phonons=s.frozen_phonons,
+            phonon_sigma_A=s.phonon_sigma_A,
+            potential_sampling_A=s.potential_sampling_A,
+            slice_thickness_A=s.slice_thickness_A,
             periodic=True,
             device=device,
-            rng=np.random.default_rng([int(rng), n]),
+            rng=np.random.default_rng([int(s.rng), n]),
         )
         images.append(ref.image)
     seconds = time.perf_counter() - t0

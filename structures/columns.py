@@ -470,24 +470,27 @@ def column_table(ml: Monolayer, scheme: str | Mapping | LabelScheme = "defects")
     composition = _compositions(counts, elements)
     defect = ml.sites.defect.astype(object)
     site = ml.sites.sublattice.astype(np.int8)
+    return _labelled_table(
+        scheme, x, y, site, n_atoms, counts, elements, composition, defect,
+        ml.in_fov.copy(), ml.sites.complex_id.copy(),
+    )  # fmt: skip
+
+
+def _labelled_table(
+    scheme, x, y, site, n_atoms, counts, elements, composition, defect, in_fov, complex_id
+) -> ColumnTable:
+    """The :class:`ColumnTable` of these columns, with their class ids under ``scheme``."""
     comp_keys = _composition_keys(scheme, composition, counts, elements, n_atoms, site)
     class_id = scheme.assign(site, n_atoms, defect, comp_keys)
     return ColumnTable(
-        x,
-        y,
-        site,
-        n_atoms,
-        counts,
-        elements,
-        composition,
-        defect,
-        class_id,
-        ml.in_fov.copy(),
-        ml.sites.complex_id.copy(),
-        scheme,
-    )
+        x, y, site, n_atoms, counts, elements, composition, defect, class_id, in_fov,
+        complex_id, scheme,
+    )  # fmt: skip
 
 
+# Kept as one function (~85 lines of code): the steps (group atoms into columns, sites,
+# antisites, defect kinds, empty sites, field of view) read top to bottom and share many
+# per-column arrays; splitting them would mean passing a dozen arrays between helpers.
 def columns_from_atoms(
     atoms: Atoms,
     *,
@@ -600,22 +603,10 @@ def columns_from_atoms(
     x0, y0 = fov_origin
     lx, ly = fov_extent
     in_fov = (x_all >= x0) & (x_all < x0 + lx) & (y_all >= y0) & (y_all < y0 + ly)
-    comp_keys = _composition_keys(scheme, composition, counts, elements, n_atoms, site)
-    class_id = scheme.assign(site, n_atoms, defect, comp_keys)
-    return ColumnTable(
-        x_all,
-        y_all,
-        site,
-        n_atoms,
-        counts,
-        elements,
-        composition,
-        defect,
-        class_id,
-        in_fov,
+    return _labelled_table(
+        scheme, x_all, y_all, site, n_atoms, counts, elements, composition, defect, in_fov,
         np.full(len(x_all), -1, dtype=np.int64),
-        scheme,
-    )
+    )  # fmt: skip
 
 
 def _empty_sites(pos, site, atoms, tolerance):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -42,7 +43,7 @@ from simgen.configbase import Config, check_pair, check_range, described
 from structures.columns import defect_classes
 from training.config import TrainConfig, annotated_yaml
 
-#: Class names that are never defects (the host lattice and the mask background).
+logger = logging.getLogger(__name__)
 CHECKPOINTS = ("best", "last")
 METHODS = ("hungarian", "greedy")
 SELECT_METRICS = ("macro_defect_f1", "detection_f1")
@@ -721,10 +722,6 @@ def run_noise_study(
         Bad sweeps or stores (:func:`plan_study`), a model directory trained with another
         config, bad training settings.
     """
-    from training.evaluate import evaluate_stores
-    from training.report import write_json
-    from training.train import train_ensemble, train_model
-
     t_start = time.perf_counter()
     plan = plan_study(config)
     out = Path(out_dir)
@@ -735,16 +732,36 @@ def run_noise_study(
     def say(text: str) -> None:
         with open(out / "study.log", "a") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        logger.info("%s", text)
         if log is not None:
             log(text)
 
     say(f"study: {len(plan.train_bins)} training bins x {len(plan.test_bins)} test sets in {out}")
     configs = {b.name: bin_train_config(config.train, b) for b in plan.train_bins}
+    t0 = time.perf_counter()
+    _train_models(plan, configs, out, say, result)
+    result.seconds["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _evaluate_models(config, plan, configs, out, say, result)
+    say(f"evaluations: {len(result.evaluated)} computed, {len(result.reused_evaluations)} reused")
+    result.seconds["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result.files = write_report(result, config)
+    result.seconds["report"] = time.perf_counter() - t0
+    result.seconds["total"] = time.perf_counter() - t_start
+    _write_study_json(result, out / "study.json")
+    say(f"report: {out / 'summary.md'} ({result.seconds['total']:.1f} s in all)")
+    return result
+
+
+def _train_models(plan, configs, out: Path, say, result: StudyResult) -> None:
+    """Train (or resume, or reuse) the model of every training bin."""
+    from training.train import train_ensemble, train_model
+
     # refuse a model directory of another config before training anything
     states = {
         b.name: model_state(configs[b.name], out / "models" / b.name) for b in plan.train_bins
     }
-    t0 = time.perf_counter()
     for k, b in enumerate(plan.train_bins, 1):
         cfg, run_dir = configs[b.name], out / "models" / b.name
         if states[b.name] == "done":
@@ -760,9 +777,10 @@ def run_noise_study(
             train_model(cfg, run_dir, resume=True)
         say(f"model {b.name}: trained in {time.perf_counter() - t1:.1f} s")
         result.trained.append(b.name)
-    result.seconds["train"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+
+def _evaluate_models(config, plan, configs, out: Path, say, result: StudyResult) -> None:
+    """Score every model on every test set (cached evaluations reused); one row each."""
     ev = config.evaluate
     settings = {k: v for k, v in ev.to_dict().items() if k != "checkpoint"}
     fingerprints = {t.name: [store_fingerprint(p) for p in t.stores] for t in plan.test_bins}
@@ -776,47 +794,53 @@ def run_noise_study(
             if scores is not None:
                 result.reused_evaluations.append((b.name, t.name))
             else:
-                t1 = time.perf_counter()
-                scores = evaluate_stores(
-                    [str(p) for p in ckpts],
-                    list(t.stores),
-                    eval_overrides={"radius_A": ev.radius_A} if ev.radius_A is not None else None,
-                    sample_range=tuple(ev.sample_range) if ev.sample_range else None,
-                    device=config.train.device,
-                    tile=ev.tile,
-                    overlap=ev.overlap,
-                    tta=ev.tta,
-                    method=ev.method,
-                )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_json(
-                    {
-                        "key": key,
-                        "train_bin": b.name,
-                        "test_set": t.name,
-                        "checkpoints": [str(p) for p in ckpts],
-                        "checkpoint_sha256": hashes,
-                        "stores": list(t.stores),
-                        "store_fingerprints": fingerprints[t.name],
-                        "settings": settings,
-                        "result": scores,
-                    },
-                    path,
-                )
+                record = {
+                    "key": key,
+                    "train_bin": b.name,
+                    "test_set": t.name,
+                    "checkpoints": [str(p) for p in ckpts],
+                    "checkpoint_sha256": hashes,
+                    "stores": list(t.stores),
+                    "store_fingerprints": fingerprints[t.name],
+                    "settings": settings,
+                }
+                scores = _evaluate_one(config, ckpts, t, record, path, say)
                 result.evaluated.append((b.name, t.name))
-                det = scores["detection"]["f1"]
-                say(
-                    f"evaluated {b.name} on {t.name}: {scores['n_images']} images, detection "
-                    f"F1 {det or 0:.4f} ({time.perf_counter() - t1:.1f} s)"
-                )
             result.rows.append(result_row(b, t, scores, plan))
-    say(f"evaluations: {len(result.evaluated)} computed, {len(result.reused_evaluations)} reused")
-    result.seconds["evaluate"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    result.files = write_report(result, config)
-    result.seconds["report"] = time.perf_counter() - t0
-    result.seconds["total"] = time.perf_counter() - t_start
+
+def _evaluate_one(config, ckpts, test, record: dict, path: Path, say) -> dict:
+    """Evaluate one model on one test set and cache the scores with ``record``."""
+    from training.evaluate import evaluate_stores
+    from training.report import write_json
+
+    ev = config.evaluate
+    t1 = time.perf_counter()
+    scores = evaluate_stores(
+        [str(p) for p in ckpts],
+        list(test.stores),
+        eval_overrides={"radius_A": ev.radius_A} if ev.radius_A is not None else None,
+        sample_range=tuple(ev.sample_range) if ev.sample_range else None,
+        device=config.train.device,
+        tile=ev.tile,
+        overlap=ev.overlap,
+        tta=ev.tta,
+        method=ev.method,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json({**record, "result": scores}, path)
+    det = scores["detection"]["f1"]
+    say(
+        f"evaluated {record['train_bin']} on {test.name}: {scores['n_images']} images, "
+        f"detection F1 {det or 0:.4f} ({time.perf_counter() - t1:.1f} s)"
+    )
+    return scores
+
+
+def _write_study_json(result: StudyResult, path: Path) -> None:
+    from training.report import write_json
+
+    plan = result.plan
     write_json(
         {
             "train_bins": [{"name": b.name, "levels": b.levels} for b in plan.train_bins],
@@ -833,10 +857,8 @@ def run_noise_study(
             "seconds": result.seconds,
             "files": {k: str(v) for k, v in result.files.items()},
         },
-        out / "study.json",
+        path,
     )
-    say(f"report: {out / 'summary.md'} ({result.seconds['total']:.1f} s in all)")
-    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -1155,6 +1177,15 @@ def write_report(result: StudyResult, config: NoiseStudyConfig) -> dict:
         files["lines"] = plot_lines(
             rows, plan, out / f"f1_vs_{variable}.png", variable=variable, dpi=dpi
         )
+    summary = out / "summary.md"
+    summary.write_text(_summary_markdown(result, config, det, mdf, files))
+    files["summary"] = summary
+    return files
+
+
+def _summary_markdown(result, config, det, mdf, files) -> str:
+    """``summary.md``: what was run, the best training bin per test set, the F1 tables."""
+    plan, rows = result.plan, result.rows
     select_by = config.report.select_by if plan.defect_classes else "detection_f1"
     lines = [
         "# Noise study",
@@ -1208,7 +1239,4 @@ def write_report(result: StudyResult, config: NoiseStudyConfig) -> dict:
         "reused.",
         "",
     ]
-    summary = out / "summary.md"
-    summary.write_text("\n".join(lines))
-    files["summary"] = summary
-    return files
+    return "\n".join(lines)

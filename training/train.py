@@ -510,6 +510,8 @@ def _class_weights(config: TrainConfig, train_ds, n_classes: int):
     return class_weights_from_frequencies(counts, lc.class_weight_power, lc.max_class_weight)
 
 
+# Kept as one function (~85 lines of code): the run's steps (resume checks, data, model,
+# weights, checkpoint metadata, the trainer) in order; each is already a helper call.
 def train_model(
     config: TrainConfig,
     out_dir,

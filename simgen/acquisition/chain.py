@@ -68,6 +68,8 @@ class Acquired:
     stages: dict | None = None
 
 
+# Kept as one function (~84 lines of code): it is the chain itself, stage after stage in
+# physical order, so that the order (and the rng children) is visible in one place.
 def apply_acquisition(
     ideal,
     rows,
