@@ -37,19 +37,12 @@ from ase.data import atomic_numbers
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from structures.defects import DEFECT_KINDS
 from structures.lattices import CHALCOGENS, METALS
 from structures.supercell import CHALCOGEN, METAL, Monolayer
 
-DEFECT_CLASSES = (
-    "vac_X1",
-    "vac_X2",
-    "vac_M",
-    "sub_X1",
-    "sub_X2",
-    "antisite_X1",
-    "antisite_X2",
-    "dopant_M",
-)
+#: Defect kinds a column can carry (a vacancy complex labels its columns vac_M/vac_X*).
+DEFECT_CLASSES = tuple(kind for kind in DEFECT_KINDS if kind != "vac_complex")
 
 
 def composition_string(counts: Mapping[str, int]) -> str:
