@@ -9,21 +9,21 @@ import zarr
 from simgen import store
 
 
-def _layout(n=4, c=12):
+def _layout(n=4, c=12, shape=(16, 20)):
     return store.StoreLayout(
         n_samples=n,
-        image_shape=(16, 20),
+        image_shape=shape,
         column_capacity=c,
         elements=("S", "Mo"),
         param_names=("defocus_A", "lam"),
     )
 
 
-def _sample(i, n_cols=5):
+def _sample(i, n_cols=5, shape=(16, 20)):
     rng = np.random.default_rng(i)
     return SimpleNamespace(
-        image=rng.random((16, 20), dtype=np.float32),
-        mask=rng.integers(0, 3, (16, 20)).astype(np.uint8),
+        image=rng.random(shape, dtype=np.float32),
+        mask=rng.integers(0, 3, shape).astype(np.uint8),
         columns={
             "x": rng.random(n_cols) * 20,
             "y": rng.random(n_cols) * 16,
@@ -153,12 +153,12 @@ def test_preview_legend_never_covers_the_images(tmp_path, scheme):
     from structures import get_scheme
 
     names = get_scheme(scheme).to_dict()
-    layout = _layout(n=6)
+    layout = _layout(n=6, shape=(32, 32))  # square images leave no slack around the axes
     root = store.create_store(tmp_path / "s.zarr", layout, {**ATTRS, "label_scheme": names})
     k = len(names["names"])
     for i in range(6):
-        s = _sample(i)
-        s.mask[:] = np.arange(16 * 20).reshape(16, 20) % k  # every class present
+        s = _sample(i, shape=(32, 32))
+        s.mask[:] = np.arange(32 * 32).reshape(32, 32) % k  # every class present
         store.write_sample(root, i, s)
     fig = preview_figure(root, count=6)
     fig.canvas.draw()
