@@ -144,7 +144,8 @@ def generate(
 
 
 def _columns_and_window(atoms, scheme, settings: dict):
-    """Columns of a Monolayer (its field of view as the window) or of any cell."""
+    """Columns of a Monolayer (its field of view as the window, set in ``settings``) or of
+    any cell."""
     from structures import Monolayer, column_table, columns_from_atoms
 
     if isinstance(atoms, Monolayer):
@@ -157,11 +158,12 @@ def _columns_and_window(atoms, scheme, settings: dict):
 def simulate(
     atoms,
     optics=None,
+    settings=None,
     *,
     calibration: Any = "auto",
     scheme="defects",
     rng=None,
-    **settings,
+    **overrides,
 ):
     """Noise-free HAADF image of a structure, with every column's pixel position.
 
@@ -172,6 +174,8 @@ def simulate(
         vacuum along z (imaged whole; columns found by ``structures.columns_from_atoms``).
     optics : mapping or OpticsConfig, optional
         Optics values (missing keys take the defaults) or a config drawn with ``rng``.
+    settings : SimulationSettings, optional
+        Model, pixel size, window, numerical settings (default ``SimulationSettings()``).
     calibration : "auto", Calibration, dict or None
         For the incoherent model: ``auto`` takes the cached calibration for these optics
         and the structure's elements (computed against PRISM once when missing).
@@ -179,8 +183,8 @@ def simulate(
         Label scheme of the returned column table.
     rng : Generator, int or None
         Random source (drawing an ``OpticsConfig``, frozen phonons).
-    **settings
-        Fields of :class:`simgen.simulation.SimulationSettings` (``model``,
+    **overrides
+        Fields of :class:`simgen.simulation.SimulationSettings` to change (``model``,
         ``pixel_size_A``, ``window``, ``device``...).
 
     Returns
@@ -195,8 +199,9 @@ def simulate(
     from simgen.simulation import SimulationSettings
     from simgen.simulation import simulate as run
 
-    cell, columns = _columns_and_window(atoms, scheme, settings)
-    opts = SimulationSettings(**settings)
+    merged = {**(SimulationSettings() if settings is None else settings).to_dict(), **overrides}
+    cell, columns = _columns_and_window(atoms, scheme, merged)
+    opts = SimulationSettings.from_dict(merged)
     if opts.model != "incoherent":
         calibration = None
     elif isinstance(calibration, str) and calibration == "auto":
