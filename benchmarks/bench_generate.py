@@ -13,7 +13,7 @@ def main(n_samples: int = 96, size: int = 256) -> None:
     from simgen import store
     from simgen.cluster import ClusterSpec
     from simgen.config import load_config
-    from simgen.generate import generate, stores_identical
+    from simgen.generation import generate, stores_identical
     from simgen.pipeline import calibration_request, resolve_model
 
     cfg = load_config().with_overrides(

@@ -39,7 +39,7 @@ def _calibrated(cfg) -> dict | None:
 
 def _generate(cfg, out: Path) -> Path:
     from simgen.cluster import ClusterSpec
-    from simgen.generate import generate
+    from simgen.generation import generate
 
     generate(cfg, out, cluster=ClusterSpec("none"), calibration=_calibrated(cfg), progress=False)
     return out

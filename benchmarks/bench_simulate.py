@@ -117,7 +117,7 @@ def main(
     from simgen.backend import resolve_device
     from simgen.calibrate import calibrate
     from simgen.optics import OpticsConfig
-    from simgen.simulate import simulate
+    from simgen.simulation import simulate
 
     dev = resolve_device(device)
     rows: list[dict] = []

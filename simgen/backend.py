@@ -7,7 +7,6 @@ device-agnostic, the habit abTEM keeps in ``abtem/core/backend.py``.
 from __future__ import annotations
 
 import logging
-import warnings
 from types import ModuleType
 from typing import Any
 
@@ -128,8 +127,3 @@ def to_numpy(x: Any) -> np.ndarray:
 def device_of(x: Any) -> str:
     """``"gpu"`` for CuPy arrays, ``"cpu"`` otherwise."""
     return "gpu" if get_array_module(x) is not np else "cpu"
-
-
-def quiet_abtem_warnings() -> None:
-    """Silence abTEM's known-harmless warnings (overspecified grids etc.)."""
-    warnings.filterwarnings("ignore", module="abtem")

@@ -1,6 +1,6 @@
 """Calibration of the incoherent HAADF model against PRISM or multislice.
 
-The incoherent model (:mod:`simgen.simulate`) writes the image as
+The incoherent model (:mod:`simgen.incoherent`) writes the image as
 ``I(r) = b + sum_(column j, element e) A_je (|P|^2 * G_(sigma_e))(r - r_j)`` with
 
 * ``A_je = n_je * w_e * kappa_e ** (n_j - 1)``: ``n_je`` atoms of element ``e`` in a column
@@ -39,31 +39,34 @@ API::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from simgen.backend import to_numpy
 from simgen.distributions import as_rng
-from simgen.optics import OpticsConfig, nyquist_sampling_A, optics_values
-from simgen.simulate import (
+from simgen.incoherent import (
+    CALIBRATION_VERSION,
     MAX_WIDTH_A,
     NYQUIST_FRACTION,
-    Columns,
+    Calibration,
     IncoherentRenderer,
-    _periodic_images,
-    simulate,
+    atomic_number,
+    canonical_elements,
+    key_number,
+    periodic_images,
 )
+from simgen.optics import OpticsConfig, nyquist_sampling_A, optics_values
+from simgen.simulation import Columns, simulate
 
 __all__ = [
     "CALIBRATION_VERSION",
     "CHALCOGEN_SYMBOLS",
     "Calibration",
+    "ReferenceSettings",
     "calibrate",
     "calibration_key",
     "fit_calibration",
@@ -71,201 +74,8 @@ __all__ = [
     "reference_cells",
 ]
 
-#: Bumped whenever the model or the fit changes what a calibration means.
-CALIBRATION_VERSION = 1
-
 #: Elements that go on chalcogen sites of the reference cell; everything else is a metal.
 CHALCOGEN_SYMBOLS = ("O", "S", "Se", "Te")
-
-_OPTICS_FIELDS = ("energy_kV", "semiangle_mrad", "haadf_inner_mrad", "haadf_outer_mrad")
-
-
-def _z(symbol: str) -> int:
-    from ase.data import atomic_numbers
-
-    return atomic_numbers[symbol]
-
-
-def _canonical_elements(elements: Sequence[str]) -> tuple[str, ...]:
-    from ase.data import atomic_numbers
-
-    els = tuple(dict.fromkeys(str(e) for e in elements))
-    bad = [e for e in els if e not in atomic_numbers]
-    if bad:
-        raise ValueError(f"elements: unknown element symbol {bad[0]!r}")
-    if not els:
-        raise ValueError("elements: give at least one element")
-    return tuple(sorted(els, key=_z))
-
-
-def _round(value: float) -> float:
-    return float(f"{float(value):.6g}")
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Per-element weights, channelling factors and widths of the incoherent model.
-
-    Parameters
-    ----------
-    elements : tuple of str
-        Calibrated elements, by atomic number.
-    weights_A2 : dict
-        ``w_e`` [Å²]: HAADF cross-section of a lone atom (single-atom column).
-    kappa : dict
-        ``kappa_e``: factor applied to each atom of ``e`` in a column of ``n`` atoms,
-        ``kappa_e ** (n - 1)``.
-    widths_A : dict
-        ``sigma_e`` [Å]: standard deviation of the object peak.
-    background : float
-        Constant background (fraction of the beam).
-    energy_kV, semiangle_mrad, haadf_inner_mrad, haadf_outer_mrad : float
-        The optics the calibration holds for.
-    reference : dict
-        How the reference image was made (``model`` and its numerical settings, the cell).
-    fit : dict
-        Fit quality (``correlation``, ``rms_relative``, ``n_pixels``...); not in the key.
-    """
-
-    elements: tuple[str, ...]
-    weights_A2: dict[str, float]
-    kappa: dict[str, float]
-    widths_A: dict[str, float]
-    background: float
-    energy_kV: float
-    semiangle_mrad: float
-    haadf_inner_mrad: float
-    haadf_outer_mrad: float
-    reference: dict = field(default_factory=dict)
-    fit: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        els = _canonical_elements(self.elements)
-        object.__setattr__(self, "elements", els)
-        for name in ("weights_A2", "kappa", "widths_A"):
-            table = getattr(self, name)
-            if not isinstance(table, Mapping):
-                raise ValueError(f"{name}: expected a mapping element -> number")
-            missing = [e for e in els if e not in table]
-            if missing:
-                raise ValueError(f"{name}: no value for element {missing[0]!r}")
-            values = {e: float(table[e]) for e in els}
-            if not all(math.isfinite(v) for v in values.values()):
-                raise ValueError(f"{name}: values must be finite, got {values}")
-            object.__setattr__(self, name, values)
-        for e, v in self.widths_A.items():
-            if not 0.0 <= v <= MAX_WIDTH_A:
-                raise ValueError(f"widths_A: {e} width {v} outside [0, {MAX_WIDTH_A}] Å")
-        for e, v in self.kappa.items():
-            if not v > 0:
-                raise ValueError(f"kappa: {e} factor must be > 0, got {v}")
-        for name in _OPTICS_FIELDS:
-            v = float(getattr(self, name))
-            if not v > 0 and name != "haadf_inner_mrad":
-                raise ValueError(f"{name}: must be > 0, got {v}")
-            object.__setattr__(self, name, v)
-        if not self.haadf_inner_mrad < self.haadf_outer_mrad:
-            raise ValueError("haadf_inner_mrad: must be < haadf_outer_mrad")
-        object.__setattr__(self, "background", float(self.background))
-
-    # -- identity -----------------------------------------------------------------------
-    def dependencies(self) -> dict:
-        """Everything the calibration depends on (what :attr:`key` hashes)."""
-        ref = {k: self.reference[k] for k in sorted(self.reference) if k != "seconds"}
-        return {
-            "version": CALIBRATION_VERSION,
-            "energy_kV": _round(self.energy_kV),
-            "semiangle_mrad": _round(self.semiangle_mrad),
-            "haadf_inner_mrad": _round(self.haadf_inner_mrad),
-            "haadf_outer_mrad": _round(self.haadf_outer_mrad),
-            "elements": list(self.elements),
-            "reference": json.loads(json.dumps(ref, sort_keys=True, default=str)),
-        }
-
-    @property
-    def key(self) -> str:
-        """Stable, file-name-safe identifier of the calibration's dependencies.
-
-        ``<model>-<E>kV-<alpha>mrad-<inner>-<outer>mrad-<elements>-<hash>``, the hash over
-        :meth:`dependencies` (energy, semi-angle, detector, elements, reference model and
-        its numerical settings, calibration version).
-        """
-        deps = self.dependencies()
-        digest = hashlib.sha1(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:12]
-        model = str(self.reference.get("model", "unknown"))
-        return (
-            f"{model}-{deps['energy_kV']:g}kV-{deps['semiangle_mrad']:g}mrad-"
-            f"{deps['haadf_inner_mrad']:g}-{deps['haadf_outer_mrad']:g}mrad-"
-            f"{''.join(self.elements)}-{digest}"
-        )
-
-    # -- serialisation ------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        """Plain JSON/YAML-ready mapping (includes ``key`` for reference)."""
-        return {
-            "version": CALIBRATION_VERSION,
-            "key": self.key,
-            "elements": list(self.elements),
-            "weights_A2": dict(self.weights_A2),
-            "kappa": dict(self.kappa),
-            "widths_A": dict(self.widths_A),
-            "background": self.background,
-            "energy_kV": self.energy_kV,
-            "semiangle_mrad": self.semiangle_mrad,
-            "haadf_inner_mrad": self.haadf_inner_mrad,
-            "haadf_outer_mrad": self.haadf_outer_mrad,
-            "reference": json.loads(json.dumps(self.reference, default=str)),
-            "fit": json.loads(json.dumps(self.fit, default=str)),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_dict`; refuses other calibration versions."""
-        if not isinstance(data, Mapping):
-            raise ValueError(f"calibration: expected a mapping, got {type(data)!r}")
-        version = data.get("version", CALIBRATION_VERSION)
-        if version != CALIBRATION_VERSION:
-            raise ValueError(
-                f"calibration: version {version} != {CALIBRATION_VERSION}; recalibrate"
-            )
-        names = (
-            "elements",
-            "weights_A2",
-            "kappa",
-            "widths_A",
-            "background",
-            *_OPTICS_FIELDS,
-        )
-        missing = [n for n in names if n not in data]
-        if missing:
-            raise ValueError(f"calibration: missing field {missing[0]!r}")
-        cal = cls(
-            elements=tuple(data["elements"]),
-            weights_A2=dict(data["weights_A2"]),
-            kappa=dict(data["kappa"]),
-            widths_A=dict(data["widths_A"]),
-            background=data["background"],
-            reference=dict(data.get("reference", {})),
-            fit=dict(data.get("fit", {})),
-            **{n: data[n] for n in _OPTICS_FIELDS},
-        )
-        if "key" in data and data["key"] != cal.key:
-            raise ValueError(f"calibration: stored key {data['key']!r} != {cal.key!r}")
-        return cal
-
-    # -- use ------------------------------------------------------------------------------
-    def column_weights(self, counts, elements: Sequence[str]) -> np.ndarray:
-        """Integrated weight [Å²] of each column (``sum_e n_je w_e kappa_e^(n_j - 1)``)."""
-        counts = np.asarray(counts)
-        n = counts.sum(axis=1)
-        out = np.zeros(counts.shape[0])
-        for i, e in enumerate(elements):
-            if not counts[:, i].any():
-                continue
-            if e not in self.weights_A2:
-                raise ValueError(f"calibration: no weights for element {e!r}")
-            out += counts[:, i] * self.weights_A2[e] * self.kappa[e] ** (n - 1.0)
-        return out
 
 
 # -- reference cells -----------------------------------------------------------------------------
@@ -289,7 +99,7 @@ def _lattice(metal: str, chalcogen: str) -> tuple[float, float]:
 
 
 def _split(elements: Sequence[str]) -> tuple[list[str], list[str]]:
-    els = _canonical_elements(elements)
+    els = canonical_elements(elements)
     chalcogens = [e for e in els if e in CHALCOGEN_SYMBOLS]
     metals = [e for e in els if e not in CHALCOGEN_SYMBOLS]
     if not metals or not chalcogens:
@@ -349,7 +159,7 @@ def reference_cell(
     from ase import Atoms
 
     others = [str(y) for y in others if str(y) != chalcogen]
-    els = _canonical_elements([metal, chalcogen, *others])
+    els = canonical_elements([metal, chalcogen, *others])
     a, dz = _lattice(metal, chalcogen)
     a = float(lattice_A or a)
     dz = float(height_A or dz)
@@ -482,7 +292,6 @@ def fit_calibration(
         ``fit`` holds ``correlation``, ``rms_relative`` (rms residual / mean image),
         ``max_relative`` (max |residual| / max image) and ``n_pixels``, over all images.
     """
-    from scipy.optimize import least_squares
 
     opt = optics.nominal() if isinstance(optics, OpticsConfig) else optics_values(optics)
     single = hasattr(columns, "counts")
@@ -491,19 +300,54 @@ def fit_calibration(
     cells = [cell_xy] if single else list(cell_xy or [None] * len(tables))
     if not (len(images) == len(tables) == len(cells)):
         raise ValueError("images, columns and cell_xy: give one per reference structure")
-    all_els = _canonical_elements([e for tab in tables for e in tab.elements])
-    widx = {e: k for k, e in enumerate(all_els)}
-    groups = []  # (image index, element, class 1 | 2, peak x, peak y, atoms per peak)
+    all_els = canonical_elements([e for tab in tables for e in tab.elements])
     renderers, targets = [], []
-    for n, (img, tab, cell) in enumerate(zip(images, tables, cells, strict=True)):
+    for img in images:
         target = np.asarray(to_numpy(img), dtype=np.float64)
         if target.ndim != 2:
             raise ValueError(f"images: expected 2D arrays, got shape {target.shape}")
         targets.append(target.ravel())
-        r = IncoherentRenderer(
-            opt, pixel_size_A, origin_A, target.shape, focal_points=focal_points, device="cpu"
+        renderers.append(
+            IncoherentRenderer(
+                opt, pixel_size_A, origin_A, target.shape, focal_points=focal_points, device="cpu"
+            )
         )
-        renderers.append(r)
+    groups = _peak_groups(tables, cells, renderers, periodic)
+    theta, resid, widths, nfev, labels = _fit_design(
+        groups, renderers, targets, all_els, initial_width_A
+    )
+    t = np.concatenate(targets)
+    present = sorted({g[1] for g in groups}, key=atomic_number)
+    weights, kappa, wid = _element_parameters(theta, labels, present, widths)
+    fit = {
+        "correlation": float(np.corrcoef(t, t + resid)[0, 1]),
+        "rms_relative": float(np.sqrt(np.mean(resid**2)) / np.mean(t)),
+        "max_relative": float(np.max(np.abs(resid)) / np.max(t)),
+        "n_pixels": int(t.size),
+        "n_images": len(targets),
+        "pixel_size_A": float(pixel_size_A),
+        "nfev": int(nfev),
+    }
+    return Calibration(
+        elements=tuple(present),
+        weights_A2=weights,
+        kappa=kappa,
+        widths_A=wid,
+        background=float(theta[-1]),
+        energy_kV=opt["energy_kV"],
+        semiangle_mrad=opt["semiangle_mrad"],
+        haadf_inner_mrad=opt["haadf_inner_mrad"],
+        haadf_outer_mrad=opt["haadf_outer_mrad"],
+        reference=dict(reference or {"model": "image"}),
+        fit=fit,
+    )
+
+
+def _peak_groups(tables, cells, renderers, periodic: bool) -> list:
+    """Peaks to fit: ``(image index, element, class, x, y, atoms)`` with class 1 for lone
+    atoms and 2 for atoms sharing a column (they get the channelling factor)."""
+    groups = []
+    for n, (tab, cell, r) in enumerate(zip(tables, cells, renderers, strict=True)):
         counts = np.asarray(tab.counts)
         x = np.asarray(tab.x, dtype=np.float64)
         y = np.asarray(tab.y, dtype=np.float64)
@@ -520,13 +364,21 @@ def fit_calibration(
                     ny, nx = r.grid_shape
                     lo = r.grid_origin_A
                     hi = (lo[0] + nx * r.step_A, lo[1] + ny * r.step_A)
-                    sel_i, px, py = _periodic_images(px, py, tuple(cell), lo, hi)
+                    sel_i, px, py = periodic_images(px, py, tuple(cell), lo, hi)
                     amp = amp[sel_i]
                 groups.append((n, str(e), cls, px, py, amp))
     if not groups:
         raise ValueError("columns: no atoms to calibrate against")
-    present = sorted({g[1] for g in groups}, key=_z)
-    labels = sorted({(g[1], g[2]) for g in groups}, key=lambda k: (_z(k[0]), k[1]))
+    return groups
+
+
+def _fit_design(groups, renderers, targets, all_els, initial_width_A):
+    """Widths by bounded nonlinear least squares; for given widths the image is linear in
+    one weight per (element, class) and the background (solved exactly)."""
+    from scipy.optimize import least_squares
+
+    widx = {e: k for k, e in enumerate(all_els)}
+    labels = sorted({(g[1], g[2]) for g in groups}, key=lambda k: (atomic_number(k[0]), k[1]))
     lab_idx = {k: j for j, k in enumerate(labels)}
     offsets = np.cumsum([0] + [t.size for t in targets])
     t = np.concatenate(targets)
@@ -555,121 +407,119 @@ def fit_calibration(
         diff_step=1e-3,
     )
     theta, resid = solve(res.x)
-    lin = {k: float(theta[j]) for k, j in lab_idx.items()}
+    widths = {e: float(res.x[widx[e]]) for e in all_els}
+    return theta, resid, widths, res.nfev, labels
+
+
+def _element_parameters(theta, labels, present, widths):
+    """Per-element weight, channelling factor and width from the fitted linear terms."""
+    lin = {k: float(theta[j]) for j, k in enumerate(labels)}
     kappas = {e: lin[(e, 2)] / lin[(e, 1)] for e in present if (e, 1) in lin and (e, 2) in lin}
     kappa_default = float(np.mean(list(kappas.values()))) if kappas else 1.0
     weights, kappa, wid = {}, {}, {}
     for e in present:
         k = kappas.get(e, kappa_default)
         w = lin[(e, 1)] if (e, 1) in lin else lin[(e, 2)] / k
-        weights[e], kappa[e], wid[e] = float(w), float(k), float(res.x[widx[e]])
+        weights[e], kappa[e], wid[e] = float(w), float(k), widths[e]
     bad = [e for e in weights if not (weights[e] > 0 and kappa[e] > 0)]
     if bad:
         raise RuntimeError(
             f"calibration fit gave a non-positive weight or channelling factor for {bad}: "
             f"weights {weights}, kappa {kappa}; the reference images are unsuitable"
         )
-    fit = {
-        "correlation": float(np.corrcoef(t, t + resid)[0, 1]),
-        "rms_relative": float(np.sqrt(np.mean(resid**2)) / np.mean(t)),
-        "max_relative": float(np.max(np.abs(resid)) / np.max(t)),
-        "n_pixels": int(t.size),
-        "n_images": len(targets),
-        "pixel_size_A": float(pixel_size_A),
-        "nfev": int(res.nfev),
-    }
-    return Calibration(
-        elements=tuple(present),
-        weights_A2=weights,
-        kappa=kappa,
-        widths_A=wid,
-        background=float(theta[-1]),
-        energy_kV=opt["energy_kV"],
-        semiangle_mrad=opt["semiangle_mrad"],
-        haadf_inner_mrad=opt["haadf_inner_mrad"],
-        haadf_outer_mrad=opt["haadf_outer_mrad"],
-        reference=dict(reference or {"model": "image"}),
-        fit=fit,
-    )
+    return weights, kappa, wid
 
 
-def _reference_settings(
-    opt: dict,
-    elements: Sequence[str],
-    *,
-    reference_model: str,
-    interpolation: int,
-    frozen_phonons: int,
-    phonon_sigma_A: float,
-    potential_sampling_A: float,
-    slice_thickness_A: float,
-    repeats: tuple[int, int],
-    pixel_size_A: float | None,
-    rng: int,
-):
-    """Reference cells, scan step and the description stored in the calibration."""
-    if reference_model not in ("prism", "multislice"):
-        raise ValueError(
-            f"reference_model: expected 'prism' or 'multislice', got {reference_model!r}"
-        )
-    if isinstance(rng, bool) or not isinstance(rng, int | np.integer):
-        raise ValueError(f"rng: calibrate takes an integer seed (it enters the key), got {rng!r}")
-    cells = reference_cells(elements, repeats=repeats, rng=int(rng))
-    p = float(pixel_size_A or NYQUIST_FRACTION * nyquist_sampling_A(opt))
+@dataclass(frozen=True)
+class ReferenceSettings:
+    """How the reference images of a calibration are made (every field enters the key).
+
+    Parameters
+    ----------
+    reference_model : {"prism", "multislice"}
+        Reference simulation.
+    interpolation : int
+        PRISM interpolation factor of the reference (1 = exact, the default: the
+        reference cells are small).
+    frozen_phonons : int
+        Frozen-phonon configurations of the reference (0 = static lattice).
+    phonon_sigma_A : float
+        Their displacement standard deviation per direction [Å].
+    potential_sampling_A, slice_thickness_A : float
+        Potential grid step and slice thickness [Å] of the reference.
+    repeats : (int, int)
+        Size of each reference cell in orthogonal unit cells.
+    pixel_size_A : float, optional
+        Scan step of the reference images [Å]; default ``0.9 * Nyquist`` (the images are
+        band-limited, so this holds all their information at the lowest cost).
+    rng : int
+        Seed of the site shuffling and of the frozen-phonon displacements (an integer: it
+        is part of the key).
+    """
+
+    reference_model: str = "prism"
+    interpolation: int = 1
+    frozen_phonons: int = 0
+    phonon_sigma_A: float = 0.07
+    potential_sampling_A: float = 0.05
+    slice_thickness_A: float = 1.0
+    repeats: tuple[int, int] = (3, 2)
+    pixel_size_A: float | None = None
+    rng: int = 0
+
+    def __post_init__(self):
+        if self.reference_model not in ("prism", "multislice"):
+            raise ValueError(
+                f"reference_model: expected 'prism' or 'multislice', got {self.reference_model!r}"
+            )
+        rng = self.rng
+        if isinstance(rng, bool) or not isinstance(rng, int | np.integer):
+            raise ValueError(
+                f"rng: calibrate takes an integer seed (it enters the key), got {rng!r}"
+            )
+
+
+def _prepare(optics, elements, settings: ReferenceSettings):
+    """Calibration optics, elements, reference cells, scan step and the description stored
+    in the calibration (what its key hashes)."""
+    opt = _calibration_optics(optics)
+    els = canonical_elements(elements)
+    s = settings
+    cells = reference_cells(els, repeats=s.repeats, rng=int(s.rng))
+    p = float(s.pixel_size_A or NYQUIST_FRACTION * nyquist_sampling_A(opt))
     reference = {
-        "model": reference_model,
-        "interpolation": int(interpolation) if reference_model == "prism" else 1,
-        "frozen_phonons": int(frozen_phonons),
-        "phonon_sigma_A": _round(phonon_sigma_A) if frozen_phonons else 0.0,
-        "potential_sampling_A": _round(potential_sampling_A),
-        "slice_thickness_A": _round(slice_thickness_A),
+        "model": s.reference_model,
+        "interpolation": int(s.interpolation) if s.reference_model == "prism" else 1,
+        "frozen_phonons": int(s.frozen_phonons),
+        "phonon_sigma_A": key_number(s.phonon_sigma_A) if s.frozen_phonons else 0.0,
+        "potential_sampling_A": key_number(s.potential_sampling_A),
+        "slice_thickness_A": key_number(s.slice_thickness_A),
         "cells": [
             {
                 "formula": atoms.get_chemical_formula(),
-                "lengths_A": [_round(v) for v in atoms.cell.lengths()],
+                "lengths_A": [key_number(v) for v in atoms.cell.lengths()],
             }
             for atoms, _, _ in cells
         ],
-        "repeats": [int(r) for r in repeats],
-        "seed": int(rng),
-        "pixel_size_A": _round(p),
+        "repeats": [int(r) for r in s.repeats],
+        "seed": int(s.rng),
+        "pixel_size_A": key_number(p),
     }
-    return cells, p, reference
+    return opt, els, cells, p, reference
 
 
 def calibration_key(
     optics: Mapping[str, float] | OpticsConfig | None,
     elements: Sequence[str],
-    *,
-    reference_model: str = "prism",
-    interpolation: int = 1,
-    frozen_phonons: int = 0,
-    phonon_sigma_A: float = 0.07,
-    potential_sampling_A: float = 0.05,
-    slice_thickness_A: float = 1.0,
-    repeats: tuple[int, int] = (3, 2),
-    pixel_size_A: float | None = None,
-    rng: int = 0,
+    settings: ReferenceSettings | None = None,
+    **overrides,
 ) -> str:
     """The :attr:`Calibration.key` that :func:`calibrate` with these arguments returns.
 
-    Cheap (no simulation): lets a cache be looked up before calibrating.
+    Cheap (no simulation): lets a cache be looked up before calibrating. ``overrides``
+    are fields of :class:`ReferenceSettings`.
     """
-    opt = _calibration_optics(optics)
-    els = _canonical_elements(elements)
-    _, _, reference = _reference_settings(
-        opt,
-        els,
-        reference_model=reference_model,
-        interpolation=interpolation,
-        frozen_phonons=frozen_phonons,
-        phonon_sigma_A=phonon_sigma_A,
-        potential_sampling_A=potential_sampling_A,
-        slice_thickness_A=slice_thickness_A,
-        repeats=repeats,
-        pixel_size_A=pixel_size_A,
-        rng=rng,
-    )
+    opt, els, _, _, reference = _prepare(optics, elements, _settings(settings, overrides))
     probe = Calibration(
         elements=els,
         weights_A2=dict.fromkeys(els, 1.0),
@@ -685,20 +535,21 @@ def calibration_key(
     return probe.key
 
 
+def _settings(settings: ReferenceSettings | None, overrides: dict) -> ReferenceSettings:
+    settings = ReferenceSettings() if settings is None else settings
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(ReferenceSettings)})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+    return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
 def calibrate(
     optics: Mapping[str, float] | OpticsConfig | None,
     elements: Sequence[str],
+    settings: ReferenceSettings | None = None,
     *,
-    reference_model: str = "prism",
-    interpolation: int = 1,
-    frozen_phonons: int = 0,
-    phonon_sigma_A: float = 0.07,
-    potential_sampling_A: float = 0.05,
-    slice_thickness_A: float = 1.0,
-    repeats: tuple[int, int] = (3, 2),
-    pixel_size_A: float | None = None,
     device: str = "cpu",
-    rng: int = 0,
+    **overrides,
 ) -> Calibration:
     """Calibrate the incoherent model for one set of optics and elements.
 
@@ -716,27 +567,12 @@ def calibrate(
         ``haadf_outer_mrad`` matter (their nominal values for a config).
     elements : sequence of str
         Elements the incoherent model will meet: metals and chalcogens (O, S, Se, Te).
-    reference_model : {"prism", "multislice"}
-        Reference simulation.
-    interpolation : int
-        PRISM interpolation factor of the reference (1 = exact, the default: the
-        reference cells are small).
-    frozen_phonons : int
-        Frozen-phonon configurations of the reference (0 = static lattice).
-    phonon_sigma_A : float
-        Their displacement standard deviation per direction [Å].
-    potential_sampling_A, slice_thickness_A : float
-        Potential grid step and slice thickness [Å] of the reference.
-    repeats : (int, int)
-        Size of each reference cell in orthogonal unit cells.
-    pixel_size_A : float, optional
-        Scan step of the reference images [Å]; default ``0.9 * Nyquist`` (the images are
-        band-limited, so this holds all their information at the lowest cost).
+    settings : ReferenceSettings, optional
+        How the reference images are made (default :class:`ReferenceSettings()`).
     device : {"cpu", "gpu", "auto"}
         Where the reference simulations run (the fit runs on the CPU).
-    rng : int
-        Seed of the site shuffling and of the frozen-phonon displacements (an integer: it
-        is part of the key).
+    **overrides
+        Fields of :class:`ReferenceSettings` to change, e.g. ``reference_model="multislice"``.
 
     Returns
     -------
@@ -745,21 +581,8 @@ def calibrate(
     """
     import time
 
-    opt = _calibration_optics(optics)
-    els = _canonical_elements(elements)
-    cells, p, reference = _reference_settings(
-        opt,
-        els,
-        reference_model=reference_model,
-        interpolation=interpolation,
-        frozen_phonons=frozen_phonons,
-        phonon_sigma_A=phonon_sigma_A,
-        potential_sampling_A=potential_sampling_A,
-        slice_thickness_A=slice_thickness_A,
-        repeats=repeats,
-        pixel_size_A=pixel_size_A,
-        rng=rng,
-    )
+    s = _settings(settings, overrides)
+    opt, _, cells, p, reference = _prepare(optics, elements, s)
     opt["pixel_size_A"] = p
     t0 = time.perf_counter()
     images = []
@@ -768,15 +591,15 @@ def calibrate(
             atoms,
             columns,
             opt,
-            model=reference_model,
-            interpolation=interpolation,
-            frozen_phonons=frozen_phonons,
-            phonon_sigma_A=phonon_sigma_A,
-            potential_sampling_A=potential_sampling_A,
-            slice_thickness_A=slice_thickness_A,
+            model=s.reference_model,
+            interpolation=s.interpolation,
+            frozen_phonons=s.frozen_phonons,
+            phonon_sigma_A=s.phonon_sigma_A,
+            potential_sampling_A=s.potential_sampling_A,
+            slice_thickness_A=s.slice_thickness_A,
             periodic=True,
             device=device,
-            rng=np.random.default_rng([int(rng), n]),
+            rng=np.random.default_rng([int(s.rng), n]),
         )
         images.append(ref.image)
     seconds = time.perf_counter() - t0

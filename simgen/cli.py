@@ -50,15 +50,6 @@ def fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _parse_value(text: str):
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def _parse_range(text: str, name: str) -> tuple[float, float]:
     """``"5-20"`` -> (5, 20); ``"7"`` -> (7, 7)."""
     try:
@@ -79,15 +70,12 @@ def build_config(
 ):
     """Load the config file (or the default), apply named options and --set overrides."""
     from simgen.config import load_config
+    from simgen.configbase import parse_overrides
 
     try:
         cfg = load_config(config)
         changes = {k: v for k, v in named.items() if v is not None}
-        for item in overrides or []:
-            if "=" not in item:
-                fail(f"--set expects KEY=VALUE (e.g. optics.semiangle_mrad=25), got {item!r}")
-            key, value = item.split("=", 1)
-            changes[key.strip()] = _parse_value(value)
+        changes.update(parse_overrides(overrides))
         return cfg.with_overrides(changes) if changes else cfg
     except ValueError as err:
         fail(str(err))
@@ -135,26 +123,11 @@ def config_show(config: ConfigOpt = None, overrides: SetOpt = None):
     typer.echo(cfg.to_yaml())
 
 
-def _calibration_for(cfg, quiet: bool = False) -> dict | None:
-    """Compute or load the cached calibration the incoherent model needs."""
-    from simgen import store
-    from simgen.pipeline import calibration_request, resolve_model
+def _calibration_for(cfg) -> dict | None:
+    """Load the cached calibration the incoherent model needs, or compute and cache it."""
+    from simgen.api import calibration_for
 
-    if resolve_model(cfg) != "incoherent":
-        return None
-    key, compute = calibration_request(cfg)
-    cached = store.load_cached_calibration(key)
-    if cached is not None:
-        return cached
-    if not quiet:
-        typer.echo(
-            f"calibrating the incoherent model against {cfg.simulation.calibration_reference}"
-            " (once; cached) ...",
-            err=True,
-        )
-    data = compute()
-    store.save_calibration(key, data)
-    return data
+    return calibration_for(cfg, announce=lambda message: typer.echo(message, err=True))
 
 
 @app.command()
@@ -204,7 +177,7 @@ def _run_generate(
     cfg, output, workers, scheduler, cluster, overwrite, calibration="auto", verbose=False
 ):
     from simgen.cluster import ClusterSpec
-    from simgen.generate import generate as run
+    from simgen.generation import generate as run
     from simgen.pipeline import check_ready
     from simgen.store import StoreError
 
@@ -398,21 +371,18 @@ def calibrate(
     """Calibrate the incoherent model against PRISM for the config's optics and elements
     (cached; `generate` does this by itself when needed)."""
     from simgen import store
+    from simgen.api import cached_calibration
     from simgen.pipeline import calibration_request
 
     cfg = build_config(config, overrides, **{"simulation.model": "incoherent"})
     key, compute = calibration_request(cfg)
-    data = None if force else store.load_cached_calibration(key)
-    if data is None:
-        typer.echo(f"calibrating against {cfg.simulation.calibration_reference} ...", err=True)
-        try:
-            data = compute()
-        except (ValueError, RuntimeError) as err:
-            fail(str(err))
-        path = store.save_calibration(key, data)
-    else:
-        path = store._cache_file(key)
-    typer.echo(f"calibration {key}\n  cached at {path}")
+    try:
+        data = cached_calibration(
+            key, compute, force=force, announce=lambda message: typer.echo(message, err=True)
+        )
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    typer.echo(f"calibration {key}\n  cached at {store.calibration_cache_file(key)}")
     for name in ("weights_A2", "widths_A", "kappa", "background", "fit"):
         if name in data:
             typer.echo(f"  {name}: {json.dumps(data[name], default=float)[:300]}")

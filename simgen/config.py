@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simgen.acquisition import AcquisitionConfig
-from simgen.configbase import Config, set_by_path
+from simgen.configbase import Config
 from simgen.distributions import Distribution
 from simgen.optics import OpticsConfig
 
@@ -180,16 +180,6 @@ class SimgenConfig(Config):
     acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-
-    def with_overrides(self, overrides: dict[str, object]) -> SimgenConfig:
-        """Apply ``{"optics.semiangle_mrad": 25, ...}`` and validate again."""
-        data = self.to_dict()
-        for dotted, value in overrides.items():
-            section = dotted.split(".")[0]
-            if section not in data:
-                raise ValueError(f"unknown key {dotted}; sections: {', '.join(sorted(data))}")
-            set_by_path(data, dotted, value)
-        return SimgenConfig.from_dict(data)
 
 
 DEFAULT_CONFIG_FILE = Path(__file__).parent / "data" / "default.yaml"

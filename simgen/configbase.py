@@ -1,10 +1,13 @@
 """Frozen, validated settings objects round-tripped through plain dicts and YAML.
 
 Each stage keeps one frozen dataclass deriving from :class:`Config`. Validation
-lives in ``__post_init__`` and raises ``ValueError`` naming the offending field;
-unknown keys are refused by :meth:`Config.from_dict` with the list of valid ones.
-Fields annotated as :class:`~simgen.distributions.Distribution` accept a number or a
-``{kind: args}`` mapping.
+lives in ``__post_init__`` and raises ``ValueError`` naming the offending field
+(:func:`check_range` and :func:`check_pair` for numbers, ``Distribution.check_range``
+for drawn values); unknown keys are refused by :meth:`Config.from_dict` with the list of
+valid ones. Fields annotated as :class:`~simgen.distributions.Distribution` accept a number
+or a ``{kind: args}`` mapping. :func:`described` gives a field a one-line help text (for
+annotated YAML templates). ``--set key=value`` overrides go through :func:`parse_overrides`
+and :meth:`Config.with_overrides`, for every CLI.
 """
 
 from __future__ import annotations
@@ -18,6 +21,40 @@ from typing import Any, Self
 import yaml
 
 from simgen.distributions import Distribution
+
+
+def described(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    """A dataclass field carrying a one-line help text (``metadata["help"]``)."""
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata={"help": text})
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+def check_range(name: str, value, low=None, high=None, *, low_open=False) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``low <= value <= high`` (``<`` with
+    ``low_open``); a bound of None is no bound."""
+    if low is not None and (value <= low if low_open else value < low):
+        op = ">" if low_open else ">="
+        raise ValueError(f"{name}: must be {op} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: must be <= {high}, got {value!r}")
+
+
+def check_pair(name: str, pair, *, integer=False, low=None) -> None:
+    """Raise ``ValueError`` unless ``pair`` is None or ``[low, high]`` numbers with
+    ``low <= high`` (integers with ``integer``; both ``>= low`` when given)."""
+    if pair is None:
+        return
+    if len(pair) != 2:
+        raise ValueError(f"{name}: expected two numbers [low, high], got {list(pair)}")
+    kinds = (int,) if integer else (int, float)
+    if not all(isinstance(v, kinds) and not isinstance(v, bool) for v in pair):
+        what = "integers" if integer else "numbers"
+        raise ValueError(f"{name}: expected two {what}, got {list(pair)}")
+    if pair[0] > pair[1]:
+        raise ValueError(f"{name}: low must be <= high, got {list(pair)}")
+    if low is not None and pair[0] < low:
+        raise ValueError(f"{name}: values must be >= {low}, got {list(pair)}")
 
 
 def _is_config_type(tp) -> bool:
@@ -126,6 +163,24 @@ class Config:
         data.update({k: _plain(v) for k, v in changes.items()})
         return type(self).from_dict(data)
 
+    def with_overrides(self, overrides: dict[str, Any]) -> Self:
+        """Apply ``{"optics.semiangle_mrad": 25, ...}`` (dotted keys) and validate again.
+
+        Raises
+        ------
+        ValueError
+            A key whose first part is not a field (``unknown key a.b; valid keys here:
+            ...``), or an invalid value.
+        """
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            if dotted.split(".")[0] not in data:
+                raise ValueError(
+                    f"unknown key {dotted}; valid keys here: {', '.join(sorted(data))}"
+                )
+            set_by_path(data, dotted, value)
+        return type(self).from_dict(data)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
@@ -148,13 +203,10 @@ class Config:
     ) -> Self:
         """Load ``path`` (or the defaults), then apply ``--set key=value`` strings and
         ``direct`` ``{"a.b": value}`` settings (None values skipped), and validate."""
-        data = (cls.load(path) if path is not None else cls()).to_dict()
-        for key, value in parse_overrides(overrides).items():
-            set_by_path(data, key, value)
-        for key, value in (direct or {}).items():
-            if value is not None:
-                set_by_path(data, key, value)
-        return cls.from_dict(data)
+        base = cls.load(path) if path is not None else cls()
+        changes = parse_overrides(overrides)
+        changes.update({k: v for k, v in (direct or {}).items() if v is not None})
+        return base.with_overrides(changes) if changes else base
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
@@ -169,7 +221,9 @@ def parse_overrides(items) -> dict[str, Any]:
     out = {}
     for item in items or ():
         if "=" not in item:
-            raise ValueError(f"--set: expected key=value, got {item!r}")
+            raise ValueError(
+                f"--set: expected KEY=VALUE (e.g. optics.semiangle_mrad=25), got {item!r}"
+            )
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = yaml.safe_load(value)

@@ -96,10 +96,6 @@ class Distribution:
         return {self.kind: list(self.args)}
 
     # -- queries ------------------------------------------------------------------
-    @property
-    def is_fixed(self) -> bool:
-        return self.kind == "fixed" or (self.kind == "choice" and len(self.args) == 1)
-
     def bounds(self) -> tuple[float, float]:
         """Smallest and largest value this can produce (±4σ for normals)."""
         a = self.args

@@ -51,6 +51,8 @@ def _save(fig, path: Path) -> None:
     img.save(path, optimize=True)
 
 
+# Kept as one function (~125 lines): a flat script, one block per figure of
+# docs/acquisition.md in the order of the page; there is no logic to share between blocks.
 def make_figures(out_dir: str | Path = "docs/images", *, seed: int = 0) -> list[Path]:
     """Render the chain's stages on a test lattice and write one PNG per stage.
 

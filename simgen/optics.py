@@ -3,7 +3,7 @@
 :class:`OpticsConfig` holds every optical parameter as a
 :class:`~simgen.distributions.Distribution` (fixed, or drawn per sample); its
 :meth:`OpticsConfig.draw` returns the values of one sample as a flat ``dict`` of floats,
-the form :func:`simgen.simulate.simulate` takes and the store records per sample.
+the form :func:`simgen.simulation.simulate` takes and the store records per sample.
 
 Conventions (all lengths in Å, angles of the beam in mrad, azimuths in degrees):
 
@@ -21,7 +21,7 @@ Conventions (all lengths in Å, angles of the beam in mrad, azimuths in degrees)
 
 :func:`probe_intensity` returns ``|P(r)|^2`` of abTEM's aberrated probe on a grid that the
 caller chooses, averaged over focal spread and blurred by the source size; it is the
-kernel of the incoherent model in :mod:`simgen.simulate`.
+kernel of the incoherent model in :mod:`simgen.simulation`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from simgen.configbase import Config
 from simgen.distributions import Distribution
 
 __all__ = [
+    "FWHM_TO_SIGMA",
     "OPTICS_KEYS",
     "OpticsConfig",
     "STEM_LEARNING_PRESET",
@@ -75,6 +76,9 @@ _LIMITS: dict[str, tuple[float | None, float | None]] = {
 OPTICS_KEYS: tuple[str, ...] = tuple(_LIMITS)
 
 _MM = 1e7  # Å per mm
+
+#: Standard deviation of a Gaussian per unit FWHM, ``1 / (2 sqrt(2 ln 2))``.
+FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 def _fixed(value: float) -> Distribution:

@@ -291,7 +291,7 @@ def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
     """
     import json
 
-    from simgen.simulate import simulate
+    from simgen.simulation import SimulationSettings, simulate
     from structures import get_scheme
 
     streams = sample_streams(cfg.dataset.seed, index)
@@ -308,21 +308,17 @@ def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
         if calibration is None:
             raise ValueError("the incoherent model needs a calibration (simgen calibrate)")
         cal = _calibration_object(json.dumps(calibration, sort_keys=True))
-    sim = simulate(
-        atoms,
-        table,
-        optics,
+    settings = SimulationSettings(
         model=model,
         pixel_size_A=p,
         shape=(h + 2 * pad, w + 2 * pad),
         origin=origin,
-        calibration=cal,
         interpolation=cfg.simulation.prism_interpolation,
         frozen_phonons=cfg.simulation.frozen_phonons,
         potential_sampling_A=cfg.simulation.potential_sampling_A,
         device=cfg.simulation.device,
-        rng=streams["simulation"],
     )
+    sim = simulate(atoms, table, optics, settings, calibration=cal, rng=streams["simulation"])
     acquired = acq.apply_acquisition(
         sim.image,
         sim.rows,

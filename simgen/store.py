@@ -1,16 +1,21 @@
-"""Zarr v3 dataset stores: the only module of simgen that touches disk.
+"""Zarr v3 dataset stores and file helpers: the only module of simgen that touches disk.
 
 Schema in ``docs/store.md``. Each sample owns whole chunks (one sample per chunk) of every
 array, so any number of workers can write concurrently without read-modify-write races
 (zarr-python#3682). Root attributes are written once, by the coordinating process.
 ``complete[i]`` is written last for sample i: a killed run resumes by recomputing exactly
 the samples whose flag is 0.
+
+:func:`atomic_write`, :func:`to_jsonable` and :func:`write_json` are the project's one way
+to write a small file safely (temporary file, then rename) and to turn NumPy-laden results
+into JSON; ``training`` uses them too.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -28,6 +33,68 @@ COLUMN_FIELDS = {  # name -> (dtype, fill value)
     "site": ("int8", -1),
     "n_atoms": ("int8", -1),
 }
+
+
+def to_jsonable(value):
+    """``value`` as plain JSON types: NumPy scalars and arrays to Python, tuples to lists,
+    mapping keys to str, paths to str, NaN and ±inf to None."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        v = float(value)
+        return v if math.isfinite(v) else None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def atomic_write(path: str | Path, content, *, binary: bool = False) -> Path:
+    """Write a file so that readers never see half of it: a temporary file, then a rename.
+
+    Parameters
+    ----------
+    path : path-like
+    content : str, bytes or callable
+        The text (or bytes), or a function called with the open temporary file (text
+        mode, UTF-8, ``newline=""``; binary mode with ``binary=True``), e.g. a CSV writer
+        or ``lambda fh: torch.save(obj, fh)``.
+    binary : bool
+        Open the file in binary mode (implied by ``bytes`` content).
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    binary = binary or isinstance(content, bytes)
+    try:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="") as fh:
+            if callable(content):
+                content(fh)
+            else:
+                fh.write(content)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(data, path: str | Path, *, indent: int = 2, ensure_ascii: bool = True) -> Path:
+    """Write ``data`` as indented JSON (:func:`to_jsonable` first: NaN as null), atomically."""
+    text = json.dumps(to_jsonable(data), indent=indent, ensure_ascii=ensure_ascii) + "\n"
+    return atomic_write(path, text)
 
 
 class StoreError(ValueError):
@@ -59,10 +126,49 @@ class StoreLayout:
     samples_per_chunk: int = 1
 
 
-def _array(group, name, shape, chunks, dtype, fill):
+#: Units and meaning of the arrays, as attributes every reader (xarray, napari...) sees.
+ARRAY_ATTRS = {
+    "images": {
+        "long_name": "recorded HAADF-STEM image",
+        "units": "detector output (gain x counts + offset; ideal units without shot noise)",
+    },
+    "masks": {"long_name": "class id per pixel (attrs label_scheme)", "units": "1"},
+    "complete": {"long_name": "1 once the sample is written", "units": "1"},
+    "columns/x": {"long_name": "column position along x (image columns)", "units": "px"},
+    "columns/y": {"long_name": "column position along y (image rows)", "units": "px"},
+    "columns/class_id": {"long_name": "class id of the column", "units": "1"},
+    "columns/site": {"long_name": "sublattice: 0 metal, 1 chalcogen", "units": "1"},
+    "columns/n_atoms": {"long_name": "atoms in the column", "units": "1"},
+    "columns/counts": {"long_name": "atoms of each element (attrs elements)", "units": "1"},
+    "columns/offset": {"long_name": "first column slot of the sample", "units": "1"},
+    "columns/count": {"long_name": "column slots used by the sample", "units": "1"},
+}
+
+
+def _array(group, name, shape, chunks, dtype, fill, dims, attrs=None):
     return group.create_array(
-        name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, overwrite=True
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=fill,
+        overwrite=True,
+        dimension_names=dims,
+        attributes=dict(attrs or {}),
     )
+
+
+def _pixel_coordinates(root, h: int, w: int, pixel_size_A) -> None:
+    """1-D ``y`` and ``x`` coordinate arrays (what xarray shows as the images' coordinates):
+    the position of each pixel from pixel (0, 0), in Å when the pixel size is fixed, else in
+    pixels (the per-sample pixel size is ``params/pixel_size_A``)."""
+    fixed = pixel_size_A is not None and math.isfinite(float(pixel_size_A))
+    step = float(pixel_size_A) if fixed else 1.0
+    units = "Å" if fixed else "px"
+    for name, n in (("y", h), ("x", w)):
+        attrs = {"long_name": f"position along {name} from pixel (0, 0)", "units": units}
+        arr = _array(root, name, (n,), (n,), "float64", 0.0, (name,), {**attrs, "step": step})
+        arr[:] = np.arange(n, dtype=np.float64) * step
 
 
 def create_store(path: str | Path, layout: StoreLayout, attrs: Mapping, *, overwrite=False):
@@ -88,19 +194,22 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: Mapping, *, overw
     e = max(len(layout.elements), 1)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     k = layout.samples_per_chunk  # a task owns k consecutive samples = one chunk
-    _array(root, "images", (n, h, w), (k, h, w), "float32", 0.0)
-    _array(root, "masks", (n, h, w), (k, h, w), "uint8", 0)
-    _array(root, "complete", (n,), (1,), "uint8", 0)
+    a = ARRAY_ATTRS
+    image_dims = ("sample", "y", "x")
+    _array(root, "images", (n, h, w), (k, h, w), "float32", 0.0, image_dims, a["images"])
+    _array(root, "masks", (n, h, w), (k, h, w), "uint8", 0, image_dims, a["masks"])
+    _array(root, "complete", (n,), (1,), "uint8", 0, ("sample",), a["complete"])
+    _pixel_coordinates(root, h, w, attrs.get("pixel_size_A"))
     cols = root.create_group("columns")
     for name, (dtype, fill) in COLUMN_FIELDS.items():
-        _array(cols, name, (n * c,), (c,), dtype, fill)
-    _array(cols, "counts", (n * c, e), (c, e), "uint8", 0)
-    offset = _array(cols, "offset", (n,), (n,), "int64", 0)
+        _array(cols, name, (n * c,), (c,), dtype, fill, ("slot",), a[f"columns/{name}"])
+    _array(cols, "counts", (n * c, e), (c, e), "uint8", 0, ("slot", "element"), a["columns/counts"])
+    offset = _array(cols, "offset", (n,), (n,), "int64", 0, ("sample",), a["columns/offset"])
     offset[:] = np.arange(n, dtype=np.int64) * c
-    _array(cols, "count", (n,), (1,), "int32", 0)
+    _array(cols, "count", (n,), (1,), "int32", 0, ("sample",), a["columns/count"])
     params = root.create_group("params")
     for name in layout.param_names:
-        _array(params, name, (n,), (1,), "float64", np.nan)
+        _array(params, name, (n,), (1,), "float64", np.nan, ("sample",), {"long_name": name})
     root.attrs.update(
         {
             **dict(attrs),
@@ -247,14 +356,15 @@ def calibration_cache_dir() -> Path:
     return Path(os.environ.get("SIMGEN_CACHE", Path.home() / ".cache" / "simgen"))
 
 
-def _cache_file(key: str) -> Path:
+def calibration_cache_file(key: str) -> Path:
+    """Where the calibration ``key`` is cached."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in key)
     return calibration_cache_dir() / "calibrations" / f"{safe}.json"
 
 
 def load_cached_calibration(key: str) -> dict | None:
     """The cached calibration dict for ``key``, or None."""
-    f = _cache_file(key)
+    f = calibration_cache_file(key)
     if not f.is_file():
         return None
     try:
@@ -265,12 +375,9 @@ def load_cached_calibration(key: str) -> dict | None:
 
 def save_calibration(key: str, data: Mapping) -> Path:
     """Cache a calibration dict atomically; returns the file."""
-    f = _cache_file(key)
+    f = calibration_cache_file(key)
     f.parent.mkdir(parents=True, exist_ok=True)
-    tmp = f.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(dict(data), indent=1, default=float))
-    os.replace(tmp, f)
-    return f
+    return atomic_write(f, json.dumps(dict(data), indent=1, default=float))
 
 
 def iter_complete(root) -> Iterable[int]:

@@ -5,12 +5,15 @@ Pure builders: functions return ``ase.Atoms``-based objects and tables, never to
 
 from structures.columns import (
     DEFECT_CLASSES,
+    HOST_CLASSES,
     ColumnTable,
     LabelScheme,
     column_table,
     columns_from_atoms,
     composition_string,
+    defect_classes,
     get_scheme,
+    parse_composition,
 )
 from structures.defects import DEFECT_KINDS, apply_defects
 from structures.lattices import (
@@ -29,6 +32,7 @@ __all__ = [
     "CHALCOGENS",
     "DEFECT_CLASSES",
     "DEFECT_KINDS",
+    "HOST_CLASSES",
     "LATTICE_TABLE",
     "METAL",
     "METALS",
@@ -42,8 +46,10 @@ __all__ = [
     "column_table",
     "columns_from_atoms",
     "composition_string",
+    "defect_classes",
     "get_scheme",
     "lattice_parameters",
     "make_composition",
+    "parse_composition",
     "parse_material",
 ]

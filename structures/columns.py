@@ -26,6 +26,7 @@ custom
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import combinations_with_replacement
@@ -36,19 +37,12 @@ from ase.data import atomic_numbers
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from structures.defects import DEFECT_KINDS
 from structures.lattices import CHALCOGENS, METALS
 from structures.supercell import CHALCOGEN, METAL, Monolayer
 
-DEFECT_CLASSES = (
-    "vac_X1",
-    "vac_X2",
-    "vac_M",
-    "sub_X1",
-    "sub_X2",
-    "antisite_X1",
-    "antisite_X2",
-    "dopant_M",
-)
+#: Defect kinds a column can carry (a vacancy complex labels its columns vac_M/vac_X*).
+DEFECT_CLASSES = tuple(kind for kind in DEFECT_KINDS if kind != "vac_complex")
 
 
 def composition_string(counts: Mapping[str, int]) -> str:
@@ -64,37 +58,113 @@ def composition_string(counts: Mapping[str, int]) -> str:
     return "".join(parts)
 
 
+_ELEMENT = re.compile(r"([A-Z][a-z]?)(\d*)")
+
+#: Class names that are never defects: the background and the host sites.
+HOST_CLASSES = ("background", "metal", "chalcogen")
+
+
+def parse_composition(text: str) -> dict[str, int] | None:
+    """Inverse of :func:`composition_string`: ``"SSe"`` -> ``{"S": 1, "Se": 1}``,
+    ``"S2"`` -> ``{"S": 2}``; ``None`` when ``text`` is not a composition of elements."""
+    parts = _ELEMENT.findall(text)
+    if not parts or "".join(e + n for e, n in parts) != text:
+        return None
+    if not all(e in atomic_numbers for e, _ in parts):
+        return None
+    out: dict[str, int] = {}
+    for e, n in parts:
+        out[e] = out.get(e, 0) + (int(n) if n else 1)
+    return out
+
+
+def defect_classes(class_names) -> list[str]:
+    """Classes of a label scheme that count as defects (the one rule of the project).
+
+    Every class but the background (id 0), ``metal``, ``chalcogen`` and full host columns
+    of a composition scheme (one atom of a host metal, ``Mo``, ``W``; two chalcogen
+    atoms, ``S2``, ``SSe``, ``Te2``...). So ``defects`` gives its 8 defect kinds,
+    ``composition`` gives the single-atom chalcogen columns (``S``, ``Se``, ``Te``: one
+    atom missing), ``vac_M``, ``vac_X`` and ``other``, a custom scheme gives its own
+    classes (a dopant class named by its element, ``Re``, included), and ``atoms`` gives
+    none.
+
+    Parameters
+    ----------
+    class_names : sequence of str or LabelScheme
+        Names by class id (index 0 is the background), or a scheme (its
+        :attr:`LabelScheme.class_names`).
+
+    Returns
+    -------
+    list of str
+    """
+    names = class_names.class_names if isinstance(class_names, LabelScheme) else class_names
+    out = []
+    for name in list(names)[1:]:
+        if name in HOST_CLASSES or name.startswith("unused_"):
+            continue
+        comp = parse_composition(name)
+        if comp is not None:
+            n = sum(comp.values())
+            if n == 1 and set(comp) <= set(METALS):
+                continue
+            if n == 2 and set(comp) <= set(CHALCOGENS):
+                continue
+        out.append(name)
+    return out
+
+
 @dataclass(frozen=True)
 class LabelScheme:
-    """Mapping from columns to class ids.
+    """Mapping from columns to class ids; also what a store or checkpoint says its classes are.
 
     Attributes
     ----------
     name : str
-        Scheme name (``atoms``, ``defects``, ``composition`` or a custom name).
+        Scheme name (``atoms``, ``defects``, ``composition`` or a custom name; empty when
+        read from a store that does not record it).
     names : tuple of str
-        Class names; the class id is the index, 0 is ``background``.
-    by : {"site", "defect", "composition"}
-        Which column property the mapping keys are.
+        Class names, one per id in ``ids``.
+    by : {"site", "defect", "composition", ""}
+        Which column property the mapping keys are (empty: unknown, e.g. a store written
+        by another tool).
     mapping : dict
         Key (defect kind or composition string) -> class id.
+    ids : tuple of int
+        Class id of each name; default ``0, 1, ..., len(names) - 1`` (the schemes built
+        here). A store may skip ids (``[0, 1, 3]``); 0 is always the background.
     """
 
     name: str
     names: tuple[str, ...]
     by: str
     mapping: dict = field(default_factory=dict)
+    ids: tuple[int, ...] = ()
 
-    @property
-    def ids(self) -> tuple[int, ...]:
-        return tuple(range(len(self.names)))
+    def __post_init__(self):
+        object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+        ids = tuple(int(i) for i in self.ids) if self.ids else tuple(range(len(self.names)))
+        object.__setattr__(self, "ids", ids)
 
     @property
     def n_classes(self) -> int:
-        return len(self.names)
+        """Number of network outputs: ``max(id) + 1`` (class 0 = background always counted)."""
+        return max(self.ids) + 1 if self.ids else 0
+
+    @property
+    def class_names(self) -> list[str]:
+        """Name of every class id ``0 .. n_classes - 1``: 0 is ``background`` unless named,
+        ids the scheme skips are ``unused_<id>``."""
+        out = [f"unused_{i}" for i in range(self.n_classes)]
+        if out:
+            out[0] = "background"
+        for i, name in zip(self.ids, self.names, strict=True):
+            out[i] = name
+        return out
 
     def class_of(self, name: str) -> int:
-        return self.names.index(name)
+        return self.ids[self.names.index(name)]
 
     def to_dict(self) -> dict:
         return {
@@ -106,10 +176,40 @@ class LabelScheme:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> LabelScheme:
+    def from_dict(cls, data: Mapping, where: str = "label_scheme") -> LabelScheme:
+        """Inverse of :meth:`to_dict`; also reads a store's bare ``{"ids", "names"}``.
+
+        Raises
+        ------
+        ValueError
+            Malformed mapping: missing or unequal ``ids``/``names``, ids outside
+            ``[0, 255]`` or repeated (the message starts with ``where``).
+        """
+        if not isinstance(data, Mapping) or "names" not in data:
+            raise ValueError(f"{where}: expected a mapping with 'ids' and 'names', got {data!r}")
+        names = list(data["names"])
+        ids = list(data["ids"]) if "ids" in data else list(range(len(names)))
+        if len(ids) != len(names) or not ids:
+            raise ValueError(f"{where}: 'ids' and 'names' must be non-empty and of equal length")
+        if not all(
+            isinstance(i, int | np.integer) and not isinstance(i, bool) and 0 <= int(i) < 256
+            for i in ids
+        ):
+            raise ValueError(f"{where}: ids must be integers in [0, 255], got {ids}")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{where}: duplicate class ids {ids}")
         return cls(
-            str(data["name"]), tuple(data["names"]), str(data["by"]), dict(data.get("mapping", {}))
+            str(data.get("name", "")),
+            tuple(names),
+            str(data.get("by", "")),
+            dict(data.get("mapping", {})),
+            ids=tuple(int(i) for i in ids),
         )
+
+    def same_classes(self, other: LabelScheme) -> bool:
+        """True when both schemes give the same names to the same ids (what a model and
+        the stores it reads must agree on; name, ``by`` and mapping may differ)."""
+        return (self.ids, self.names) == (other.ids, other.names)
 
     def assign(
         self, site: np.ndarray, n_atoms: np.ndarray, defect: np.ndarray, composition: np.ndarray
@@ -122,10 +222,10 @@ class LabelScheme:
             return out
         keys = defect if self.by == "defect" else composition
         fallback = {
-            METAL: self.names.index("metal") if "metal" in self.names else 0,
-            CHALCOGEN: self.names.index("chalcogen") if "chalcogen" in self.names else 0,
+            METAL: self.class_of("metal") if "metal" in self.names else 0,
+            CHALCOGEN: self.class_of("chalcogen") if "chalcogen" in self.names else 0,
         }
-        other = self.names.index("other") if "other" in self.names else None
+        other = self.class_of("other") if "other" in self.names else None
         for k in range(len(site)):
             key = keys[k]
             if key in self.mapping:
@@ -298,7 +398,7 @@ class ColumnTable:
                 "composition": str(self.composition[k]),
                 "defect": str(self.defect[k]),
                 "class_id": int(self.class_id[k]),
-                "class_name": self.scheme.names[int(self.class_id[k])],
+                "class_name": self.scheme.class_names[int(self.class_id[k])],
                 "in_fov": bool(self.in_fov[k]),
             }
             for k in range(len(self))
@@ -363,24 +463,27 @@ def column_table(ml: Monolayer, scheme: str | Mapping | LabelScheme = "defects")
     composition = _compositions(counts, elements)
     defect = ml.sites.defect.astype(object)
     site = ml.sites.sublattice.astype(np.int8)
+    return _labelled_table(
+        scheme, x, y, site, n_atoms, counts, elements, composition, defect,
+        ml.in_fov.copy(), ml.sites.complex_id.copy(),
+    )  # fmt: skip
+
+
+def _labelled_table(
+    scheme, x, y, site, n_atoms, counts, elements, composition, defect, in_fov, complex_id
+) -> ColumnTable:
+    """The :class:`ColumnTable` of these columns, with their class ids under ``scheme``."""
     comp_keys = _composition_keys(scheme, composition, counts, elements, n_atoms, site)
     class_id = scheme.assign(site, n_atoms, defect, comp_keys)
     return ColumnTable(
-        x,
-        y,
-        site,
-        n_atoms,
-        counts,
-        elements,
-        composition,
-        defect,
-        class_id,
-        ml.in_fov.copy(),
-        ml.sites.complex_id.copy(),
-        scheme,
-    )
+        x, y, site, n_atoms, counts, elements, composition, defect, class_id, in_fov,
+        complex_id, scheme,
+    )  # fmt: skip
 
 
+# Kept as one function (~85 lines of code): the steps (group atoms into columns, sites,
+# antisites, defect kinds, empty sites, field of view) read top to bottom and share many
+# per-column arrays; splitting them would mean passing a dozen arrays between helpers.
 def columns_from_atoms(
     atoms: Atoms,
     *,
@@ -493,22 +596,10 @@ def columns_from_atoms(
     x0, y0 = fov_origin
     lx, ly = fov_extent
     in_fov = (x_all >= x0) & (x_all < x0 + lx) & (y_all >= y0) & (y_all < y0 + ly)
-    comp_keys = _composition_keys(scheme, composition, counts, elements, n_atoms, site)
-    class_id = scheme.assign(site, n_atoms, defect, comp_keys)
-    return ColumnTable(
-        x_all,
-        y_all,
-        site,
-        n_atoms,
-        counts,
-        elements,
-        composition,
-        defect,
-        class_id,
-        in_fov,
+    return _labelled_table(
+        scheme, x_all, y_all, site, n_atoms, counts, elements, composition, defect, in_fov,
         np.full(len(x_all), -1, dtype=np.int64),
-        scheme,
-    )
+    )  # fmt: skip
 
 
 def _empty_sites(pos, site, atoms, tolerance):

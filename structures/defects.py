@@ -99,6 +99,8 @@ def _neighbour_chalcogens(ml: Monolayer, metal_site: int, tree: cKDTree, chalc_i
     return chalc_idx[np.asarray(near, dtype=int)]
 
 
+# Kept as one function (~88 lines of code): validation, the placement order and the
+# per-kind edits of the site table share its state; the per-kind edits are short branches.
 def apply_defects(
     ml: Monolayer,
     defects: Mapping[str, float],

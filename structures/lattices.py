@@ -61,10 +61,6 @@ class Composition:
         return max(self.chalcogens, key=lambda kv: (kv[1], -atomic_numbers[kv[0]]))[0]
 
     @property
-    def host_metal(self) -> str:
-        return max(self.metals, key=lambda kv: (kv[1], -atomic_numbers[kv[0]]))[0]
-
-    @property
     def formula(self) -> str:
         def part(items):
             if len(items) == 1:

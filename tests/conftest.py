@@ -32,14 +32,14 @@ def make_tmd_cell(
     Returns
     -------
     atoms : ase.Atoms
-    columns : simgen.simulate.Columns
+    columns : simgen.simulation.Columns
         Every site, emptied ones included (elements ``(metal, chalcogen)``).
     kinds : ndarray of str
         ``"M"``, ``"X2"``, ``"X1"``, ``"empty_X"``, ``"empty_M"`` per column.
     """
     from ase import Atoms
 
-    from simgen.simulate import Columns
+    from simgen.simulation import Columns
 
     a, dz = TMD_LATTICE[(metal, chalcogen)]
     b = math.sqrt(3.0) * a
@@ -121,7 +121,7 @@ def prism_defect_cell():
     Returns ``(atoms, columns, kinds, Simulated)``; PRISM with interpolation 1 (exact) at
     0.2 Å pixels, periodic cell (~8 s per image on two cores).
     """
-    from simgen.simulate import simulate
+    from simgen.simulation import simulate
 
     cache = {}
 

@@ -26,6 +26,7 @@ from simgen.acquisition import (
     shot_counts_per_unit,
     smooth_background,
 )
+from simgen.acquisition.scan import bilinear
 from simgen.backend import gpu_available
 from simgen.check import check_labels, synthetic_lattice
 
@@ -275,8 +276,8 @@ def test_smooth_map_labels_invert_the_forward_map():
     _, mapping = distort_scan(ideal, SHAPE, pad, params, pixel_size_A=P, rng=8)
     q = np.random.default_rng(2).uniform(pad + 5, pad + SHAPE[0] - 6, (300, 2))
     rows, cols, _ = map_positions(q[:, 0], q[:, 1], mapping)
-    fwd_r = rows + pad + acq._bilinear(mapping.dy_px, rows, cols)
-    fwd_c = cols + pad + acq._bilinear(mapping.dx_px, rows, cols)
+    fwd_r = rows + pad + bilinear(mapping.dy_px, rows, cols)
+    fwd_c = cols + pad + bilinear(mapping.dx_px, rows, cols)
     np.testing.assert_allclose(fwd_r, q[:, 0], atol=1e-6)
     np.testing.assert_allclose(fwd_c, q[:, 1], atol=1e-6)
 

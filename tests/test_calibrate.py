@@ -15,7 +15,8 @@ from simgen.calibrate import (
     reference_cell,
     reference_cells,
 )
-from simgen.simulate import _periodic_images, simulate
+from simgen.incoherent import periodic_images
+from simgen.simulation import simulate
 
 
 def test_reference_cell_holds_every_column_type():
@@ -162,7 +163,7 @@ def test_column_weights_apply_channelling(toy_calibration):
 
 def test_periodic_images_cover_the_box():
     # copies of (1, 1) in a 5 x 4 Å cell that fall inside [-6, 9) x [-2, 7)
-    idx, x, y = _periodic_images(
+    idx, x, y = periodic_images(
         np.array([1.0]), np.array([1.0]), (5.0, 4.0), (-6.0, -2.0), (9.0, 7.0)
     )
     assert sorted(zip(x.tolist(), y.tolist(), strict=True)) == [

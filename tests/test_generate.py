@@ -17,7 +17,7 @@ from simgen import store
 from simgen.cli import app
 from simgen.cluster import ClusterSpec
 from simgen.config import load_config
-from simgen.generate import generate, stores_identical
+from simgen.generation import generate, stores_identical
 from simgen.pipeline import calibration_request, make_sample
 
 runner = CliRunner()

@@ -58,7 +58,7 @@ def _one_thread():
 
 def _generate(cfg, out, calibration):
     from simgen.cluster import ClusterSpec
-    from simgen.generate import generate
+    from simgen.generation import generate
 
     generate(cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
     return out

@@ -50,7 +50,7 @@ def _sweep(directory, *, seed, n, bins, toy_calibration, gaussian=None):
     """What ``simgen sweep --cluster none`` does, with a given calibration."""
     from simgen.cluster import ClusterSpec
     from simgen.config import load_config
-    from simgen.generate import generate
+    from simgen.generation import generate
     from simgen.sweep import plan_sweep, write_manifest
 
     base = load_config().with_overrides({**SMALL, "dataset.n_samples": n, "dataset.seed": seed})

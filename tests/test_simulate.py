@@ -1,4 +1,4 @@
-"""HAADF image models (simgen.simulate): physics, fidelity, geometry, errors."""
+"""HAADF image models (simgen.simulation): physics, fidelity, geometry, errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 from conftest import hollow_sites, make_tmd_cell, peak_values
 
 from simgen import backend
+from simgen.incoherent import IncoherentRenderer
 from simgen.optics import OpticsConfig
-from simgen.simulate import Columns, IncoherentRenderer, plane_slices, simulate
+from simgen.simulation import Columns, plane_slices, simulate
 
 
 def _mean_by_kind(values, kinds):

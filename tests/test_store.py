@@ -9,21 +9,21 @@ import zarr
 from simgen import store
 
 
-def _layout(n=4, c=12):
+def _layout(n=4, c=12, shape=(16, 20)):
     return store.StoreLayout(
         n_samples=n,
-        image_shape=(16, 20),
+        image_shape=shape,
         column_capacity=c,
         elements=("S", "Mo"),
         param_names=("defocus_A", "lam"),
     )
 
 
-def _sample(i, n_cols=5):
+def _sample(i, n_cols=5, shape=(16, 20)):
     rng = np.random.default_rng(i)
     return SimpleNamespace(
-        image=rng.random((16, 20), dtype=np.float32),
-        mask=rng.integers(0, 3, (16, 20)).astype(np.uint8),
+        image=rng.random(shape, dtype=np.float32),
+        mask=rng.integers(0, 3, shape).astype(np.uint8),
         columns={
             "x": rng.random(n_cols) * 20,
             "y": rng.random(n_cols) * 16,
@@ -104,3 +104,67 @@ def test_calibration_cache_round_trip(tmp_path, monkeypatch):
     assert store.load_cached_calibration("k/1") is None
     store.save_calibration("k/1", {"w": [1.0, 2.0]})
     assert store.load_cached_calibration("k/1") == {"w": [1.0, 2.0]}
+
+
+def test_xarray_opens_every_array_with_named_dimensions_and_coordinates_in_A(tmp_path):
+    xr = pytest.importorskip("xarray")
+    path = tmp_path / "s.zarr"
+    root = store.create_store(path, _layout(), ATTRS)
+    store.write_sample(root, 0, _sample(0))
+    ds = xr.open_zarr(path, consolidated=False)
+    assert ds["images"].dims == ds["masks"].dims == ("sample", "y", "x")
+    assert ds.sizes == {"sample": 4, "y": 16, "x": 20}
+    assert ds["x"].attrs["units"] == ds["y"].attrs["units"] == "Å"
+    np.testing.assert_allclose(ds["x"].values, np.arange(20) * 0.2)
+    np.testing.assert_allclose(ds["y"].values, np.arange(16) * 0.2)
+    np.testing.assert_array_equal(ds["images"].isel(sample=0).values, _sample(0).image)
+    assert ds["masks"].sel(x=0.4, y=0.2, method="nearest").isel(sample=0) == _sample(0).mask[1, 2]
+    cols = xr.open_zarr(path, group="columns", consolidated=False)
+    params = xr.open_zarr(path, group="params", consolidated=False)
+    assert cols["counts"].dims == ("slot", "element") and cols["x"].dims == ("slot",)
+    assert cols["offset"].dims == ("sample",) and params["lam"].dims == ("sample",)
+    for group in (ds, cols, params):
+        for name, var in group.variables.items():
+            assert not any(d.startswith("dim_") for d in var.dims), name
+            assert "units" in var.attrs or name in params, name
+
+
+def test_pixel_coordinates_fall_back_to_pixels_when_the_pixel_size_is_drawn(tmp_path):
+    root = store.create_store(tmp_path / "s.zarr", _layout(), {**ATTRS, "pixel_size_A": None})
+    assert root["x"].attrs["units"] == "px"
+    np.testing.assert_array_equal(root["x"][:], np.arange(20.0))
+
+
+def test_atomic_write_and_json_helpers(tmp_path):
+    path = store.write_json({"a": np.float32(1.5), "b": [np.nan, np.int64(2)], "c": np.bool_(1)},
+                            tmp_path / "r.json")  # fmt: skip
+    assert path.read_text() == '{\n  "a": 1.5,\n  "b": [\n    null,\n    2\n  ],\n  "c": true\n}\n'
+    store.atomic_write(tmp_path / "b.bin", lambda fh: fh.write(b"\x00\x01"), binary=True)
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    with pytest.raises(ZeroDivisionError):
+        store.atomic_write(tmp_path / "r.json", lambda fh: 1 / 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "r.json"]  # no temp left
+    assert "null" in path.read_text()  # the failed write left the old file intact
+
+
+@pytest.mark.parametrize("scheme", ["atoms", "composition"])
+def test_preview_legend_never_covers_the_images(tmp_path, scheme):
+    from simgen.preview import preview_figure
+    from structures import get_scheme
+
+    names = get_scheme(scheme).to_dict()
+    layout = _layout(n=6, shape=(32, 32))  # square images leave no slack around the axes
+    root = store.create_store(tmp_path / "s.zarr", layout, {**ATTRS, "label_scheme": names})
+    k = len(names["names"])
+    for i in range(6):
+        s = _sample(i, shape=(32, 32))
+        s.mask[:] = np.arange(32 * 32).reshape(32, 32) % k  # every class present
+        store.write_sample(root, i, s)
+    fig = preview_figure(root, count=6)
+    fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert len(legend.get_texts()) == k - 1
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent()), ax.get_title()
+    assert box.y0 >= 0  # inside the figure

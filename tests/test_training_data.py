@@ -15,7 +15,13 @@ from training.data import (
     make_loaders,
 )
 from training.losses import class_weights_from_frequencies
-from training.stores import LabelScheme, StoreError, open_store, open_stores, split_indices
+from training.stores import (
+    StoreError,
+    open_store,
+    open_stores,
+    scheme_from_attrs,
+    split_indices,
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +34,7 @@ def store(tmp_path_factory):
 def test_open_store_reads_documented_schema(store):
     st = open_store(store)
     assert st.n_samples == 10 and st.image_shape == (40, 48)
-    assert st.scheme == LabelScheme.from_attrs(SCHEME)
+    assert st.scheme == scheme_from_attrs(SCHEME)
     assert st.scheme.class_names == ["background", "M", "X2", "vac_X1", "vac_X2", "vac_M"]
     assert list(st.complete_indices()) == [0, 1, 3, 4, 5, 6, 7, 8, 9]
     cols = st.columns(0)
@@ -70,11 +76,11 @@ def test_label_scheme_mismatch_between_stores(tmp_path, store):
 
 
 def test_scheme_with_background_id():
-    s = LabelScheme.from_attrs({"ids": [0, 1, 3], "names": ["bg", "metal", "chalcogen"]})
+    s = scheme_from_attrs({"ids": [0, 1, 3], "names": ["bg", "metal", "chalcogen"]})
     assert s.n_classes == 4
     assert s.class_names == ["bg", "metal", "unused_2", "chalcogen"]
     with pytest.raises(StoreError, match="duplicate"):
-        LabelScheme.from_attrs({"ids": [1, 1], "names": ["a", "b"]})
+        scheme_from_attrs({"ids": [1, 1], "names": ["a", "b"]})
 
 
 def test_split_is_deterministic_and_skips_incomplete(store):

@@ -8,6 +8,7 @@ start fast. Bad input ends with a one-line ``error: ...`` on stderr and exit cod
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -30,13 +31,29 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+def _setup_logging() -> None:
+    """The library logs through ``logging``: show the ``training`` loggers' INFO lines (one
+    per epoch...) on stderr, above any progress bar."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("training")
+    if not log.handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def _clean_errors(fn):
     """Report ValueError/FileNotFoundError as one line and exit 1 (no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        _setup_logging()
         try:
-            return fn(*args, **kwargs)
+            with logging_redirect_tqdm(loggers=[logging.getLogger("training")]):
+                return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, FloatingPointError) as err:
             _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
         except KeyboardInterrupt:

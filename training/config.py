@@ -12,11 +12,11 @@ This module never imports torch.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
-from simgen.configbase import Config
+from simgen.configbase import Config, check_pair, check_range, described
 
 SCHEDULES = ("cosine", "onecycle", "constant")
 MONITORS = ("val_loss", "val_f1", "val_macro_f1", "val_miou")
@@ -24,135 +24,107 @@ MONITORS = ("val_loss", "val_f1", "val_macro_f1", "val_miou")
 RUNTIME_FIELDS = ("device", "num_threads", "progress", "data.num_workers")
 
 
-def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
-    """A dataclass field carrying a one-line help text for the annotated YAML."""
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
-
-
-def _check_range(name: str, value, low=None, high=None, *, low_open=False):
-    if low is not None and (value <= low if low_open else value < low):
-        op = ">" if low_open else ">="
-        raise ValueError(f"{name}: must be {op} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name}: must be <= {high}, got {value!r}")
-
-
-def _check_pair(name: str, pair, *, integer=False, low=None):
-    if pair is None:
-        return
-    if len(pair) != 2:
-        raise ValueError(f"{name}: expected two numbers [low, high], got {list(pair)}")
-    kinds = (int,) if integer else (int, float)
-    if not all(isinstance(v, kinds) and not isinstance(v, bool) for v in pair):
-        what = "integers" if integer else "numbers"
-        raise ValueError(f"{name}: expected two {what}, got {list(pair)}")
-    if pair[0] > pair[1]:
-        raise ValueError(f"{name}: low must be <= high, got {list(pair)}")
-    if low is not None and pair[0] < low:
-        raise ValueError(f"{name}: values must be >= {low}, got {list(pair)}")
-
-
 @dataclass(frozen=True)
 class DataConfig(Config):
     """Which stores and samples to train on, and how batches are drawn."""
 
-    train_stores: tuple[str, ...] = _help("Zarr stores to train on (paths).", factory=tuple)
-    val_stores: tuple[str, ...] = _help(
+    train_stores: tuple[str, ...] = described("Zarr stores to train on (paths).", factory=tuple)
+    val_stores: tuple[str, ...] = described(
         "Separate validation stores; empty: split validation off the training stores.",
         factory=tuple,
     )
-    val_fraction: float = _help(
+    val_fraction: float = described(
         "Fraction of each training store (its last samples by index) kept for validation.",
         0.1,
     )
-    train_range: tuple[int, int] | None = _help(
+    train_range: tuple[int, int] | None = described(
         "Explicit [start, stop) sample range of each training store; overrides val_fraction.",
         None,
     )
-    val_range: tuple[int, int] | None = _help(
+    val_range: tuple[int, int] | None = described(
         "Explicit [start, stop) sample range of each validation store (or training store).",
         None,
     )
-    crop: int = _help("Side of the random square training crops [px]; 0 = whole images.", 128)
-    batch_size: int = _help("Training batch size.", 8)
-    samples_per_epoch: int = _help(
+    crop: int = described("Side of the random square training crops [px]; 0 = whole images.", 128)
+    batch_size: int = described("Training batch size.", 8)
+    samples_per_epoch: int = described(
         "Crops drawn per epoch; 0 = one per training sample.",
         0,
     )
-    num_workers: int = _help("DataLoader worker processes (0 = load in the main process).", 0)
+    num_workers: int = described("DataLoader worker processes (0 = load in the main process).", 0)
 
     def __post_init__(self):
         for name in ("train_stores", "val_stores"):
             if not all(isinstance(p, str) and p for p in getattr(self, name)):
                 raise ValueError(f"{name}: expected a list of store paths")
-        _check_range("val_fraction", self.val_fraction, 0.0, 0.9)
-        _check_pair("train_range", self.train_range, integer=True, low=0)
-        _check_pair("val_range", self.val_range, integer=True, low=0)
-        _check_range("crop", self.crop, 0)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.9)
+        check_pair("train_range", self.train_range, integer=True, low=0)
+        check_pair("val_range", self.val_range, integer=True, low=0)
+        check_range("crop", self.crop, 0)
         if 0 < self.crop < 16:
             raise ValueError(f"crop: must be 0 (whole images) or >= 16 px, got {self.crop}")
-        _check_range("batch_size", self.batch_size, 1)
-        _check_range("samples_per_epoch", self.samples_per_epoch, 0)
-        _check_range("num_workers", self.num_workers, 0)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("samples_per_epoch", self.samples_per_epoch, 0)
+        check_range("num_workers", self.num_workers, 0)
 
 
 @dataclass(frozen=True)
 class AugmentConfig(Config):
     """Augmentations applied to image and labels together (training only)."""
 
-    dihedral: bool = _help("Random flips and 90° rotations (the 8 symmetries of a square).", True)
-    scale: tuple[float, float] = _help(
+    dihedral: bool = described(
+        "Random flips and 90° rotations (the 8 symmetries of a square).", True
+    )
+    scale: tuple[float, float] = described(
         "Range of a log-uniform factor multiplying the normalised image.", (0.8, 1.25)
     )
-    offset: tuple[float, float] = _help(
+    offset: tuple[float, float] = described(
         "Range of a uniform offset added to the normalised image.", (-0.1, 0.1)
     )
-    noise_std: float = _help(
+    noise_std: float = described(
         "Largest std of extra Gaussian noise on the normalised image (drawn in [0, this]).",
         0.0,
     )
 
     def __post_init__(self):
-        _check_pair("scale", self.scale)
+        check_pair("scale", self.scale)
         if self.scale[0] <= 0:
             raise ValueError(f"scale: factors must be > 0, got {list(self.scale)}")
-        _check_pair("offset", self.offset)
-        _check_range("noise_std", self.noise_std, 0.0)
+        check_pair("offset", self.offset)
+        check_range("noise_std", self.noise_std, 0.0)
 
 
 @dataclass(frozen=True)
 class ModelConfig(Config):
     """Network architecture (see ``training.models``)."""
 
-    name: str = _help("Registered model name (see training.models.MODELS).", "unet")
-    depth: int = _help("Number of down-sampling steps of the U-Net.", 3)
-    width: int = _help("Channels of the first level; doubled at each level down.", 16)
-    norm: str = _help("Normalisation layer: batch, group or none.", "batch")
-    dropout: float = _help("Dropout probability at the bottleneck.", 0.0)
+    name: str = described("Registered model name (see training.models.MODELS).", "unet")
+    depth: int = described("Number of down-sampling steps of the U-Net.", 3)
+    width: int = described("Channels of the first level; doubled at each level down.", 16)
+    norm: str = described("Normalisation layer: batch, group or none.", "batch")
+    dropout: float = described("Dropout probability at the bottleneck.", 0.0)
 
     def __post_init__(self):
-        _check_range("depth", self.depth, 1, 6)
-        _check_range("width", self.width, 1)
+        check_range("depth", self.depth, 1, 6)
+        check_range("width", self.width, 1)
         if self.norm not in ("batch", "group", "none"):
             raise ValueError(f"norm: expected batch, group or none, got {self.norm!r}")
-        _check_range("dropout", self.dropout, 0.0, 0.9)
+        check_range("dropout", self.dropout, 0.0, 0.9)
 
 
 @dataclass(frozen=True)
 class LossConfig(Config):
     """Cross-entropy with class weights plus soft Dice."""
 
-    class_weights: tuple[float, ...] | None = _help(
+    class_weights: tuple[float, ...] | None = described(
         "Explicit per-class cross-entropy weights (index = class id); null: from frequencies.",
         None,
     )
-    class_weight_power: float = _help(
+    class_weight_power: float = described(
         "Automatic weights ∝ frequency^-power (0 = unweighted, 0.5 = inverse sqrt).", 0.5
     )
-    max_class_weight: float = _help("Upper bound of automatic class weights.", 20.0)
-    dice_weight: float = _help("Weight of the soft Dice term (0 = cross-entropy only).", 1.0)
+    max_class_weight: float = described("Upper bound of automatic class weights.", 20.0)
+    dice_weight: float = described("Weight of the soft Dice term (0 = cross-entropy only).", 1.0)
 
     def __post_init__(self):
         if self.class_weights is not None:
@@ -163,96 +135,98 @@ class LossConfig(Config):
                 raise ValueError(
                     f"class_weights: expected non-negative numbers, got {self.class_weights!r}"
                 )
-        _check_range("class_weight_power", self.class_weight_power, 0.0, 2.0)
-        _check_range("max_class_weight", self.max_class_weight, 1.0)
-        _check_range("dice_weight", self.dice_weight, 0.0)
+        check_range("class_weight_power", self.class_weight_power, 0.0, 2.0)
+        check_range("max_class_weight", self.max_class_weight, 1.0)
+        check_range("dice_weight", self.dice_weight, 0.0)
 
 
 @dataclass(frozen=True)
 class OptimConfig(Config):
     """AdamW and its learning-rate schedule (stepped every batch)."""
 
-    lr: float = _help("Peak learning rate.", 3e-3)
-    weight_decay: float = _help("AdamW weight decay.", 1e-4)
-    schedule: str = _help("Learning-rate schedule: cosine, onecycle or constant.", "cosine")
-    warmup_fraction: float = _help(
+    lr: float = described("Peak learning rate.", 3e-3)
+    weight_decay: float = described("AdamW weight decay.", 1e-4)
+    schedule: str = described("Learning-rate schedule: cosine, onecycle or constant.", "cosine")
+    warmup_fraction: float = described(
         "Fraction of all steps spent warming up (cosine: linear ramp; onecycle: pct_start).",
         0.05,
     )
-    grad_clip: float = _help("Clip the gradient norm to this (0 = no clipping).", 1.0)
+    grad_clip: float = described("Clip the gradient norm to this (0 = no clipping).", 1.0)
 
     def __post_init__(self):
-        _check_range("lr", self.lr, 0.0, low_open=True)
-        _check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("lr", self.lr, 0.0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule: expected one of {SCHEDULES}, got {self.schedule!r}")
-        _check_range("warmup_fraction", self.warmup_fraction, 0.0, 0.5)
-        _check_range("grad_clip", self.grad_clip, 0.0)
+        check_range("warmup_fraction", self.warmup_fraction, 0.0, 0.5)
+        check_range("grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass(frozen=True)
 class EvalConfig(Config):
     """How columns are found in predictions and matched to the true ones."""
 
-    radius_A: float = _help(
+    radius_A: float = described(
         "A detection within this distance of a true column matches it [Å].", 0.6
     )
-    threshold: float = _help("Foreground probability (1 − p_background) of a column pixel.", 0.5)
-    min_area_A2: float = _help("Smaller detected blobs are dropped [Å²].", 0.15)
-    min_separation_A: float = _help(
+    threshold: float = described(
+        "Foreground probability (1 − p_background) of a column pixel.", 0.5
+    )
+    min_area_A2: float = described("Smaller detected blobs are dropped [Å²].", 0.15)
+    min_separation_A: float = described(
         "Blobs with peaks at least this far apart are split (watershed) [Å]; 0 = never split.",
         1.0,
     )
-    border_A: float = _help(
+    border_A: float = described(
         "True columns closer than this to an image edge are not scored [Å].", 1.0
     )
 
     def __post_init__(self):
-        _check_range("radius_A", self.radius_A, 0.0, low_open=True)
-        _check_range("threshold", self.threshold, 0.0, 1.0)
-        _check_range("min_area_A2", self.min_area_A2, 0.0)
-        _check_range("min_separation_A", self.min_separation_A, 0.0)
-        _check_range("border_A", self.border_A, 0.0)
+        check_range("radius_A", self.radius_A, 0.0, low_open=True)
+        check_range("threshold", self.threshold, 0.0, 1.0)
+        check_range("min_area_A2", self.min_area_A2, 0.0)
+        check_range("min_separation_A", self.min_separation_A, 0.0)
+        check_range("border_A", self.border_A, 0.0)
 
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
     """Everything one training run needs; defaults are the small CPU recipe."""
 
-    seed: int = _help("Seed of weights, crops, augmentation and shuffling.", 0)
-    epochs: int = _help("Number of epochs.", 40)
-    val_every: int = _help("Validate every this many epochs (and after the last one).", 2)
-    monitor: str = _help(
+    seed: int = described("Seed of weights, crops, augmentation and shuffling.", 0)
+    epochs: int = described("Number of epochs.", 40)
+    val_every: int = described("Validate every this many epochs (and after the last one).", 2)
+    monitor: str = described(
         "Validation metric choosing best.pt: val_loss (lower), val_f1 (column detection), "
         "val_macro_f1 (mean per-class column F1) or val_miou (higher).",
         "val_macro_f1",
     )
-    members: int = _help("Ensemble size: members trained with seeds seed, seed+1, ...", 1)
-    device: str = _help("auto, cpu, cuda or cuda:N (auto: cuda when available).", "auto")
-    amp: bool = _help("Mixed precision on CUDA (ignored on CPU).", True)
-    num_threads: int = _help("torch CPU threads (0 = leave torch's default).", 0)
-    progress: bool = _help("Show tqdm progress bars.", True)
-    data: DataConfig = _help("Stores, split and batches.", factory=DataConfig)
-    augment: AugmentConfig = _help("Training augmentations.", factory=AugmentConfig)
-    model: ModelConfig = _help("Network.", factory=ModelConfig)
-    loss: LossConfig = _help("Loss.", factory=LossConfig)
-    optim: OptimConfig = _help("Optimiser and schedule.", factory=OptimConfig)
-    evaluate: EvalConfig = _help(
+    members: int = described("Ensemble size: members trained with seeds seed, seed+1, ...", 1)
+    device: str = described("auto, cpu, cuda or cuda:N (auto: cuda when available).", "auto")
+    amp: bool = described("Mixed precision on CUDA (ignored on CPU).", True)
+    num_threads: int = described("torch CPU threads (0 = leave torch's default).", 0)
+    progress: bool = described("Show tqdm progress bars.", True)
+    data: DataConfig = described("Stores, split and batches.", factory=DataConfig)
+    augment: AugmentConfig = described("Training augmentations.", factory=AugmentConfig)
+    model: ModelConfig = described("Network.", factory=ModelConfig)
+    loss: LossConfig = described("Loss.", factory=LossConfig)
+    optim: OptimConfig = described("Optimiser and schedule.", factory=OptimConfig)
+    evaluate: EvalConfig = described(
         "Column finding and matching (validation, evaluate).", factory=EvalConfig
     )
 
     def __post_init__(self):
-        _check_range("epochs", self.epochs, 1)
-        _check_range("val_every", self.val_every, 1)
+        check_range("epochs", self.epochs, 1)
+        check_range("val_every", self.val_every, 1)
         if self.monitor not in MONITORS:
             raise ValueError(f"monitor: expected one of {MONITORS}, got {self.monitor!r}")
-        _check_range("members", self.members, 1)
+        check_range("members", self.members, 1)
         if not (
             self.device in ("auto", "cpu", "cuda")
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         ):
             raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {self.device!r}")
-        _check_range("num_threads", self.num_threads, 0)
+        check_range("num_threads", self.num_threads, 0)
 
     def math_dict(self) -> dict:
         """The settings that change results: :meth:`to_dict` without the runtime fields."""

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from structures.columns import LabelScheme
 from training.augment import augment, normalize_image, random_crop
 from training.config import AugmentConfig, DataConfig
-from training.stores import LabelScheme, StoreError, StoreInfo, open_stores, split_indices
+from training.stores import StoreError, StoreInfo, open_stores, split_indices
 
 __all__ = [
     "EpochSampler",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -38,18 +39,17 @@ from pathlib import Path
 
 import numpy as np
 
-from simgen.configbase import Config
-from training.config import TrainConfig, _check_pair, _check_range, _help, annotated_yaml
+from simgen.configbase import Config, check_pair, check_range, described
+from structures.columns import defect_classes
+from training.config import TrainConfig, annotated_yaml
 
-#: Class names that are never defects (the host lattice and the mask background).
-HOST_CLASSES = ("background", "metal", "chalcogen")
+logger = logging.getLogger(__name__)
 CHECKPOINTS = ("best", "last")
 METHODS = ("hungarian", "greedy")
 SELECT_METRICS = ("macro_defect_f1", "detection_f1")
 METRIC_NAMES = {"macro_defect_f1": "macro defect F1", "detection_f1": "detection F1"}
 #: Noise variables of a sweep (keys of ``levels`` in ``sweep.json``) and their symbols.
 VARIABLES = {"lambda": "λ", "sigma": "σ"}
-_ELEMENT = re.compile(r"([A-Z][a-z]?)(\d*)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -59,30 +59,32 @@ _ELEMENT = re.compile(r"([A-Z][a-z]?)(\d*)")
 class StudyEvalConfig(Config):
     """How every model is scored on the test sets."""
 
-    checkpoint: str = _help("Checkpoint of each model to score: best (best.pt) or last.", "best")
-    sample_range: tuple[int, int] | None = _help(
+    checkpoint: str = described(
+        "Checkpoint of each model to score: best (best.pt) or last.", "best"
+    )
+    sample_range: tuple[int, int] | None = described(
         "[start, stop) samples of each test store; null = all complete samples.", None
     )
-    radius_A: float | None = _help(
+    radius_A: float | None = described(
         "Column matching radius [Å]; null = the one each model was trained with.", None
     )
-    method: str = _help("Column matching: hungarian or greedy.", "hungarian")
-    tile: int = _help("Inference tile size [px].", 256)
-    overlap: int = _help("Overlap of inference tiles [px].", 32)
-    tta: bool = _help("Average the 8 flips/rotations at inference (8x slower).", False)
+    method: str = described("Column matching: hungarian or greedy.", "hungarian")
+    tile: int = described("Inference tile size [px].", 256)
+    overlap: int = described("Overlap of inference tiles [px].", 32)
+    tta: bool = described("Average the 8 flips/rotations at inference (8x slower).", False)
 
     def __post_init__(self):
         if self.checkpoint not in CHECKPOINTS:
             raise ValueError(f"checkpoint: expected one of {CHECKPOINTS}, got {self.checkpoint!r}")
-        _check_pair("sample_range", self.sample_range, integer=True, low=0)
+        check_pair("sample_range", self.sample_range, integer=True, low=0)
         if self.sample_range is not None and self.sample_range[0] == self.sample_range[1]:
             raise ValueError(f"sample_range: empty range {list(self.sample_range)}")
         if self.radius_A is not None:
-            _check_range("radius_A", self.radius_A, 0.0, low_open=True)
+            check_range("radius_A", self.radius_A, 0.0, low_open=True)
         if self.method not in METHODS:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
-        _check_range("tile", self.tile, 16)
-        _check_range("overlap", self.overlap, 0)
+        check_range("tile", self.tile, 16)
+        check_range("overlap", self.overlap, 0)
         if self.overlap >= self.tile:
             raise ValueError(f"overlap: must be < tile ({self.tile}), got {self.overlap}")
 
@@ -91,16 +93,16 @@ class StudyEvalConfig(Config):
 class ReportConfig(Config):
     """What the report averages and how it picks the best training bin."""
 
-    defect_classes: tuple[str, ...] | None = _help(
+    defect_classes: tuple[str, ...] | None = described(
         "Classes averaged into the macro defect F1; null = by the label scheme "
         "(every class but background, metal, chalcogen and full host compositions).",
         None,
     )
-    select_by: str = _help(
+    select_by: str = described(
         "Metric naming the best training bin per test bin: macro_defect_f1 or detection_f1.",
         "macro_defect_f1",
     )
-    dpi: int = _help("Resolution of the PNG figures [dots per inch].", 100)
+    dpi: int = described("Resolution of the PNG figures [dots per inch].", 100)
 
     def __post_init__(self):
         if self.defect_classes is not None and not all(
@@ -109,39 +111,41 @@ class ReportConfig(Config):
             raise ValueError("defect_classes: expected a list of class names")
         if self.select_by not in SELECT_METRICS:
             raise ValueError(f"select_by: expected one of {SELECT_METRICS}, got {self.select_by!r}")
-        _check_range("dpi", self.dpi, 30, 600)
+        check_range("dpi", self.dpi, 30, 600)
 
 
 @dataclass(frozen=True)
 class NoiseStudyConfig(Config):
     """A whole noise study: sweeps, the training recipe of every model, scoring, report."""
 
-    train_sweep: str | None = _help(
+    train_sweep: str | None = described(
         "Training sweep directory (`simgen sweep`): one model per store of its sweep.json.", None
     )
-    test_sweep: str | None = _help(
+    test_sweep: str | None = described(
         "Paired test sweep directory (same bins or others, generated with another --seed).",
         None,
     )
-    train_bins: tuple[str, ...] = _help(
+    train_bins: tuple[str, ...] = described(
         "Names of the training bins to use (store names in sweep.json); empty = all.",
         factory=tuple,
     )
-    test_bins: tuple[str, ...] = _help("Names of the test bins to use; empty = all.", factory=tuple)
-    extra_stores: tuple[str, ...] = _help(
+    test_bins: tuple[str, ...] = described(
+        "Names of the test bins to use; empty = all.", factory=tuple
+    )
+    extra_stores: tuple[str, ...] = described(
         "Further labelled test sets: a store, or a folder whose *.zarr stores are pooled.",
         factory=tuple,
     )
-    allow_shared_seed: bool = _help(
+    allow_shared_seed: bool = described(
         "Allow test stores with the training stores' dataset seed (same structures: a leak).",
         False,
     )
-    train: TrainConfig = _help(
+    train: TrainConfig = described(
         "Training config of every model; data.train_stores is set per bin by the study.",
         factory=TrainConfig,
     )
-    evaluate: StudyEvalConfig = _help("Scoring on the test sets.", factory=StudyEvalConfig)
-    report: ReportConfig = _help("Report settings.", factory=ReportConfig)
+    evaluate: StudyEvalConfig = described("Scoring on the test sets.", factory=StudyEvalConfig)
+    report: ReportConfig = described("Report settings.", factory=ReportConfig)
 
     def __post_init__(self):
         for name in ("train_sweep", "test_sweep"):
@@ -469,57 +473,6 @@ def plan_study(config: NoiseStudyConfig) -> StudyPlan:
 # ---------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------
-def _composition(name: str) -> dict | None:
-    """``"SSe"`` → ``{"S": 1, "Se": 1}``; ``None`` when the name is not a composition."""
-    from ase.data import atomic_numbers
-
-    parts = _ELEMENT.findall(name)
-    if not parts or "".join(e + n for e, n in parts) != name:
-        return None
-    if not all(e in atomic_numbers for e, _ in parts):
-        return None
-    out: dict = {}
-    for e, n in parts:
-        out[e] = out.get(e, 0) + (int(n) if n else 1)
-    return out
-
-
-def defect_classes(class_names) -> list[str]:
-    """Classes of a label scheme that count as defects for the macro defect F1.
-
-    Every class but the background (id 0), ``metal``, ``chalcogen`` and full host columns
-    of a composition scheme (one metal atom of a host metal, ``Mo``, ``W``; two chalcogen
-    atoms, ``S2``, ``SSe``, ``Te2``...). So ``defects`` gives its 8 defect kinds,
-    ``composition`` gives the single-atom chalcogen columns (``S``, ``Se``, ``Te``: one
-    atom missing), ``vac_M``, ``vac_X`` and ``other``, a custom scheme gives its own
-    classes, and ``atoms`` gives none (the macro defect F1 is then undefined).
-
-    Parameters
-    ----------
-    class_names : sequence of str
-        Names by class id; index 0 is the background.
-
-    Returns
-    -------
-    list of str
-    """
-    from structures.lattices import CHALCOGENS, METALS
-
-    out = []
-    for name in list(class_names)[1:]:
-        if name in HOST_CLASSES:
-            continue
-        comp = _composition(name)
-        if comp is not None:
-            n = sum(comp.values())
-            if n == 1 and set(comp) <= set(METALS):
-                continue
-            if n == 2 and set(comp) <= set(CHALCOGENS):
-                continue
-        out.append(name)
-    return out
-
-
 def macro_f1(classes: dict, names=None) -> float | None:
     """Mean column F1 over classes with true columns (``support > 0``).
 
@@ -769,10 +722,6 @@ def run_noise_study(
         Bad sweeps or stores (:func:`plan_study`), a model directory trained with another
         config, bad training settings.
     """
-    from training.evaluate import evaluate_stores
-    from training.report import write_json
-    from training.train import train_ensemble, train_model
-
     t_start = time.perf_counter()
     plan = plan_study(config)
     out = Path(out_dir)
@@ -783,16 +732,36 @@ def run_noise_study(
     def say(text: str) -> None:
         with open(out / "study.log", "a") as fh:
             fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+        logger.info("%s", text)
         if log is not None:
             log(text)
 
     say(f"study: {len(plan.train_bins)} training bins x {len(plan.test_bins)} test sets in {out}")
     configs = {b.name: bin_train_config(config.train, b) for b in plan.train_bins}
+    t0 = time.perf_counter()
+    _train_models(plan, configs, out, say, result)
+    result.seconds["train"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _evaluate_models(config, plan, configs, out, say, result)
+    say(f"evaluations: {len(result.evaluated)} computed, {len(result.reused_evaluations)} reused")
+    result.seconds["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result.files = write_report(result, config)
+    result.seconds["report"] = time.perf_counter() - t0
+    result.seconds["total"] = time.perf_counter() - t_start
+    _write_study_json(result, out / "study.json")
+    say(f"report: {out / 'summary.md'} ({result.seconds['total']:.1f} s in all)")
+    return result
+
+
+def _train_models(plan, configs, out: Path, say, result: StudyResult) -> None:
+    """Train (or resume, or reuse) the model of every training bin."""
+    from training.train import train_ensemble, train_model
+
     # refuse a model directory of another config before training anything
     states = {
         b.name: model_state(configs[b.name], out / "models" / b.name) for b in plan.train_bins
     }
-    t0 = time.perf_counter()
     for k, b in enumerate(plan.train_bins, 1):
         cfg, run_dir = configs[b.name], out / "models" / b.name
         if states[b.name] == "done":
@@ -808,9 +777,10 @@ def run_noise_study(
             train_model(cfg, run_dir, resume=True)
         say(f"model {b.name}: trained in {time.perf_counter() - t1:.1f} s")
         result.trained.append(b.name)
-    result.seconds["train"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+
+def _evaluate_models(config, plan, configs, out: Path, say, result: StudyResult) -> None:
+    """Score every model on every test set (cached evaluations reused); one row each."""
     ev = config.evaluate
     settings = {k: v for k, v in ev.to_dict().items() if k != "checkpoint"}
     fingerprints = {t.name: [store_fingerprint(p) for p in t.stores] for t in plan.test_bins}
@@ -824,47 +794,53 @@ def run_noise_study(
             if scores is not None:
                 result.reused_evaluations.append((b.name, t.name))
             else:
-                t1 = time.perf_counter()
-                scores = evaluate_stores(
-                    [str(p) for p in ckpts],
-                    list(t.stores),
-                    eval_overrides={"radius_A": ev.radius_A} if ev.radius_A is not None else None,
-                    sample_range=tuple(ev.sample_range) if ev.sample_range else None,
-                    device=config.train.device,
-                    tile=ev.tile,
-                    overlap=ev.overlap,
-                    tta=ev.tta,
-                    method=ev.method,
-                )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                write_json(
-                    {
-                        "key": key,
-                        "train_bin": b.name,
-                        "test_set": t.name,
-                        "checkpoints": [str(p) for p in ckpts],
-                        "checkpoint_sha256": hashes,
-                        "stores": list(t.stores),
-                        "store_fingerprints": fingerprints[t.name],
-                        "settings": settings,
-                        "result": scores,
-                    },
-                    path,
-                )
+                record = {
+                    "key": key,
+                    "train_bin": b.name,
+                    "test_set": t.name,
+                    "checkpoints": [str(p) for p in ckpts],
+                    "checkpoint_sha256": hashes,
+                    "stores": list(t.stores),
+                    "store_fingerprints": fingerprints[t.name],
+                    "settings": settings,
+                }
+                scores = _evaluate_one(config, ckpts, t, record, path, say)
                 result.evaluated.append((b.name, t.name))
-                det = scores["detection"]["f1"]
-                say(
-                    f"evaluated {b.name} on {t.name}: {scores['n_images']} images, detection "
-                    f"F1 {det or 0:.4f} ({time.perf_counter() - t1:.1f} s)"
-                )
             result.rows.append(result_row(b, t, scores, plan))
-    say(f"evaluations: {len(result.evaluated)} computed, {len(result.reused_evaluations)} reused")
-    result.seconds["evaluate"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    result.files = write_report(result, config)
-    result.seconds["report"] = time.perf_counter() - t0
-    result.seconds["total"] = time.perf_counter() - t_start
+
+def _evaluate_one(config, ckpts, test, record: dict, path: Path, say) -> dict:
+    """Evaluate one model on one test set and cache the scores with ``record``."""
+    from training.evaluate import evaluate_stores
+    from training.report import write_json
+
+    ev = config.evaluate
+    t1 = time.perf_counter()
+    scores = evaluate_stores(
+        [str(p) for p in ckpts],
+        list(test.stores),
+        eval_overrides={"radius_A": ev.radius_A} if ev.radius_A is not None else None,
+        sample_range=tuple(ev.sample_range) if ev.sample_range else None,
+        device=config.train.device,
+        tile=ev.tile,
+        overlap=ev.overlap,
+        tta=ev.tta,
+        method=ev.method,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json({**record, "result": scores}, path)
+    det = scores["detection"]["f1"]
+    say(
+        f"evaluated {record['train_bin']} on {test.name}: {scores['n_images']} images, "
+        f"detection F1 {det or 0:.4f} ({time.perf_counter() - t1:.1f} s)"
+    )
+    return scores
+
+
+def _write_study_json(result: StudyResult, path: Path) -> None:
+    from training.report import write_json
+
+    plan = result.plan
     write_json(
         {
             "train_bins": [{"name": b.name, "levels": b.levels} for b in plan.train_bins],
@@ -881,10 +857,8 @@ def run_noise_study(
             "seconds": result.seconds,
             "files": {k: str(v) for k, v in result.files.items()},
         },
-        out / "study.json",
+        path,
     )
-    say(f"report: {out / 'summary.md'} ({result.seconds['total']:.1f} s in all)")
-    return result
 
 
 # ---------------------------------------------------------------------------------------
@@ -1203,6 +1177,15 @@ def write_report(result: StudyResult, config: NoiseStudyConfig) -> dict:
         files["lines"] = plot_lines(
             rows, plan, out / f"f1_vs_{variable}.png", variable=variable, dpi=dpi
         )
+    summary = out / "summary.md"
+    summary.write_text(_summary_markdown(result, config, det, mdf, files))
+    files["summary"] = summary
+    return files
+
+
+def _summary_markdown(result, config, det, mdf, files) -> str:
+    """``summary.md``: what was run, the best training bin per test set, the F1 tables."""
+    plan, rows = result.plan, result.rows
     select_by = config.report.select_by if plan.defect_classes else "detection_f1"
     lines = [
         "# Noise study",
@@ -1256,7 +1239,4 @@ def write_report(result: StudyResult, config: NoiseStudyConfig) -> dict:
         "reused.",
         "",
     ]
-    summary = out / "summary.md"
-    summary.write_text("\n".join(lines))
-    files["summary"] = summary
-    return files
+    return "\n".join(lines)

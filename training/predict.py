@@ -17,7 +17,7 @@ from torch import nn
 
 from training.augment import dihedral, inverse_dihedral, normalize_image
 from training.models import build_model
-from training.stores import LabelScheme, check_scheme
+from training.stores import check_scheme, scheme_from_attrs
 from training.train import load_checkpoint_dict, resolve_device
 
 
@@ -205,10 +205,10 @@ class Ensemble:
             raise ValueError("models: expected at least one model and one info per model")
         self.models = list(models)
         self.infos = list(infos)
-        self.scheme = LabelScheme.from_attrs(infos[0]["label_scheme"])
+        self.scheme = scheme_from_attrs(infos[0]["label_scheme"])
         for info in infos[1:]:
             check_scheme(
-                LabelScheme.from_attrs(info["label_scheme"]),
+                scheme_from_attrs(info["label_scheme"]),
                 self.scheme,
                 f"checkpoint {info.get('path', '?')}",
                 "the first member's",

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
+
+from simgen.store import atomic_write
+from simgen.store import write_json as store_write_json
 
 HISTORY_FIELDS = (
     "epoch",
@@ -23,12 +24,6 @@ HISTORY_FIELDS = (
     "val_macro_f1",
     "seconds",
 )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def write_history_csv(history: list[dict], path) -> Path:
@@ -60,7 +55,7 @@ def write_history_csv(history: list[dict], path) -> Path:
             else:
                 cells.append(str(v))
         lines.append(",".join(cells))
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -78,28 +73,9 @@ def read_history_csv(path) -> list[dict]:
     return out
 
 
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating | float):
-        v = float(value)
-        return None if math.isnan(v) or math.isinf(v) else v
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_json(data: dict, path) -> Path:
     """Write ``data`` as indented JSON (NumPy values converted, NaN as null)."""
-    path = Path(path)
-    _atomic_write_text(path, json.dumps(_jsonable(data), indent=2) + "\n")
-    return path
+    return store_write_json(data, path)
 
 
 def plot_confusion(matrix, class_names, path, *, title: str = "Columns (matched)") -> Path:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from structures.columns import LabelScheme
+
 SCHEMA_VERSION = 1
 REQUIRED_ATTRS = ("schema_version", "label_scheme", "pixel_size_A", "image_shape", "n_samples")
 REQUIRED_ARRAYS = (
@@ -36,53 +38,20 @@ class StoreError(ValueError):
     """A store is missing, unreadable, of another schema version or of another label scheme."""
 
 
-@dataclass(frozen=True)
-class LabelScheme:
-    """Class ids and names of a store (``attrs["label_scheme"]``).
+def scheme_from_attrs(value, where: str = "label_scheme") -> LabelScheme:
+    """The :class:`structures.LabelScheme` of a store's (or checkpoint's) ``label_scheme``.
 
-    Parameters
-    ----------
-    ids : tuple of int
-        Class ids as stored (0 is the background of the masks).
-    names : tuple of str
-        One name per id.
+    Accepts the full form simgen writes and the bare ``{"ids": [...], "names": [...]}``.
+
+    Raises
+    ------
+    StoreError
+        Malformed mapping (missing keys, unequal lengths, ids outside [0, 255], duplicates).
     """
-
-    ids: tuple[int, ...]
-    names: tuple[str, ...]
-
-    @classmethod
-    def from_attrs(cls, scheme, where: str = "label_scheme") -> LabelScheme:
-        """Validate and build from the stored ``{"ids": [...], "names": [...]}`` mapping."""
-        if not isinstance(scheme, dict) or "ids" not in scheme or "names" not in scheme:
-            raise StoreError(f"{where}: expected a mapping with 'ids' and 'names', got {scheme!r}")
-        ids, names = list(scheme["ids"]), list(scheme["names"])
-        if len(ids) != len(names) or not ids:
-            raise StoreError(f"{where}: 'ids' and 'names' must be non-empty and of equal length")
-        if not all(isinstance(i, int | np.integer) and 0 <= int(i) < 256 for i in ids):
-            raise StoreError(f"{where}: ids must be integers in [0, 255], got {ids}")
-        if len(set(ids)) != len(ids):
-            raise StoreError(f"{where}: duplicate class ids {ids}")
-        return cls(tuple(int(i) for i in ids), tuple(str(n) for n in names))
-
-    def to_dict(self) -> dict:
-        """The stored form ``{"ids": [...], "names": [...]}``."""
-        return {"ids": list(self.ids), "names": list(self.names)}
-
-    @property
-    def n_classes(self) -> int:
-        """Number of network outputs: ``max(id) + 1`` (class 0 = background always counted)."""
-        return max(self.ids) + 1
-
-    @property
-    def class_names(self) -> list[str]:
-        """Name of every output class by index; 0 is ``background`` unless named in the scheme,
-        ids the scheme skips are ``unused_<id>``."""
-        out = [f"unused_{i}" for i in range(self.n_classes)]
-        out[0] = "background"
-        for i, name in zip(self.ids, self.names, strict=True):
-            out[i] = name
-        return out
+    try:
+        return LabelScheme.from_dict(value, where)
+    except ValueError as err:
+        raise StoreError(str(err)) from None
 
 
 @dataclass
@@ -186,7 +155,7 @@ def open_store(path: str | os.PathLike) -> StoreInfo:
             root[name]
         except KeyError:
             raise StoreError(f"{path}: missing array {name!r}") from None
-    scheme = LabelScheme.from_attrs(attrs["label_scheme"], f"{path}: label_scheme")
+    scheme = scheme_from_attrs(attrs["label_scheme"], f"{path}: label_scheme")
     shape = tuple(int(s) for s in attrs["image_shape"])
     n = int(attrs["n_samples"])
     if root["images"].shape != (n, *shape) or root["masks"].shape != (n, *shape):
@@ -238,7 +207,7 @@ def open_stores(paths, expected: LabelScheme | None = None) -> list[StoreInfo]:
 
 def check_scheme(scheme: LabelScheme, ref: LabelScheme, what: str, ref_what: str) -> None:
     """Raise :class:`StoreError` when two label schemes differ, saying how."""
-    if scheme == ref:
+    if scheme.same_classes(ref):
         return
     raise StoreError(
         f"label scheme mismatch: {what} has {dict(zip(scheme.ids, scheme.names, strict=True))}"

@@ -14,17 +14,16 @@ Units: positions in px and Å (``x_A = x_px · pixel_size_A``, origin at the cen
 from __future__ import annotations
 
 import csv
-import json
 import math
 import numbers
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from structures import CHALCOGEN, METAL
+from simgen.store import atomic_write, write_json
+from structures import CHALCOGEN, METAL, defect_classes
 from training.experiments.lattice import (
     UNASSIGNED,
     LatticeFit,
@@ -51,8 +50,6 @@ _SITE_CODES = {v: k for k, v in SITE_NAMES.items()}
 NM2_PER_CM2 = 1e14
 A2_PER_NM2 = 100.0
 
-#: Substrings that mark a class name as a defect (see :func:`defect_class_names`).
-_DEFECT_MARKERS = ("vac", "sub_", "antisite", "dopant", "other", "doped", "vacancy")
 #: Class name given to an empty site of each sublattice, first one present in the scheme.
 _VACANCY_NAMES = {
     METAL: ("vac_M", "metal_vacancy"),
@@ -297,12 +294,7 @@ def defect_class_names(scheme) -> tuple[str, ...]:
     and single chalcogens (``S``, ``Se``, ``Te``: a chalcogen vacancy in the composition
     scheme). Host classes (``metal``, ``chalcogen``, ``Mo``, ``S2``, alloy pairs such as
     ``SSe``) are not."""
-    out = []
-    for name in scheme_names(scheme)[1:]:
-        low = name.lower()
-        if any(m in low for m in _DEFECT_MARKERS) or name in ("S", "Se", "Te"):
-            out.append(name)
-    return tuple(out)
+    return tuple(defect_classes(scheme_names(scheme)))
 
 
 def _inside(cat: Catalogue, shape, mask) -> np.ndarray:
@@ -435,15 +427,6 @@ def summarize(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        write(fh)
-    os.replace(tmp, path)
-    return path
-
-
 def _fmt(value) -> str:
     if isinstance(value, bool | np.bool_):
         return "1" if value else "0"
@@ -472,7 +455,7 @@ def write_columns_csv(catalogue: Catalogue, path) -> Path:
                     row.append(_fmt(v))
             writer.writerow(row)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def read_columns_csv(path, scheme=None, pixel_size_A: float | None = None) -> Catalogue:
@@ -518,29 +501,9 @@ def read_columns_csv(path, scheme=None, pixel_size_A: float | None = None) -> Ca
     )
 
 
-def _jsonable(value):
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.bool_ | bool):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating | float):
-        v = float(value)
-        return v if math.isfinite(v) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_summary_json(summary: Mapping, path) -> Path:
     """Write a :func:`summarize` result (or any plain dict) as indented JSON; NaN as null."""
-    text = json.dumps(_jsonable(summary), indent=2, ensure_ascii=False) + "\n"
-    return _atomic_write(path, lambda fh: fh.write(text))
+    return write_json(summary, path, ensure_ascii=False)
 
 
 def flatten_summary(summary: Mapping, **extra) -> dict:
@@ -587,4 +550,4 @@ def write_run_summary_csv(rows: Iterable[Mapping], path) -> Path:
         for r in flat:
             writer.writerow(["" if r.get(k) is None else _fmt(r[k]) for k in header])
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)

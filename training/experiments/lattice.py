@@ -32,7 +32,8 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from structures import CHALCOGEN, METAL, get_scheme, parse_material
-from structures.columns import LabelScheme
+from structures.columns import DEFECT_CLASSES, LabelScheme
+from structures.defects import DEFECT_SITE
 from structures.lattices import CHALCOGENS
 
 SQRT3 = math.sqrt(3.0)
@@ -392,47 +393,20 @@ def _neighbour_fit_rows(spin, self_spin, pts, own, idx, valid, b, affine_g, oppo
 # Which classes may sit on which site
 # --------------------------------------------------------------------------------------------
 
+#: Defect kinds of ``structures`` and the site they occur on.
+DEFECT_SITES = {kind: DEFECT_SITE[kind] for kind in DEFECT_CLASSES}
 #: Class names that only occur on metal (A) sites: the host metal, metal vacancies, metal-site
 #: substitutions (antisites, dopants), the composition scheme's metals and ``other``
 #: (dopants and antisites), and Lee et al.'s metal classes.
 METAL_SITE_CLASSES = frozenset(
-    {
-        "metal",
-        "vac_M",
-        "antisite_X1",
-        "antisite_X2",
-        "dopant_M",
-        "other",
-        "metal_vacancy",
-        "metal_Doped",
-    }
+    {"metal", "other", "metal_vacancy", "metal_Doped"}
+    | {kind for kind, site in DEFECT_SITES.items() if site == METAL}
 )
 #: Class names that only occur on chalcogen (B) sites.
 CHALCOGEN_SITE_CLASSES = frozenset(
-    {
-        "chalcogen",
-        "vac_X1",
-        "vac_X2",
-        "sub_X1",
-        "sub_X2",
-        "vac_X",
-        "1Doped",
-        "2Doped",
-        "1vacancy",
-        "2vacancy",
-    }
+    {"chalcogen", "vac_X", "1Doped", "2Doped", "1vacancy", "2vacancy"}
+    | {kind for kind, site in DEFECT_SITES.items() if site == CHALCOGEN}
 )
-#: Defect kinds of ``structures`` and the site they occur on.
-DEFECT_SITES = {
-    "vac_X1": CHALCOGEN,
-    "vac_X2": CHALCOGEN,
-    "sub_X1": CHALCOGEN,
-    "sub_X2": CHALCOGEN,
-    "vac_M": METAL,
-    "antisite_X1": METAL,
-    "antisite_X2": METAL,
-    "dopant_M": METAL,
-}
 BOTH_SITES = (METAL, CHALCOGEN)
 _ELEMENT = re.compile(r"([A-Z][a-z]?)(\d*)")
 
@@ -467,7 +441,7 @@ def scheme_names(scheme) -> tuple[str, ...]:
             out[int(i)] = str(name)
         return tuple(out)
     if isinstance(scheme, str | Mapping | LabelScheme):
-        return get_scheme(scheme).names
+        return tuple(get_scheme(scheme).class_names)
     if hasattr(scheme, "class_names"):
         return tuple(scheme.class_names)
     if hasattr(scheme, "names"):

@@ -42,25 +42,28 @@ calibration cells).
 
 API::
 
-    sim = simulate(atoms, columns, optics, model="incoherent", pixel_size_A=None,
-                   window=(x0, y0, width, height) | None, shape=(H, W) | None,
-                   origin=(x0, y0) | None, calibration=cal, interpolation=2,
-                   frozen_phonons=0, phonon_sigma_A=0.07, potential_sampling_A=0.05,
-                   slice_thickness_A=1.0, focal_points=7, scan_sampling_A=None,
-                   periodic=False, device="cpu", rng=None)
+    settings = SimulationSettings(model="incoherent", pixel_size_A=None,
+                                  window=(x0, y0, width, height) | None, shape=(H, W) | None,
+                                  origin=(x0, y0) | None, interpolation=2, frozen_phonons=0,
+                                  phonon_sigma_A=0.07, potential_sampling_A=0.05,
+                                  slice_thickness_A=1.0, focal_points=7, scan_sampling_A=None,
+                                  periodic=False, device="cpu")
+    sim = simulate(atoms, columns, optics, settings, calibration=cal, rng=None)
+    sim = simulate(atoms, columns, optics, model="prism")  # a settings field per keyword
     sim.image            # float32 [H, W], NumPy or CuPy (device="gpu")
     sim.rows, sim.cols   # every column's sub-pixel position, same order as ``columns``
     sim.params           # optics values used (store them per sample)
     sim.calibration_key  # the incoherent model's calibration (None for prism/multislice)
 
 ``columns`` is anything with ``x, y, counts, elements`` (``structures.ColumnTable``, or
-:class:`Columns`). :class:`IncoherentRenderer` is the incoherent model's engine (one
-probe kernel, many renders), used by :mod:`simgen.calibrate`.
+:class:`Columns`). The incoherent model itself lives in :mod:`simgen.incoherent`; its
+calibration against the abTEM models in :mod:`simgen.calibrate`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Mapping
@@ -69,15 +72,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from simgen.backend import get_array_module, get_scipy_submodule, resolve_device, to_numpy
+from simgen.backend import get_array_module, get_scipy_submodule, resolve_device
+from simgen.configbase import Config
 from simgen.distributions import as_rng
+from simgen.incoherent import Calibration, check_calibration, render_incoherent
 from simgen.optics import (
+    FWHM_TO_SIGMA,
     OpticsConfig,
     abtem_aberrations,
     focal_quadrature,
     nyquist_sampling_A,
     optics_values,
-    probe_intensity,
     probe_radius_A,
     wavelength_A,
 )
@@ -85,31 +90,17 @@ from simgen.optics import (
 if TYPE_CHECKING:  # pragma: no cover
     from ase import Atoms
 
-    from simgen.calibrate import Calibration
-
 __all__ = [
     "MODELS",
     "Columns",
-    "IncoherentRenderer",
     "Simulated",
-    "column_peaks",
+    "SimulationSettings",
     "plane_slices",
     "resolve_window",
     "simulate",
 ]
 
 MODELS = ("incoherent", "prism", "multislice")
-
-#: The incoherent model's grid step is at most this fraction of the Nyquist step.
-NYQUIST_FRACTION = 0.9
-
-#: Largest object-peak width [Å] the incoherent model accepts (sizes its FFT padding).
-MAX_WIDTH_A = 0.5
-
-#: Calibration optics may differ from the simulated ones by this relative amount.
-CALIBRATION_RTOL = 0.02
-
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
 
 # -- containers ---------------------------------------------------------------------------
@@ -163,6 +154,8 @@ class Simulated:
         That calibration.
     info : dict
         Numerical settings of the run (grid steps, interpolation, frozen phonons...).
+    columns : object or None
+        The ``columns`` argument, so the image travels with what it shows.
     """
 
     image: Any
@@ -175,6 +168,7 @@ class Simulated:
     calibration_key: str | None = None
     calibration: Calibration | None = None
     info: dict = field(default_factory=dict)
+    columns: Any = None
 
 
 # -- input checks ---------------------------------------------------------------------------
@@ -273,13 +267,6 @@ def resolve_window(
     return x0, y0, h, w
 
 
-def _sim_step(pixel_size_A: float, optics: Mapping[str, float]) -> tuple[float, int]:
-    """Simulation step ``p / m`` with the smallest ``m`` that keeps it below Nyquist."""
-    nyq = NYQUIST_FRACTION * nyquist_sampling_A(optics)
-    m = max(1, math.ceil(pixel_size_A / nyq - 1e-9))
-    return pixel_size_A / m, m
-
-
 @contextlib.contextmanager
 def _quiet_abtem():
     """Silence abTEM's warnings and keep its Dask graphs on the calling thread."""
@@ -291,266 +278,11 @@ def _quiet_abtem():
         yield
 
 
-def _next_fast(n: int) -> int:
-    from scipy.fft import next_fast_len
-
-    return int(next_fast_len(int(n), real=True))
-
-
-def _fft(xp):
-    """``scipy.fft`` (float32-aware, no planning) or ``cupyx.scipy.fft``."""
-    return get_scipy_submodule(xp, "fft")
-
-
-# -- incoherent model -------------------------------------------------------------------------
-def column_peaks(
-    counts: np.ndarray,
-    elements: tuple[str, ...],
-    calibration: Calibration,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gaussian peaks of the object function, one per (column, element present).
-
-    The atoms of element ``e`` in a column of ``n`` atoms contribute
-    ``counts[j, e] * w_e * kappa_e ** (n - 1)`` (Å²) with width ``sigma_e``.
-
-    Returns
-    -------
-    column_index, amplitude_A2, sigma_A : ndarray [n_peaks]
-    """
-    counts = np.asarray(counts)
-    used = [i for i, e in enumerate(elements) if counts[:, i].any()]
-    missing = [elements[i] for i in used if elements[i] not in calibration.weights_A2]
-    if missing:
-        raise ValueError(
-            f"calibration: no weights for element(s) {missing}; it covers "
-            f"{list(calibration.elements)} (calibrate for these elements)"
-        )
-    n_atoms = counts.sum(axis=1)
-    idx, amp, sig = [], [], []
-    for i in used:
-        e = elements[i]
-        rows = np.nonzero(counts[:, i])[0]
-        a = (
-            counts[rows, i]
-            * calibration.weights_A2[e]
-            * calibration.kappa[e] ** (n_atoms[rows] - 1).astype(np.float64)
-        )
-        idx.append(rows)
-        amp.append(a)
-        sig.append(np.full(rows.size, calibration.widths_A[e]))
-    if not idx:
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
-    return np.concatenate(idx), np.concatenate(amp), np.concatenate(sig)
-
-
-class IncoherentRenderer:
-    """Probe-intensity convolution on a fixed grid for one set of optics.
-
-    Built once per image (or once per calibration fit): it holds the grid geometry and the
-    Fourier transform of the probe intensity kernel, and :meth:`render` turns Gaussian
-    peaks at exact sub-pixel positions into an image. The kernel is abTEM's probe on a
-    compact box of ``2 * probe_radius_A`` (periodic, so its tail folds back and the total
-    intensity is conserved), embedded in an FFT grid padded by that radius so that no
-    wrap-around reaches the field of view.
-
-    Parameters
-    ----------
-    optics : mapping
-        Drawn optics values.
-    pixel_size_A : float
-        Output pixel size [Å].
-    origin_A : (float, float)
-        Cell-frame position of pixel (0, 0) [Å].
-    shape : (H, W)
-        Output shape [px].
-    focal_points : int
-        Gauss–Hermite nodes of the focal-spread average.
-    device : str
-        ``cpu`` or ``gpu``.
-    """
-
-    def __init__(
-        self,
-        optics: Mapping[str, float],
-        pixel_size_A: float,
-        origin_A: tuple[float, float],
-        shape: tuple[int, int],
-        *,
-        focal_points: int = 7,
-        device: str = "cpu",
-    ):
-        self.optics = optics_values(optics)
-        self.device = resolve_device(device)
-        self.xp = get_array_module(self.device)
-        xp = self.xp
-        self.pixel_size_A = float(pixel_size_A)
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.step_A, self.m = _sim_step(self.pixel_size_A, self.optics)
-        ps = self.step_A
-        self.render_sigma_A = ps  # peaks are drawn this much wider, then deconvolved
-        radius = probe_radius_A(self.optics)
-        nk = 2 * math.ceil(radius / ps)
-        while _next_fast(nk) != nk or nk % 2:
-            nk += 2
-        self.kernel_gpts = nk
-        sigma_src = self.optics["source_size_A"] * _FWHM_TO_SIGMA
-        self.patch_half = math.ceil(4.0 * math.hypot(MAX_WIDTH_A, self.render_sigma_A) / ps)
-        pad = nk // 2 + math.ceil(4.0 * sigma_src / ps) + self.patch_half + 2
-        h, w = self.shape
-        ny = _next_fast(self.m * (h - 1) + 1 + 2 * pad)
-        nx = _next_fast(self.m * (w - 1) + 1 + 2 * pad)
-        self.pad = pad
-        self.grid_shape = (ny, nx)
-        self.grid_origin_A = (origin_A[0] - pad * ps, origin_A[1] - pad * ps)
-        self.origin_A = (float(origin_A[0]), float(origin_A[1]))
-
-        kernel = probe_intensity(
-            self.optics,
-            sampling_A=ps,
-            gpts=nk,
-            focal_points=focal_points,
-            source=False,
-            device=self.device,
-        ).T  # abTEM [x, y] -> [y, x]
-        # The image is a correlation with the probe, I(R) = int |P(r - R)|^2 O(r) dr, i.e. a
-        # convolution with |P(-r)|^2: flip the kernel (matters for odd aberrations, C21/C23).
-        kernel = xp.roll(kernel[::-1, ::-1], 1, axis=(0, 1))
-        k0 = xp.fft.ifftshift(kernel)  # centre to index (0, 0)
-        half = nk // 2
-        big = xp.zeros((ny, nx), dtype=xp.float32)
-        big[:half, :half] = k0[:half, :half]
-        big[:half, nx - half :] = k0[:half, half:]
-        big[ny - half :, :half] = k0[half:, :half]
-        big[ny - half :, nx - half :] = k0[half:, half:]
-        fft = _fft(xp)
-        ky = xp.fft.fftfreq(ny, d=ps).astype(xp.float32)
-        kx = xp.fft.rfftfreq(nx, d=ps).astype(xp.float32)
-        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
-        env = xp.exp(-2.0 * math.pi**2 * (sigma_src**2 - self.render_sigma_A**2) * k2)
-        # |P|^2 is band-limited to 2 alpha / lambda (+ the soft aperture edge): zero the
-        # float round-off beyond it, which the deconvolution of the render width amplifies.
-        lam = wavelength_A(self.optics["energy_kV"])
-        k_band = 2.0 * (self.optics["semiangle_mrad"] * 1e-3 / lam + 1.0 / (nk * ps))
-        env = env * (k2 <= k_band**2)
-        self.kernel_spectrum = (fft.rfft2(big) * env * (ps * ps)).astype(xp.complex64)
-
-    def render(self, x_A, y_A, amplitude_A2, sigma_A):
-        """Image of Gaussian object peaks convolved with the probe intensity.
-
-        Parameters
-        ----------
-        x_A, y_A : array [n]
-            Peak positions [Å], cell frame.
-        amplitude_A2 : array [n]
-            Integrated weights [Å²] (the HAADF cross-section of the peak).
-        sigma_A : array [n]
-            Gaussian standard deviations of the peaks [Å].
-
-        Returns
-        -------
-        ndarray (NumPy or CuPy), float32 [H, W]
-            Without background.
-        """
-        xp = self.xp
-        ps = self.step_A
-        ny, nx = self.grid_shape
-        u = (xp.asarray(x_A, dtype=xp.float64) - self.grid_origin_A[0]) / ps
-        v = (xp.asarray(y_A, dtype=xp.float64) - self.grid_origin_A[1]) / ps
-        amp = xp.asarray(amplitude_A2, dtype=xp.float64)
-        s = xp.sqrt(xp.asarray(sigma_A, dtype=xp.float64) ** 2 + self.render_sigma_A**2)
-        keep = (u >= 0) & (u < nx) & (v >= 0) & (v < ny) & (amp != 0)
-        u, v, amp, s = u[keep], v[keep], amp[keep], s[keep]
-        fft = _fft(xp)
-        if u.size == 0:
-            img = xp.zeros((ny, nx), dtype=xp.float32)
-        else:
-            smax = float(s.max())
-            if smax > math.hypot(MAX_WIDTH_A, self.render_sigma_A) + 1e-9:
-                raise ValueError(f"sigma_A: peak widths must be <= {MAX_WIDTH_A} Å")
-            half = max(2, math.ceil(4.0 * smax / ps))
-            d = xp.arange(-half, half + 1, dtype=xp.float64)
-            iu = xp.floor(u)
-            iv = xp.floor(v)
-            inv = (ps / s)[:, None]
-            gx = xp.exp(-0.5 * ((d[None, :] - (u - iu)[:, None]) * inv) ** 2)
-            gy = xp.exp(-0.5 * ((d[None, :] - (v - iv)[:, None]) * inv) ** 2)
-            norm = amp / (2.0 * math.pi * s * s)
-            vals = (norm[:, None, None] * gy[:, :, None] * gx[:, None, :]).ravel()
-            di = d.astype(xp.int64)
-            cols = (iu.astype(xp.int64)[:, None] + di[None, :]) % nx
-            rows = (iv.astype(xp.int64)[:, None] + di[None, :]) % ny
-            flat = (rows[:, :, None] * nx + cols[:, None, :]).ravel()
-            density = xp.bincount(flat, weights=vals, minlength=ny * nx)
-            density = density.reshape(ny, nx).astype(xp.float32)
-            img = fft.irfft2(fft.rfft2(density) * self.kernel_spectrum, s=(ny, nx))
-        h, w = self.shape
-        m, pad = self.m, self.pad
-        out = img[pad : pad + m * (h - 1) + 1 : m, pad : pad + m * (w - 1) + 1 : m]
-        return xp.ascontiguousarray(out, dtype=xp.float32)
-
-
-def _periodic_images(x, y, cell_xy, lo, hi):
-    """Copies of the columns shifted by whole cells that fall inside ``[lo, hi)``."""
-    lx, ly = cell_xy
-    ix = range(math.floor((lo[0] - x.max()) / lx), math.ceil((hi[0] - x.min()) / lx) + 1)
-    iy = range(math.floor((lo[1] - y.max()) / ly), math.ceil((hi[1] - y.min()) / ly) + 1)
-    idx, xs, ys = [], [], []
-    base = np.arange(x.size)
-    for i in ix:
-        for j in iy:
-            xx, yy = x + i * lx, y + j * ly
-            keep = (xx >= lo[0]) & (xx < hi[0]) & (yy >= lo[1]) & (yy < hi[1])
-            idx.append(base[keep])
-            xs.append(xx[keep])
-            ys.append(yy[keep])
-    return np.concatenate(idx), np.concatenate(xs), np.concatenate(ys)
-
-
-def _check_calibration(calibration, optics) -> None:
-    from simgen.calibrate import Calibration
-
-    if calibration is None:
-        raise ValueError(
-            "calibration: the incoherent model needs a Calibration "
-            "(simgen.calibrate.calibrate(...) for these optics and elements)"
-        )
-    if not isinstance(calibration, Calibration):
-        raise ValueError(f"calibration: expected a Calibration, got {type(calibration)!r}")
-    for key in ("energy_kV", "semiangle_mrad", "haadf_inner_mrad", "haadf_outer_mrad"):
-        ref = getattr(calibration, key)
-        if abs(optics[key] - ref) > CALIBRATION_RTOL * abs(ref):
-            raise ValueError(
-                f"calibration: computed for {key}={ref:g}, but the optics have "
-                f"{optics[key]:g} (tolerance {CALIBRATION_RTOL:.0%}); calibrate for these optics"
-            )
-
-
-def _incoherent(x, y, counts, elements, cell_xy, optics, calibration, geom, periodic, fp, dev):
-    x0, y0, h, w, p = geom
-    renderer = IncoherentRenderer(optics, p, (x0, y0), (h, w), focal_points=fp, device=dev)
-    col, amp, sig = column_peaks(counts, elements, calibration)
-    px, py = x[col], y[col]
-    if periodic and col.size:
-        ny, nx = renderer.grid_shape
-        lo = renderer.grid_origin_A
-        hi = (lo[0] + nx * renderer.step_A, lo[1] + ny * renderer.step_A)
-        sel, px, py = _periodic_images(px, py, cell_xy, lo, hi)
-        amp, sig = amp[sel], sig[sel]
-    image = renderer.render(px, py, amp, sig) + np.float32(calibration.background)
-    info = {
-        "step_A": renderer.step_A,
-        "grid_shape": renderer.grid_shape,
-        "kernel_gpts": renderer.kernel_gpts,
-        "focal_points": len(focal_quadrature(optics["focal_spread_A"], fp)[0]),
-    }
-    return image, info
-
-
 # -- abTEM reference models --------------------------------------------------------------------
 def _scan_layout(p, h, w, optics, scan_sampling_A):
     """Scan step, sub-sampling factor and margin (in scan steps) of a reference scan."""
     nyq = nyquist_sampling_A(optics)
-    sigma_src = optics["source_size_A"] * _FWHM_TO_SIGMA
+    sigma_src = optics["source_size_A"] * FWHM_TO_SIGMA
     if scan_sampling_A is None:
         m = max(1, math.ceil(p / nyq - 1e-9))
         s = p / m
@@ -633,28 +365,7 @@ def _max_sigma(sigma) -> float:
     return float(np.max(sigma))
 
 
-def _reference(
-    atoms,
-    cell_xy,
-    optics,
-    geom,
-    *,
-    model,
-    periodic,
-    interpolation,
-    frozen_phonons,
-    phonon_sigma_A,
-    potential_sampling_A,
-    slice_thickness_A,
-    focal_points,
-    scan_sampling_A,
-    device,
-    rng,
-):
-    import abtem
-
-    x0, y0, h, w, p = geom
-    xp = get_array_module(device)
+def _check_potential_sampling(optics, potential_sampling_A: float) -> None:
     lam = wavelength_A(optics["energy_kV"])
     cutoff_mrad = 2.0 / 3.0 / (2.0 * potential_sampling_A) * lam * 1e3
     if cutoff_mrad < optics["haadf_outer_mrad"]:
@@ -663,11 +374,17 @@ def _reference(
             f"{cutoff_mrad:.0f} mrad < haadf_outer_mrad {optics['haadf_outer_mrad']:g}; use "
             f"<= {2.0 / 3.0 / 2.0 * lam * 1e3 / optics['haadf_outer_mrad']:.4f} Å"
         )
-    s, m, margin, (nsx, nsy), resample = _scan_layout(p, h, w, optics, scan_sampling_A)
-    sx0, sy0 = x0 - margin * s, y0 - margin * s
-    if periodic:
-        work = atoms
-        box = cell_xy
+
+
+def _reference_specimen(atoms, cell_xy, optics, layout, origin, settings, rng):
+    """The atoms abTEM sees (cropped box or the periodic cell, frozen phonons), its
+    potential grid and slices, the scan start in that box and the focal plane height."""
+    import abtem
+
+    s, _, margin, (nsx, nsy), _ = layout
+    sx0, sy0 = origin[0] - margin * s, origin[1] - margin * s
+    if settings.periodic:
+        work, box = atoms, cell_xy
     else:
         pad = probe_radius_A(optics)
         lo = (sx0 - pad, sy0 - pad)
@@ -679,24 +396,35 @@ def _reference(
     # measured from the specimen's mid-plane (mean atom height), as the incoherent model
     # assumes: propagating dz adds dz to C10, so abTEM gets C10 - z_mid.
     z_mid = float(np.mean(work.positions[:, 2])) if len(work) else 0.5 * float(work.cell[2, 2])
-    f = int(interpolation) if model == "prism" else 1
-    gpts = tuple(
-        f * math.ceil(math.ceil(length / potential_sampling_A) / f / 2) * 2 for length in box
-    )
-    below = 0.05 + (3.0 * _max_sigma(phonon_sigma_A) if frozen_phonons > 0 else 0.0)
+    f = int(settings.interpolation) if settings.model == "prism" else 1
+    step = float(settings.potential_sampling_A)
+    gpts = tuple(f * math.ceil(math.ceil(length / step) / f / 2) * 2 for length in box)
+    n_fp = int(settings.frozen_phonons)
+    below = 0.05 + (3.0 * _max_sigma(settings.phonon_sigma_A) if n_fp > 0 else 0.0)
     slices = plane_slices(
         np.mod(work.positions[:, 2], work.cell[2, 2]) if len(work) else [],
         float(work.cell[2, 2]),
-        slice_thickness_A,
+        float(settings.slice_thickness_A),
         below_A=below,
     )
-    if frozen_phonons > 0:
+    if n_fp > 0:
         seed = int(as_rng(rng).integers(2**31 - 1))
         work = abtem.FrozenPhonons(
-            work, num_configs=int(frozen_phonons), sigmas=phonon_sigma_A, seed=seed
+            work, num_configs=n_fp, sigmas=settings.phonon_sigma_A, seed=seed
         )
-    nodes, weights = focal_quadrature(optics["focal_spread_A"], focal_points)
+    return work, gpts, slices, (sx0, sy0), z_mid, f
+
+
+def _abtem_scan(work, gpts, slices, start, z_mid, f, optics, layout, settings, device):
+    """Focal-spread average of the HAADF signal of an abTEM scan, ``[x, y]`` float64."""
+    import abtem
+
+    s, _, _, (nsx, nsy), _ = layout
+    sx0, sy0 = start
+    xp = get_array_module(device)
+    nodes, weights = focal_quadrature(optics["focal_spread_A"], int(settings.focal_points))
     energy = optics["energy_kV"] * 1e3
+    alpha = optics["semiangle_mrad"]
     with _quiet_abtem():
         potential = abtem.Potential(work, gpts=gpts, slice_thickness=slices, device=device)
         detector = abtem.AnnularDetector(
@@ -706,29 +434,24 @@ def _reference(
         )
         scan = abtem.GridScan(start=(sx0, sy0), end=(sx0 + nsx * s, sy0 + nsy * s), gpts=(nsx, nsy))
         acc = None
-        if model == "prism":
+        if settings.model == "prism":
             smatrix = abtem.SMatrix(
                 potential=potential,
                 energy=energy,
-                semiangle_cutoff=optics["semiangle_mrad"],
+                semiangle_cutoff=alpha,
                 interpolation=f,
                 device=device,
             ).build(lazy=False)
         for node, weight in zip(nodes, weights, strict=True):
             aberrations = abtem_aberrations(optics, dC10_A=float(node) - z_mid)
-            if model == "prism":
+            if settings.model == "prism":
                 ctf = abtem.CTF(
-                    semiangle_cutoff=optics["semiangle_mrad"],
-                    energy=energy,
-                    aberration_coefficients=aberrations,
+                    semiangle_cutoff=alpha, energy=energy, aberration_coefficients=aberrations
                 )
                 meas = smatrix.reduce(scan=scan, ctf=ctf, detectors=[detector])
             else:
                 probe = abtem.Probe(
-                    energy=energy,
-                    semiangle_cutoff=optics["semiangle_mrad"],
-                    aberrations=aberrations,
-                    device=device,
+                    energy=energy, semiangle_cutoff=alpha, aberrations=aberrations, device=device
                 )
                 meas = probe.scan(potential, scan=scan, detectors=detector, lazy=False)
             if isinstance(meas, list):
@@ -737,10 +460,16 @@ def _reference(
             while arr.ndim > 2:  # any ensemble axis left (frozen phonons): plain mean
                 arr = arr.mean(axis=0)
             acc = weight * arr if acc is None else acc + weight * arr
-    img = acc.T  # [x, y] -> [y, x]
-    sigma_src = optics["source_size_A"] * _FWHM_TO_SIGMA
+    return acc, len(nodes)
+
+
+def _scan_to_pixels(img, optics, layout, p, h, w):
+    """Source-size blur of the scanned image, then its values at the requested pixels."""
+    xp = get_array_module(img)
+    s, m, margin, (nsx, nsy), resample = layout
+    sigma_src = optics["source_size_A"] * FWHM_TO_SIGMA
     if sigma_src > 0:
-        fft = _fft(xp)
+        fft = get_scipy_submodule(xp, "fft")
         ky = xp.fft.fftfreq(nsy, d=s)
         kx = xp.fft.rfftfreq(nsx, d=s)
         env = xp.exp(-2.0 * math.pi**2 * sigma_src**2 * (ky[:, None] ** 2 + kx[None, :] ** 2))
@@ -750,63 +479,47 @@ def _reference(
         rr = margin + (xp.arange(h, dtype=xp.float64) * p) / s
         cc = margin + (xp.arange(w, dtype=xp.float64) * p) / s
         coords = xp.stack(xp.meshgrid(rr, cc, indexing="ij"))
-        out = ndi.map_coordinates(img, coords, order=5, mode="nearest")
-    else:
-        out = img[margin : margin + m * (h - 1) + 1 : m, margin : margin + m * (w - 1) + 1 : m]
+        return ndi.map_coordinates(img, coords, order=5, mode="nearest")
+    return img[margin : margin + m * (h - 1) + 1 : m, margin : margin + m * (w - 1) + 1 : m]
+
+
+def _reference(atoms, cell_xy, optics, geom, settings: SimulationSettings, device, rng):
+    """PRISM or multislice image of the window ``geom`` and the numerical settings used."""
+    x0, y0, h, w, p = geom
+    _check_potential_sampling(optics, float(settings.potential_sampling_A))
+    layout = _scan_layout(p, h, w, optics, settings.scan_sampling_A)
+    work, gpts, slices, start, z_mid, f = _reference_specimen(
+        atoms, cell_xy, optics, layout, (x0, y0), settings, rng
+    )
+    acc, n_nodes = _abtem_scan(
+        work, gpts, slices, start, z_mid, f, optics, layout, settings, device
+    )
+    out = _scan_to_pixels(acc.T, optics, layout, p, h, w)  # [x, y] -> [y, x]
+    s, _, _, (nsx, nsy), resample = layout
     info = {
         "scan_step_A": s,
         "scan_shape": (nsy, nsx),
         "potential_gpts": gpts,
-        "potential_sampling_A": potential_sampling_A,
-        "slice_thickness_A": slice_thickness_A,
+        "potential_sampling_A": float(settings.potential_sampling_A),
+        "slice_thickness_A": float(settings.slice_thickness_A),
         "n_slices": len(slices),
         "interpolation": f,
-        "frozen_phonons": int(frozen_phonons),
-        "focal_points": int(len(nodes)),
+        "frozen_phonons": int(settings.frozen_phonons),
+        "focal_points": int(n_nodes),
         "resampled": resample,
         "focal_plane_z_A": z_mid,
     }
+    xp = get_array_module(out)
     return xp.ascontiguousarray(out, dtype=xp.float32), info
 
 
 # -- public entry point ------------------------------------------------------------------------
-def simulate(
-    atoms: Atoms,
-    columns,
-    optics: Mapping[str, float] | OpticsConfig | None = None,
-    *,
-    model: str = "incoherent",
-    pixel_size_A: float | None = None,
-    window: tuple[float, float, float, float] | None = None,
-    shape: tuple[int, int] | None = None,
-    origin: tuple[float, float] | None = None,
-    calibration: Calibration | None = None,
-    interpolation: int = 2,
-    frozen_phonons: int = 0,
-    phonon_sigma_A: float | Mapping[str, float] = 0.07,
-    potential_sampling_A: float = 0.05,
-    slice_thickness_A: float = 1.0,
-    focal_points: int = 7,
-    scan_sampling_A: float | None = None,
-    periodic: bool = False,
-    device: str = "cpu",
-    rng=None,
-) -> Simulated:
-    """Simulate the noise-free HAADF image of a window of a cell.
+@dataclass(frozen=True)
+class SimulationSettings(Config):
+    """How :func:`simulate` images a cell: model, window and numerical settings.
 
     Parameters
     ----------
-    atoms : ase.Atoms
-        Structure with an orthogonal cell and vacuum along z. Used by ``prism`` and
-        ``multislice``; the incoherent model uses only its cell (for checks and
-        ``periodic``).
-    columns : object with ``x, y, counts, elements``
-        The projected columns (e.g. ``structures.ColumnTable`` or :class:`Columns`);
-        positions [Å] in the cell frame. The incoherent model images these; all models
-        return their pixel positions.
-    optics : mapping or OpticsConfig, optional
-        Drawn optics values (:meth:`OpticsConfig.draw`); missing keys take the defaults.
-        An ``OpticsConfig`` is drawn with ``rng``.
     model : {"incoherent", "prism", "multislice"}
         Image model.
     pixel_size_A : float, optional
@@ -817,8 +530,6 @@ def simulate(
     shape, origin : (H, W) and (x0, y0), optional
         Alternative to ``window``: image shape [px] and position of pixel (0, 0) [Å].
         Without either the whole cell is imaged.
-    calibration : Calibration, optional
-        Required by the incoherent model; recorded in the result.
     interpolation : int
         PRISM interpolation factor (1 = exact).
     frozen_phonons : int
@@ -845,89 +556,124 @@ def simulate(
         the default treats it as a finite piece with real structure in its margin.
     device : {"cpu", "gpu", "auto"}
         Where to compute; on ``gpu`` the image is a CuPy array.
+    """
+
+    model: str = "incoherent"
+    pixel_size_A: float | None = None
+    window: tuple[float, float, float, float] | None = None
+    shape: tuple[int, int] | None = None
+    origin: tuple[float, float] | None = None
+    interpolation: int = 2
+    frozen_phonons: int = 0
+    phonon_sigma_A: float | dict[str, float] = 0.07
+    potential_sampling_A: float = 0.05
+    slice_thickness_A: float = 1.0
+    focal_points: int = 7
+    scan_sampling_A: float | None = None
+    periodic: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model: expected one of {MODELS}, got {self.model!r}")
+        if self.pixel_size_A is not None and not 0 < self.pixel_size_A <= 5.0:
+            raise ValueError(f"pixel_size_A: expected 0 < p <= 5 Å, got {self.pixel_size_A}")
+        for name, low in (("interpolation", 1), ("frozen_phonons", 0), ("focal_points", 1)):
+            value = getattr(self, name)
+            if int(value) != value or value < low:
+                raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+        if not 0 < self.potential_sampling_A <= 0.2:
+            raise ValueError(
+                f"potential_sampling_A: expected 0 < s <= 0.2 Å, got {self.potential_sampling_A}"
+            )
+        if not self.slice_thickness_A > 0:
+            raise ValueError(f"slice_thickness_A: must be > 0, got {self.slice_thickness_A}")
+
+
+def _settings(settings: SimulationSettings | None, overrides: dict) -> SimulationSettings:
+    settings = SimulationSettings() if settings is None else settings
+    if not isinstance(settings, SimulationSettings):
+        raise ValueError(f"settings: expected a SimulationSettings, got {type(settings)!r}")
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(SimulationSettings)})
+    if unknown:
+        raise TypeError(f"simulate() got an unexpected keyword argument {unknown[0]!r}")
+    return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
+def simulate(
+    atoms: Atoms,
+    columns,
+    optics: Mapping[str, float] | OpticsConfig | None = None,
+    settings: SimulationSettings | None = None,
+    *,
+    calibration: Calibration | None = None,
+    rng=None,
+    **overrides,
+) -> Simulated:
+    """Simulate the noise-free HAADF image of a window of a cell.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        Structure with an orthogonal cell and vacuum along z. Used by ``prism`` and
+        ``multislice``; the incoherent model uses only its cell (for checks and
+        ``periodic``).
+    columns : object with ``x, y, counts, elements``
+        The projected columns (e.g. ``structures.ColumnTable`` or :class:`Columns`);
+        positions [Å] in the cell frame. The incoherent model images these; all models
+        return their pixel positions.
+    optics : mapping or OpticsConfig, optional
+        Drawn optics values (:meth:`OpticsConfig.draw`); missing keys take the defaults.
+        An ``OpticsConfig`` is drawn with ``rng``.
+    settings : SimulationSettings, optional
+        Model, window and numerical settings (default :class:`SimulationSettings()`).
+    calibration : Calibration, optional
+        Required by the incoherent model; recorded in the result.
     rng : Generator, int or None
         Random source (frozen-phonon displacements, drawing an ``OpticsConfig``).
+    **overrides
+        Fields of :class:`SimulationSettings` to change for this call, e.g.
+        ``model="prism", pixel_size_A=0.2``.
 
     Returns
     -------
     Simulated
     """
-    if model not in MODELS:
-        raise ValueError(f"model: expected one of {MODELS}, got {model!r}")
-    device = resolve_device(device)
+    settings = _settings(settings, overrides)
+    device = resolve_device(settings.device)
     rng = as_rng(rng)
     optics = optics_values(optics, rng=rng)
-    p = float(optics["pixel_size_A"] if pixel_size_A is None else pixel_size_A)
+    p = float(optics["pixel_size_A"] if settings.pixel_size_A is None else settings.pixel_size_A)
     if not 0 < p <= 5.0:
-        raise ValueError(f"pixel_size_A: expected 0 < p <= 5 Å, got {pixel_size_A}")
+        raise ValueError(f"pixel_size_A: expected 0 < p <= 5 Å, got {settings.pixel_size_A}")
     optics["pixel_size_A"] = p
-    if int(interpolation) != interpolation or interpolation < 1:
-        raise ValueError(f"interpolation: expected an integer >= 1, got {interpolation!r}")
-    if int(frozen_phonons) != frozen_phonons or frozen_phonons < 0:
-        raise ValueError(f"frozen_phonons: expected an integer >= 0, got {frozen_phonons!r}")
-    if int(focal_points) != focal_points or focal_points < 1:
-        raise ValueError(f"focal_points: expected an integer >= 1, got {focal_points!r}")
-    if not 0 < potential_sampling_A <= 0.2:
-        raise ValueError(
-            f"potential_sampling_A: expected 0 < s <= 0.2 Å, got {potential_sampling_A}"
-        )
-    if not slice_thickness_A > 0:
-        raise ValueError(f"slice_thickness_A: must be > 0, got {slice_thickness_A}")
     cell_xy = _cell_xy(atoms)
     x, y, counts, elements = _check_columns(columns)
-    x0, y0, h, w = resolve_window(cell_xy, p, window, shape, origin)
+    x0, y0, h, w = resolve_window(cell_xy, p, settings.window, settings.shape, settings.origin)
     geom = (x0, y0, h, w, p)
-    if model == "incoherent":
-        _check_calibration(calibration, optics)
-        image, info = _incoherent(
-            x,
-            y,
-            counts,
-            elements,
-            cell_xy,
-            optics,
-            calibration,
-            geom,
-            periodic,
-            int(focal_points),
-            device,
-        )
+    if settings.model == "incoherent":
+        check_calibration(calibration, optics)
+        image, info = render_incoherent(
+            x, y, counts, elements, optics, calibration, geom,
+            cell_xy=cell_xy, periodic=settings.periodic,
+            focal_points=int(settings.focal_points), device=device,
+        )  # fmt: skip
     else:
         if len(atoms) == 0:
             raise ValueError("atoms: the structure holds no atoms")
-        image, info = _reference(
-            atoms,
-            cell_xy,
-            optics,
-            geom,
-            model=model,
-            periodic=periodic,
-            interpolation=int(interpolation),
-            frozen_phonons=int(frozen_phonons),
-            phonon_sigma_A=phonon_sigma_A,
-            potential_sampling_A=float(potential_sampling_A),
-            slice_thickness_A=float(slice_thickness_A),
-            focal_points=int(focal_points),
-            scan_sampling_A=scan_sampling_A,
-            device=device,
-            rng=rng,
-        )
+        image, info = _reference(atoms, cell_xy, optics, geom, settings, device, rng)
         calibration = None
-    info["periodic"] = bool(periodic)
+    info["periodic"] = bool(settings.periodic)
     return Simulated(
         image=image,
         rows=(y - y0) / p,
         cols=(x - x0) / p,
         params=dict(optics),
-        model=model,
+        model=settings.model,
         pixel_size_A=p,
         origin_A=(x0, y0),
         calibration_key=None if calibration is None else calibration.key,
         calibration=calibration,
         info=info,
+        columns=columns,
     )
-
-
-def image_to_numpy(sim: Simulated) -> np.ndarray:
-    """The image of a :class:`Simulated` as a NumPy array (copies from the GPU)."""
-    return to_numpy(sim.image)

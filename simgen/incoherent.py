@@ -1,0 +1,525 @@
+"""The incoherent HAADF model and its calibration parameters.
+
+``I(r) = b + sum_(column j, element e) A_je (|P|^2 * G_(sigma_e))(r - r_j)`` with
+``A_je = n_je * w_e * kappa_e ** (n_j - 1)``: the probe intensity ``|P|^2`` of abTEM's
+aberrated probe (focal-spread average, source-size blur) convolved with one Gaussian peak
+per (column, element). The per-element numbers (``w_e``, ``kappa_e``, ``sigma_e``, ``b``)
+are a :class:`Calibration`, fitted by :mod:`simgen.calibrate` to PRISM/multislice images.
+
+This module holds the model alone: :class:`Calibration` (numbers, key, dict round trip),
+:func:`column_peaks` (columns -> Gaussian peaks), :class:`IncoherentRenderer` (one probe
+kernel, many renders) and :func:`render_incoherent` (one image). :mod:`simgen.simulation`
+calls it for ``model="incoherent"``, :mod:`simgen.calibrate` fits it; it imports neither.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from simgen.backend import get_array_module, get_scipy_submodule, resolve_device
+from simgen.optics import (
+    FWHM_TO_SIGMA,
+    focal_quadrature,
+    nyquist_sampling_A,
+    optics_values,
+    probe_intensity,
+    probe_radius_A,
+    wavelength_A,
+)
+
+__all__ = [
+    "CALIBRATION_RTOL",
+    "CALIBRATION_VERSION",
+    "MAX_WIDTH_A",
+    "NYQUIST_FRACTION",
+    "Calibration",
+    "IncoherentRenderer",
+    "canonical_elements",
+    "check_calibration",
+    "column_peaks",
+    "periodic_images",
+    "render_incoherent",
+]
+
+#: The incoherent model's grid step is at most this fraction of the Nyquist step.
+NYQUIST_FRACTION = 0.9
+
+#: Largest object-peak width [Å] the incoherent model accepts (sizes its FFT padding).
+MAX_WIDTH_A = 0.5
+
+#: Calibration optics may differ from the simulated ones by this relative amount.
+CALIBRATION_RTOL = 0.02
+
+
+#: Bumped whenever the model or the fit changes what a calibration means.
+CALIBRATION_VERSION = 1
+
+
+_OPTICS_FIELDS = ("energy_kV", "semiangle_mrad", "haadf_inner_mrad", "haadf_outer_mrad")
+
+
+def atomic_number(symbol: str) -> int:
+    from ase.data import atomic_numbers
+
+    return atomic_numbers[symbol]
+
+
+def canonical_elements(elements: Sequence[str]) -> tuple[str, ...]:
+    from ase.data import atomic_numbers
+
+    els = tuple(dict.fromkeys(str(e) for e in elements))
+    bad = [e for e in els if e not in atomic_numbers]
+    if bad:
+        raise ValueError(f"elements: unknown element symbol {bad[0]!r}")
+    if not els:
+        raise ValueError("elements: give at least one element")
+    return tuple(sorted(els, key=atomic_number))
+
+
+def key_number(value: float) -> float:
+    return float(f"{float(value):.6g}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-element weights, channelling factors and widths of the incoherent model.
+
+    Parameters
+    ----------
+    elements : tuple of str
+        Calibrated elements, by atomic number.
+    weights_A2 : dict
+        ``w_e`` [Å²]: HAADF cross-section of a lone atom (single-atom column).
+    kappa : dict
+        ``kappa_e``: factor applied to each atom of ``e`` in a column of ``n`` atoms,
+        ``kappa_e ** (n - 1)``.
+    widths_A : dict
+        ``sigma_e`` [Å]: standard deviation of the object peak.
+    background : float
+        Constant background (fraction of the beam).
+    energy_kV, semiangle_mrad, haadf_inner_mrad, haadf_outer_mrad : float
+        The optics the calibration holds for.
+    reference : dict
+        How the reference image was made (``model`` and its numerical settings, the cell).
+    fit : dict
+        Fit quality (``correlation``, ``rms_relative``, ``n_pixels``...); not in the key.
+    """
+
+    elements: tuple[str, ...]
+    weights_A2: dict[str, float]
+    kappa: dict[str, float]
+    widths_A: dict[str, float]
+    background: float
+    energy_kV: float
+    semiangle_mrad: float
+    haadf_inner_mrad: float
+    haadf_outer_mrad: float
+    reference: dict = field(default_factory=dict)
+    fit: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        els = canonical_elements(self.elements)
+        object.__setattr__(self, "elements", els)
+        for name in ("weights_A2", "kappa", "widths_A"):
+            table = getattr(self, name)
+            if not isinstance(table, Mapping):
+                raise ValueError(f"{name}: expected a mapping element -> number")
+            missing = [e for e in els if e not in table]
+            if missing:
+                raise ValueError(f"{name}: no value for element {missing[0]!r}")
+            values = {e: float(table[e]) for e in els}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise ValueError(f"{name}: values must be finite, got {values}")
+            object.__setattr__(self, name, values)
+        for e, v in self.widths_A.items():
+            if not 0.0 <= v <= MAX_WIDTH_A:
+                raise ValueError(f"widths_A: {e} width {v} outside [0, {MAX_WIDTH_A}] Å")
+        for e, v in self.kappa.items():
+            if not v > 0:
+                raise ValueError(f"kappa: {e} factor must be > 0, got {v}")
+        for name in _OPTICS_FIELDS:
+            v = float(getattr(self, name))
+            if not v > 0 and name != "haadf_inner_mrad":
+                raise ValueError(f"{name}: must be > 0, got {v}")
+            object.__setattr__(self, name, v)
+        if not self.haadf_inner_mrad < self.haadf_outer_mrad:
+            raise ValueError("haadf_inner_mrad: must be < haadf_outer_mrad")
+        object.__setattr__(self, "background", float(self.background))
+
+    # -- identity -----------------------------------------------------------------------
+    def dependencies(self) -> dict:
+        """Everything the calibration depends on (what :attr:`key` hashes)."""
+        ref = {k: self.reference[k] for k in sorted(self.reference) if k != "seconds"}
+        return {
+            "version": CALIBRATION_VERSION,
+            "energy_kV": key_number(self.energy_kV),
+            "semiangle_mrad": key_number(self.semiangle_mrad),
+            "haadf_inner_mrad": key_number(self.haadf_inner_mrad),
+            "haadf_outer_mrad": key_number(self.haadf_outer_mrad),
+            "elements": list(self.elements),
+            "reference": json.loads(json.dumps(ref, sort_keys=True, default=str)),
+        }
+
+    @property
+    def key(self) -> str:
+        """Stable, file-name-safe identifier of the calibration's dependencies.
+
+        ``<model>-<E>kV-<alpha>mrad-<inner>-<outer>mrad-<elements>-<hash>``, the hash over
+        :meth:`dependencies` (energy, semi-angle, detector, elements, reference model and
+        its numerical settings, calibration version).
+        """
+        deps = self.dependencies()
+        digest = hashlib.sha1(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:12]
+        model = str(self.reference.get("model", "unknown"))
+        return (
+            f"{model}-{deps['energy_kV']:g}kV-{deps['semiangle_mrad']:g}mrad-"
+            f"{deps['haadf_inner_mrad']:g}-{deps['haadf_outer_mrad']:g}mrad-"
+            f"{''.join(self.elements)}-{digest}"
+        )
+
+    # -- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain JSON/YAML-ready mapping (includes ``key`` for reference)."""
+        return {
+            "version": CALIBRATION_VERSION,
+            "key": self.key,
+            "elements": list(self.elements),
+            "weights_A2": dict(self.weights_A2),
+            "kappa": dict(self.kappa),
+            "widths_A": dict(self.widths_A),
+            "background": self.background,
+            "energy_kV": self.energy_kV,
+            "semiangle_mrad": self.semiangle_mrad,
+            "haadf_inner_mrad": self.haadf_inner_mrad,
+            "haadf_outer_mrad": self.haadf_outer_mrad,
+            "reference": json.loads(json.dumps(self.reference, default=str)),
+            "fit": json.loads(json.dumps(self.fit, default=str)),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        """Inverse of :meth:`to_dict`; refuses other calibration versions."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"calibration: expected a mapping, got {type(data)!r}")
+        version = data.get("version", CALIBRATION_VERSION)
+        if version != CALIBRATION_VERSION:
+            raise ValueError(
+                f"calibration: version {version} != {CALIBRATION_VERSION}; recalibrate"
+            )
+        names = (
+            "elements",
+            "weights_A2",
+            "kappa",
+            "widths_A",
+            "background",
+            *_OPTICS_FIELDS,
+        )
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ValueError(f"calibration: missing field {missing[0]!r}")
+        cal = cls(
+            elements=tuple(data["elements"]),
+            weights_A2=dict(data["weights_A2"]),
+            kappa=dict(data["kappa"]),
+            widths_A=dict(data["widths_A"]),
+            background=data["background"],
+            reference=dict(data.get("reference", {})),
+            fit=dict(data.get("fit", {})),
+            **{n: data[n] for n in _OPTICS_FIELDS},
+        )
+        if "key" in data and data["key"] != cal.key:
+            raise ValueError(f"calibration: stored key {data['key']!r} != {cal.key!r}")
+        return cal
+
+    # -- use ------------------------------------------------------------------------------
+    def column_weights(self, counts, elements: Sequence[str]) -> np.ndarray:
+        """Integrated weight [Å²] of each column (``sum_e n_je w_e kappa_e^(n_j - 1)``)."""
+        counts = np.asarray(counts)
+        n = counts.sum(axis=1)
+        out = np.zeros(counts.shape[0])
+        for i, e in enumerate(elements):
+            if not counts[:, i].any():
+                continue
+            if e not in self.weights_A2:
+                raise ValueError(f"calibration: no weights for element {e!r}")
+            out += counts[:, i] * self.weights_A2[e] * self.kappa[e] ** (n - 1.0)
+        return out
+
+
+# -- reference cells -----------------------------------------------------------------------------
+
+
+def _sim_step(pixel_size_A: float, optics: Mapping[str, float]) -> tuple[float, int]:
+    """Simulation step ``p / m`` with the smallest ``m`` that keeps it below Nyquist."""
+    nyq = NYQUIST_FRACTION * nyquist_sampling_A(optics)
+    m = max(1, math.ceil(pixel_size_A / nyq - 1e-9))
+    return pixel_size_A / m, m
+
+
+def _next_fast(n: int) -> int:
+    from scipy.fft import next_fast_len
+
+    return int(next_fast_len(int(n), real=True))
+
+
+def _fft(xp):
+    """``scipy.fft`` (float32-aware, no planning) or ``cupyx.scipy.fft``."""
+    return get_scipy_submodule(xp, "fft")
+
+
+# -- incoherent model -------------------------------------------------------------------------
+def column_peaks(
+    counts: np.ndarray,
+    elements: tuple[str, ...],
+    calibration: Calibration,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gaussian peaks of the object function, one per (column, element present).
+
+    The atoms of element ``e`` in a column of ``n`` atoms contribute
+    ``counts[j, e] * w_e * kappa_e ** (n - 1)`` (Å²) with width ``sigma_e``.
+
+    Returns
+    -------
+    column_index, amplitude_A2, sigma_A : ndarray [n_peaks]
+    """
+    counts = np.asarray(counts)
+    used = [i for i, e in enumerate(elements) if counts[:, i].any()]
+    missing = [elements[i] for i in used if elements[i] not in calibration.weights_A2]
+    if missing:
+        raise ValueError(
+            f"calibration: no weights for element(s) {missing}; it covers "
+            f"{list(calibration.elements)} (calibrate for these elements)"
+        )
+    n_atoms = counts.sum(axis=1)
+    idx, amp, sig = [], [], []
+    for i in used:
+        e = elements[i]
+        rows = np.nonzero(counts[:, i])[0]
+        a = (
+            counts[rows, i]
+            * calibration.weights_A2[e]
+            * calibration.kappa[e] ** (n_atoms[rows] - 1).astype(np.float64)
+        )
+        idx.append(rows)
+        amp.append(a)
+        sig.append(np.full(rows.size, calibration.widths_A[e]))
+    if not idx:
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    return np.concatenate(idx), np.concatenate(amp), np.concatenate(sig)
+
+
+class IncoherentRenderer:
+    """Probe-intensity convolution on a fixed grid for one set of optics.
+
+    Built once per image (or once per calibration fit): it holds the grid geometry and the
+    Fourier transform of the probe intensity kernel, and :meth:`render` turns Gaussian
+    peaks at exact sub-pixel positions into an image. The kernel is abTEM's probe on a
+    compact box of ``2 * probe_radius_A`` (periodic, so its tail folds back and the total
+    intensity is conserved), embedded in an FFT grid padded by that radius so that no
+    wrap-around reaches the field of view.
+
+    Parameters
+    ----------
+    optics : mapping
+        Drawn optics values.
+    pixel_size_A : float
+        Output pixel size [Å].
+    origin_A : (float, float)
+        Cell-frame position of pixel (0, 0) [Å].
+    shape : (H, W)
+        Output shape [px].
+    focal_points : int
+        Gauss–Hermite nodes of the focal-spread average.
+    device : str
+        ``cpu`` or ``gpu``.
+    """
+
+    def __init__(
+        self,
+        optics: Mapping[str, float],
+        pixel_size_A: float,
+        origin_A: tuple[float, float],
+        shape: tuple[int, int],
+        *,
+        focal_points: int = 7,
+        device: str = "cpu",
+    ):
+        self.optics = optics_values(optics)
+        self.device = resolve_device(device)
+        self.xp = get_array_module(self.device)
+        xp = self.xp
+        self.pixel_size_A = float(pixel_size_A)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.step_A, self.m = _sim_step(self.pixel_size_A, self.optics)
+        ps = self.step_A
+        self.render_sigma_A = ps  # peaks are drawn this much wider, then deconvolved
+        radius = probe_radius_A(self.optics)
+        nk = 2 * math.ceil(radius / ps)
+        while _next_fast(nk) != nk or nk % 2:
+            nk += 2
+        self.kernel_gpts = nk
+        sigma_src = self.optics["source_size_A"] * FWHM_TO_SIGMA
+        self.patch_half = math.ceil(4.0 * math.hypot(MAX_WIDTH_A, self.render_sigma_A) / ps)
+        pad = nk // 2 + math.ceil(4.0 * sigma_src / ps) + self.patch_half + 2
+        h, w = self.shape
+        ny = _next_fast(self.m * (h - 1) + 1 + 2 * pad)
+        nx = _next_fast(self.m * (w - 1) + 1 + 2 * pad)
+        self.pad = pad
+        self.grid_shape = (ny, nx)
+        self.grid_origin_A = (origin_A[0] - pad * ps, origin_A[1] - pad * ps)
+        self.origin_A = (float(origin_A[0]), float(origin_A[1]))
+
+        kernel = probe_intensity(
+            self.optics,
+            sampling_A=ps,
+            gpts=nk,
+            focal_points=focal_points,
+            source=False,
+            device=self.device,
+        ).T  # abTEM [x, y] -> [y, x]
+        # The image is a correlation with the probe, I(R) = int |P(r - R)|^2 O(r) dr, i.e. a
+        # convolution with |P(-r)|^2: flip the kernel (matters for odd aberrations, C21/C23).
+        kernel = xp.roll(kernel[::-1, ::-1], 1, axis=(0, 1))
+        k0 = xp.fft.ifftshift(kernel)  # centre to index (0, 0)
+        half = nk // 2
+        big = xp.zeros((ny, nx), dtype=xp.float32)
+        big[:half, :half] = k0[:half, :half]
+        big[:half, nx - half :] = k0[:half, half:]
+        big[ny - half :, :half] = k0[half:, :half]
+        big[ny - half :, nx - half :] = k0[half:, half:]
+        fft = _fft(xp)
+        ky = xp.fft.fftfreq(ny, d=ps).astype(xp.float32)
+        kx = xp.fft.rfftfreq(nx, d=ps).astype(xp.float32)
+        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+        env = xp.exp(-2.0 * math.pi**2 * (sigma_src**2 - self.render_sigma_A**2) * k2)
+        # |P|^2 is band-limited to 2 alpha / lambda (+ the soft aperture edge): zero the
+        # float round-off beyond it, which the deconvolution of the render width amplifies.
+        lam = wavelength_A(self.optics["energy_kV"])
+        k_band = 2.0 * (self.optics["semiangle_mrad"] * 1e-3 / lam + 1.0 / (nk * ps))
+        env = env * (k2 <= k_band**2)
+        self.kernel_spectrum = (fft.rfft2(big) * env * (ps * ps)).astype(xp.complex64)
+
+    def render(self, x_A, y_A, amplitude_A2, sigma_A):
+        """Image of Gaussian object peaks convolved with the probe intensity.
+
+        Parameters
+        ----------
+        x_A, y_A : array [n]
+            Peak positions [Å], cell frame.
+        amplitude_A2 : array [n]
+            Integrated weights [Å²] (the HAADF cross-section of the peak).
+        sigma_A : array [n]
+            Gaussian standard deviations of the peaks [Å].
+
+        Returns
+        -------
+        ndarray (NumPy or CuPy), float32 [H, W]
+            Without background.
+        """
+        xp = self.xp
+        ps = self.step_A
+        ny, nx = self.grid_shape
+        u = (xp.asarray(x_A, dtype=xp.float64) - self.grid_origin_A[0]) / ps
+        v = (xp.asarray(y_A, dtype=xp.float64) - self.grid_origin_A[1]) / ps
+        amp = xp.asarray(amplitude_A2, dtype=xp.float64)
+        s = xp.sqrt(xp.asarray(sigma_A, dtype=xp.float64) ** 2 + self.render_sigma_A**2)
+        keep = (u >= 0) & (u < nx) & (v >= 0) & (v < ny) & (amp != 0)
+        u, v, amp, s = u[keep], v[keep], amp[keep], s[keep]
+        fft = _fft(xp)
+        if u.size == 0:
+            img = xp.zeros((ny, nx), dtype=xp.float32)
+        else:
+            smax = float(s.max())
+            if smax > math.hypot(MAX_WIDTH_A, self.render_sigma_A) + 1e-9:
+                raise ValueError(f"sigma_A: peak widths must be <= {MAX_WIDTH_A} Å")
+            half = max(2, math.ceil(4.0 * smax / ps))
+            d = xp.arange(-half, half + 1, dtype=xp.float64)
+            iu = xp.floor(u)
+            iv = xp.floor(v)
+            inv = (ps / s)[:, None]
+            gx = xp.exp(-0.5 * ((d[None, :] - (u - iu)[:, None]) * inv) ** 2)
+            gy = xp.exp(-0.5 * ((d[None, :] - (v - iv)[:, None]) * inv) ** 2)
+            norm = amp / (2.0 * math.pi * s * s)
+            vals = (norm[:, None, None] * gy[:, :, None] * gx[:, None, :]).ravel()
+            di = d.astype(xp.int64)
+            cols = (iu.astype(xp.int64)[:, None] + di[None, :]) % nx
+            rows = (iv.astype(xp.int64)[:, None] + di[None, :]) % ny
+            flat = (rows[:, :, None] * nx + cols[:, None, :]).ravel()
+            density = xp.bincount(flat, weights=vals, minlength=ny * nx)
+            density = density.reshape(ny, nx).astype(xp.float32)
+            img = fft.irfft2(fft.rfft2(density) * self.kernel_spectrum, s=(ny, nx))
+        h, w = self.shape
+        m, pad = self.m, self.pad
+        out = img[pad : pad + m * (h - 1) + 1 : m, pad : pad + m * (w - 1) + 1 : m]
+        return xp.ascontiguousarray(out, dtype=xp.float32)
+
+
+def periodic_images(x, y, cell_xy, lo, hi):
+    """Copies of the columns shifted by whole cells that fall inside ``[lo, hi)``."""
+    lx, ly = cell_xy
+    ix = range(math.floor((lo[0] - x.max()) / lx), math.ceil((hi[0] - x.min()) / lx) + 1)
+    iy = range(math.floor((lo[1] - y.max()) / ly), math.ceil((hi[1] - y.min()) / ly) + 1)
+    idx, xs, ys = [], [], []
+    base = np.arange(x.size)
+    for i in ix:
+        for j in iy:
+            xx, yy = x + i * lx, y + j * ly
+            keep = (xx >= lo[0]) & (xx < hi[0]) & (yy >= lo[1]) & (yy < hi[1])
+            idx.append(base[keep])
+            xs.append(xx[keep])
+            ys.append(yy[keep])
+    return np.concatenate(idx), np.concatenate(xs), np.concatenate(ys)
+
+
+def check_calibration(calibration, optics) -> None:
+    if calibration is None:
+        raise ValueError(
+            "calibration: the incoherent model needs a Calibration "
+            "(simgen.calibrate.calibrate(...) for these optics and elements)"
+        )
+    if not isinstance(calibration, Calibration):
+        raise ValueError(f"calibration: expected a Calibration, got {type(calibration)!r}")
+    for key in ("energy_kV", "semiangle_mrad", "haadf_inner_mrad", "haadf_outer_mrad"):
+        ref = getattr(calibration, key)
+        if abs(optics[key] - ref) > CALIBRATION_RTOL * abs(ref):
+            raise ValueError(
+                f"calibration: computed for {key}={ref:g}, but the optics have "
+                f"{optics[key]:g} (tolerance {CALIBRATION_RTOL:.0%}); calibrate for these optics"
+            )
+
+
+def render_incoherent(
+    x, y, counts, elements, optics, calibration, geom, *, cell_xy, periodic, focal_points, device
+):
+    """Incoherent image of columns ``(x, y, counts, elements)`` in the window ``geom``.
+
+    ``geom`` is ``(x0, y0, H, W, pixel_size_A)``; with ``periodic`` the columns are repeated
+    by whole cells ``cell_xy``. Returns ``(image, info)``.
+    """
+    x0, y0, h, w, p = geom
+    renderer = IncoherentRenderer(
+        optics, p, (x0, y0), (h, w), focal_points=focal_points, device=device
+    )
+    col, amp, sig = column_peaks(counts, elements, calibration)
+    px, py = x[col], y[col]
+    if periodic and col.size:
+        ny, nx = renderer.grid_shape
+        lo = renderer.grid_origin_A
+        hi = (lo[0] + nx * renderer.step_A, lo[1] + ny * renderer.step_A)
+        sel, px, py = periodic_images(px, py, cell_xy, lo, hi)
+        amp, sig = amp[sel], sig[sel]
+    image = renderer.render(px, py, amp, sig) + np.float32(calibration.background)
+    info = {
+        "step_A": renderer.step_A,
+        "grid_shape": renderer.grid_shape,
+        "kernel_gpts": renderer.kernel_gpts,
+        "focal_points": len(focal_quadrature(optics["focal_spread_A"], focal_points)[0]),
+    }
+    return image, info
