@@ -55,10 +55,16 @@ CTLD_PORT=$(free_port)
 SLURMD_PORT=$(free_port)
 STEPD_BEFORE=$(pgrep -x slurmstepd || true)
 PIDS=()
+CMD_PID=""
 
 cleanup() {
     local rc=$?
     set +e
+    if [[ -n $CMD_PID ]] && kill -0 "$CMD_PID" 2>/dev/null; then
+        kill -TERM -- "-$CMD_PID" 2>/dev/null
+        for _ in $(seq 20); do kill -0 "$CMD_PID" 2>/dev/null || break; sleep 0.5; done
+        kill -KILL -- "-$CMD_PID" 2>/dev/null
+    fi
     if [[ -f $WORK/slurm.conf ]] && command -v scancel >/dev/null; then
         export SLURM_CONF=$WORK/slurm.conf
         if [[ -n $(squeue -h -o %i 2>/dev/null) ]]; then
@@ -163,8 +169,15 @@ done
 log "slurm up: node $HOST ($NODE_CPUS CPUs), partition $PARTITION, SLURM_CONF=$SLURM_CONF"
 
 export SIMGEN_SLURM_PARTITION=$PARTITION
+# CMD in its own process group, waited for: a TERM/INT to this script (a CI timeout, make
+# interrupted) runs cleanup at once, which ends CMD's whole group before stopping slurm
+set -m
+"$@" &
+CMD_PID=$!
+set +m
 set +e
-"$@"
+wait "$CMD_PID"
 rc=$?
+CMD_PID=""
 set -e
 exit "$rc"
