@@ -8,10 +8,10 @@ CONFIG ?=
 OUT    ?= data/default.zarr
 
 .DEFAULT_GOAL := help
-.PHONY: help install dataset test test-all lint format bench clean
+.PHONY: help install dataset test test-all test-cluster lint format bench clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP) ## Run the default test suite (fast; no GPU needed)
 
 test-all: $(STAMP) ## Run every test including slow and gpu ones (gpu skip without CuPy)
 	$(BIN)/python -m pytest -q -m ''
+
+test-cluster: $(STAMP) ## Generate through a throwaway one-node SLURM (root; installs slurm-wlm, munge)
+	@$(BIN)/python -c 'import dask_jobqueue' 2>/dev/null || $(BIN)/python -m pip install -q 'dask-jobqueue>=0.8'
+	tests/slurm/with_slurm.sh $(BIN)/python -m pytest -q -m cluster tests/test_cluster_slurm.py
 
 lint: $(STAMP) ## ruff check and ruff format --check
 	$(BIN)/ruff check .

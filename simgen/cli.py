@@ -153,6 +153,13 @@ def generate(
         str | None, typer.Option(help="Join a running dask scheduler (tcp://host:8786)")
     ] = None,
     cluster: Annotated[ClusterKind, typer.Option(help="Where tasks run")] = ClusterKind.local,
+    jobqueue: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="slurm/pbs job setting over jobqueue.yaml, e.g. --jobqueue queue=short "
+            "--jobqueue memory=4GB --jobqueue walltime=04:00:00 (partition= is queue=)"
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ):
@@ -169,12 +176,30 @@ def generate(
     if noise_lambda is not None:
         lo, hi = _parse_range(noise_lambda, "--noise-lambda")
         named["acquisition.shot.lambda_counts"] = lo if lo == hi else {"uniform": [lo, hi]}
+    job = _parse_jobqueue(jobqueue, cluster)
     cfg = build_config(config, overrides, **named)
-    _run_generate(cfg, output, workers, scheduler, cluster, overwrite, verbose=verbose)
+    _run_generate(cfg, output, workers, scheduler, cluster, overwrite, verbose=verbose, job=job)
+
+
+def _parse_jobqueue(items: list[str] | None, cluster: ClusterKind) -> dict:
+    """``["queue=short", "memory=4GB"]`` -> dask-jobqueue keyword arguments."""
+    if items and cluster not in (ClusterKind.slurm, ClusterKind.pbs):
+        fail(f"--jobqueue applies to --cluster slurm or pbs, not {cluster.value}")
+    job = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            fail(f"--jobqueue expects KEY=VALUE (e.g. queue=short), got {item!r}")
+        key = key.strip().replace("-", "_")
+        # walltime verbatim: YAML would read 30:00 as the number 1800
+        job["queue" if key == "partition" else key] = (
+            value.strip() if key == "walltime" else _parse_value(value)
+        )
+    return job
 
 
 def _run_generate(
-    cfg, output, workers, scheduler, cluster, overwrite, calibration="auto", verbose=False
+    cfg, output, workers, scheduler, cluster, overwrite, calibration="auto", verbose=False, job=None
 ):
     from simgen.cluster import ClusterSpec
     from simgen.generation import generate as run
@@ -185,7 +210,11 @@ def _run_generate(
         check_ready(cfg)
         cal = _calibration_for(cfg) if calibration == "auto" else calibration
         spec = ClusterSpec(
-            kind=cluster.value, workers=workers, scheduler=scheduler, quiet=not verbose
+            kind=cluster.value,
+            workers=workers,
+            scheduler=scheduler,
+            jobqueue=job or {},
+            quiet=not verbose,
         )
         report = run(cfg, output, cluster=spec, overwrite=overwrite, calibration=cal)
     except (ValueError, StoreError, RuntimeError, FileNotFoundError) as err:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -115,6 +116,21 @@ def _start_cluster(spec: ClusterSpec):
         except ImportError:
             raise RuntimeError("cluster 'cuda' needs dask-cuda: pip install -e .[gpu]") from None
         return LocalCUDACluster(threads_per_worker=1, dashboard_address=None)
+    return _start_jobqueue(spec)
+
+
+#: Per-job settings used where neither ``jobqueue.yaml`` nor ``--jobqueue`` sets them.
+JOB_DEFAULTS = {"cores": 1, "processes": 1, "memory": "8GB"}
+#: How often lost jobs are replaced (a lost worker is forgotten after dask's
+#: ``distributed.deploy.lost-worker-timeout``, 15 s by default).
+KEEP_JOBS_EVERY_S = 10.0
+
+
+def _start_jobqueue(spec: ClusterSpec):
+    """SLURM/PBS through dask-jobqueue: submit ``spec.workers`` jobs now (a refused job is a
+    one-line error, not a scheduler waiting forever) and keep that many jobs alive."""
+    import dask
+
     try:
         import dask_jobqueue
     except ImportError:
@@ -122,9 +138,74 @@ def _start_cluster(spec: ClusterSpec):
             f"cluster {spec.kind!r} needs dask-jobqueue: pip install -e .[cluster]"
         ) from None
     cls = dask_jobqueue.SLURMCluster if spec.kind == "slurm" else dask_jobqueue.PBSCluster
-    kwargs = {"cores": 1, "processes": 1, "memory": "8GB", "walltime": "02:00:00"}
-    kwargs.update(spec.jobqueue)
-    cluster = cls(**kwargs)
-    cluster.scale(jobs=spec.workers or 1)
-    logger.info("submitted %d %s job(s):\n%s", spec.workers or 1, spec.kind, cluster.job_script())
+    kwargs = job_settings(spec)
+    try:
+        cluster = cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{spec.kind} job settings: {str(err).splitlines()[0]}") from None
+    jobs = spec.workers or 1
+    try:
+        cluster.sync(_submit, cluster, jobs)
+    except RuntimeError as err:
+        queue = kwargs.get("queue") or dask.config.get(f"jobqueue.{spec.kind}.queue", None)
+        cluster.close()
+        submit = cls.job_cls.submit_command
+        raise RuntimeError(
+            f"{spec.kind}: {submit} refused the worker job: {_command_error(err)} (queue "
+            f"{queue!r}: set it in jobqueue.yaml or with --jobqueue queue=NAME)"
+        ) from None
+    _keep_jobs(cluster, jobs)
+    logger.info("submitted %d %s job(s):\n%s", jobs, spec.kind, cluster.job_script())
     return cluster
+
+
+def job_settings(spec: ClusterSpec) -> dict:
+    """Keyword arguments for SLURMCluster/PBSCluster: ``spec.jobqueue`` (``--jobqueue``) over
+    the dask config (``~/.config/dask/jobqueue.yaml``, ``DASK_JOBQUEUE__SLURM__*``) over
+    :data:`JOB_DEFAULTS`; dask-jobqueue reads the config itself, so only what it lacks is
+    passed."""
+    import dask
+
+    configured = dask.config.get(f"jobqueue.{spec.kind}", default={}) or {}
+    kwargs = {k: v for k, v in JOB_DEFAULTS.items() if configured.get(k) is None}
+    kwargs.update(spec.jobqueue)
+    return kwargs
+
+
+async def _submit(cluster, jobs: int) -> None:
+    """Submit the jobs and wait for sbatch/qsub, in the cluster's loop: ``scale()`` would
+    only schedule the submission, and a refused job would be logged and lost while the
+    client waits for workers forever."""
+    from distributed.core import Status
+
+    while len(cluster.worker_spec) < jobs:
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    try:
+        await cluster._correct_state()
+    except RuntimeError:
+        for job in cluster._created:  # never submitted: let close() skip them
+            if job.status == Status.created:
+                job.status = Status.failed
+        raise
+
+
+def _command_error(err: RuntimeError) -> str:
+    """The stderr of a failed sbatch/qsub, from dask-jobqueue's multi-line error, as one line
+    (``sbatch: error:`` prefixes dropped)."""
+    text = str(err)
+    stderr = text.split("stderr:", 1)[1] if "stderr:" in text else text
+    lines = [re.sub(r"^\S+: error: ", "", ln.strip()) for ln in stderr.splitlines()]
+    return "; ".join(ln for ln in lines if ln) or text.splitlines()[0]
+
+
+def _keep_jobs(cluster, jobs: int) -> None:
+    """Resubmit jobs that end while generating (scancel, preemption, walltime): their tasks
+    go back to the other workers, and a replacement job joins when the queue allows."""
+    from distributed.core import Status
+    from tornado.ioloop import PeriodicCallback
+
+    def top_up():
+        if cluster.status == Status.running:
+            cluster.scale(jobs=jobs)  # re-opens the jobs dask forgot as lost
+
+    cluster.loop.add_callback(PeriodicCallback(top_up, KEEP_JOBS_EVERY_S * 1000).start)
