@@ -519,3 +519,75 @@ def test_cli_sums_frames_and_exits_zero_when_all_succeed(model_dir, experiment, 
     # a model that does not exist is one error line and exit code 1
     result = runner.invoke(app, ["label", str(stack), "-m", str(tmp_path / "nope"), "-o", str(out)])
     assert result.exit_code == 1 and "error: model not found" in result.stderr
+
+
+# ------------------------------------------------- quality figures and scan distortion
+
+
+def test_quality_figures_on_a_clean_image(ensemble, experiment):
+    im = experiment_image(experiment, 0)
+    res = label_image(im, ensemble, tile=128, overlap=32, tta=False, material=MATERIAL)
+    q = res.summary["quality"]
+    assert q["verdict"] == "ok", q
+    assert q["honeycomb_consistency"] >= 0.98 and q["honeycomb_sites"] > 200
+    assert q["sites_detected_fraction"] >= 0.95
+    assert q["off_lattice_fraction"] <= 0.02
+    lo, hi = q["train_contrast"]  # measured on the model's training store
+    assert 1.0 < lo <= hi
+    assert lo * 0.85 < q["contrast_metal_chalcogen"] < hi * 1.15
+    assert q["ensemble_variance"] is None  # one member
+
+
+def test_quality_flags_an_image_whose_contrast_the_model_never_saw(ensemble, experiment):
+    img = experiment["images"][0].astype(np.float64)
+    # compress the bright end (a saturated detector / clipped 8-bit export): W columns dim
+    squashed = np.minimum(img, np.percentile(img, 80)).astype(np.float32)
+    im = experiment_image(experiment, 0, data=squashed)
+    try:
+        res = label_image(im, ensemble, tile=128, overlap=32, tta=False, material=MATERIAL)
+    except ValueError as err:  # refusing is also an honest answer
+        assert "lattice" in str(err)
+        return
+    q = res.summary["quality"]
+    assert q["verdict"] != "ok"
+    assert any("contrast" in r for r in q["reasons"]), q
+
+
+def _distorted(experiment, i, anisotropy, shear):
+    """The experiment image as a scan with a stretched, sheared slow axis, and where the true
+    columns land in its pixels (x' = x + shear·y, y' = (1 + anisotropy)·y)."""
+    img = experiment["images"][i].astype(np.float64)
+    fwd = np.array([[1.0, shear], [0.0, 1.0 + anisotropy]])  # (x, y) true px -> scan px
+    inv = np.linalg.inv(fwd)
+    h, w = img.shape
+    swap = np.array([[0, 1], [1, 0]])
+    out = ndimage.affine_transform(
+        img, swap @ inv @ swap, output_shape=(int(h * (1 + anisotropy)), w), order=3,
+        mode="nearest",
+    )  # fmt: skip
+    t = experiment["truth"][i]
+    xy = np.column_stack([t["x"], t["y"]]) @ fwd.T
+    return out.astype(np.float32), {**t, "x": xy[:, 0], "y": xy[:, 1]}
+
+
+def test_scan_distortion_is_corrected_and_positions_stay_in_file_pixels(ensemble, experiment):
+    from training.experiments.calibration import calibrate_lattice, lattice_constant_of
+
+    data, truth = _distorted(experiment, 1, anisotropy=0.07, shear=0.04)
+    lattice = calibrate_lattice(data, lattice_constant_of(MATERIAL))
+    assert lattice.pixel_size_A == pytest.approx(EXP_PIXEL_A, rel=0.005)
+    assert lattice.anisotropy == pytest.approx(1 / 1.07 - 1, abs=0.01)  # 12 periods, edges
+    im = experiment_image(experiment, 1, data=data, pixel_size_source="fft", lattice=lattice)
+    res = label_image(im, ensemble, tile=128, overlap=32, tta=False, material=MATERIAL)
+    assert res.summary["resampling"]["distortion_corrected"] is True
+    s = score(res.catalogue, truth, data.shape, EXP_PIXEL_A)
+    assert s["f1"] >= 0.95 and s["site_accuracy"] >= 0.99, s
+    assert s["error_A"] < 0.15, s
+    assert res.summary["quality"]["honeycomb_consistency"] >= 0.98
+    # switched off, the image is labelled as scanned (the lattice fit absorbs 7 % by itself)
+    plain = label_image(
+        im, ensemble, tile=128, overlap=32, tta=False, material=MATERIAL,
+        correct_distortion=False,
+    )  # fmt: skip
+    assert plain.summary["resampling"]["distortion_corrected"] is False
+    assert plain.summary["resampling"]["factor_yx"] == pytest.approx([0.8, 0.8], abs=0.003)

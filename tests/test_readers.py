@@ -399,9 +399,9 @@ def test_file_calibration_checked_against_the_fft(tmp_path, caplog):
     check_error(bad, "needs a material", calibrate="fft")
 
 
-@pytest.mark.slow  # the default suite never reads ../shared
+@pytest.mark.slow  # the default suite never reads ../shared/real/
 def test_real_wse2_tiffs_read_and_calibrate():
-    """The real 8-bit LZW WSe2 exports of ../shared/real (developers only; skipped elsewhere)."""
+    """The real 8-bit LZW WSe2 exports in ../shared/real/ (developers only; else skipped)."""
     from pathlib import Path
 
     folder = Path(__file__).resolve().parents[1] / ".." / "shared" / "real" / "wse2_80kV_adf"

@@ -381,13 +381,28 @@ def label(
     material: Annotated[
         str | None,
         typer.Option(
-            help="Material (e.g. WSe2): FFT pixel-size calibration of uncalibrated files; "
-            "lattice constant of the summary."
+            help="Material (e.g. WSe2): FFT lattice calibration (pixel size of uncalibrated "
+            "files, scan anisotropy and shear, a check of the file's calibration); lattice "
+            "constant of the summary."
         ),
     ] = None,
     sum_frames: Annotated[
         bool, typer.Option("--sum-frames", help="Label the sum of a stack, not each frame.")
     ] = False,
+    calibrate: Annotated[
+        str,
+        typer.Option(
+            help="Pixel size: 'auto' (file, else --pixel-size, else FFT), 'fft' (the FFT's "
+            "even when the file has one; needs --material) or 'file' (no FFT)."
+        ),
+    ] = "auto",
+    correct_distortion: Annotated[
+        bool,
+        typer.Option(
+            "--correct-distortion/--no-correct-distortion",
+            help="Remove the scan anisotropy and shear the FFT measured before labelling.",
+        ),
+    ] = True,
     tile: Annotated[
         int, typer.Option(help="Inference tile side in px (at the model's pixel size).")
     ] = 512,
@@ -415,8 +430,10 @@ def label(
         pixel_size_A=pixel_size,
         material=material,
         sum_frames=sum_frames,
+        calibrate=calibrate,
         device=device,
         progress=not quiet,
+        correct_distortion=correct_distortion,
         tile=tile,
         overlap=overlap,
         tta=tta,

@@ -40,7 +40,7 @@ import math
 import numbers
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,7 @@ from training.experiments.lattice import (
     fit_lattice,
     scheme_names,
 )
+from training.experiments.quality import quality_figures, store_contrast_range
 from training.experiments.readers import FORMATS, ExperimentImage, ReaderError, read_image
 
 #: Relative pixel-size difference below which an image is not resampled.
@@ -115,6 +116,9 @@ class LabelResult:
     maps : tuple of ndarray or None
         ``(mean, variance)`` probability maps ``[K, H', W']`` of the resampled image, when
         requested with ``keep_maps=True``.
+    resampling : Resampling
+        The map from the resampled image to the file's pixels (affine when the scan
+        distortion was corrected; then ``scale`` holds only its diagonal).
     """
 
     image: ExperimentImage
@@ -128,6 +132,7 @@ class LabelResult:
     empty_confirmed: np.ndarray
     scale: tuple[float, float]
     maps: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    resampling: Resampling | None = field(default=None, repr=False)
 
     @property
     def n_columns(self) -> int:
@@ -322,40 +327,12 @@ def _scheme_of(ensemble, scheme) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def label_image(
-    image: ExperimentImage,
-    ensemble,
-    *,
-    scheme=None,
-    train_pixel_size_A: float | None = None,
-    tile: int = 512,
-    overlap: int = 64,
-    tta: bool = True,
-    batch_size: int = 4,
-    background_removal: bool = False,
-    background_sigma_A: float = 3.0,
-    threshold: float | None = None,
-    sample_radius_A: float = 0.5,
-    vacancy_min_prob: float = 0.05,
-    min_metal_margin: float = 0.2,
-    material: str | None = None,
-    keep_maps: bool = False,
-) -> LabelResult:
-    """Label one experimental image: columns, sublattices, classes, vacancies, summary.
+@dataclass(frozen=True)
+class LabelSettings:
+    """How :func:`label_image` labels an image (validated on construction).
 
-    Parameters
+    Attributes
     ----------
-    image : ExperimentImage
-        From :func:`training.experiments.readers.read_image` (data and pixel size [Å/px]).
-    ensemble : Ensemble or path-like
-        A :class:`training.predict.Ensemble` (or any object with its ``predict``,
-        ``scheme``, ``infos`` and ``config``), or a checkpoint / run / ensemble directory to
-        load on the CPU.
-    scheme : optional
-        Label scheme of the network's outputs; default the checkpoint's.
-    train_pixel_size_A : float, optional
-        Pixel size the network was trained at [Å/px]; default the checkpoint's
-        (:func:`model_pixel_size`).
     tile : int
         Inference tile side [px] (in the resampled image).
     overlap : int
@@ -369,24 +346,172 @@ def label_image(
     background_sigma_A : float
         [Å]. About one lattice constant: the blur then holds no lattice contrast (the {100}
         fringes, spacing d = a√3/2, keep a fraction exp(−2π²σ²/d²) < 10⁻⁸ of their
-        amplitude at σ = 3 Å in every TMD), so only the background is subtracted: slowly
-        varying contamination, thickness or gain changes longer than a few σ.
-    threshold : float, optional
+        amplitude at σ = 3 Å in every TMD), so only the background is subtracted.
+    threshold : float or None
         Foreground probability of a column pixel; default the model's ``evaluate.threshold``.
     sample_radius_A : float
         Radius of the disk over which a column's (or empty site's) class probabilities and
         variances are averaged [Å].
     vacancy_min_prob : float
         An empty lattice site is a vacancy when the vacancy class of its sublattice is the
-        most probable class allowed there (background aside) and its mean probability over
-        the disk is at least this. Unsupported empty sites are left out of the catalogue
-        (and counted in ``summary["empty_sites"]``). Schemes without a vacancy class list
-        every empty site as class 0 (background: no column, no class).
+        most probable class allowed there and its mean probability is at least this.
     min_metal_margin : float
-        Refuse the image when the network's probabilities decide the metal sublattice less
-        clearly than this (:func:`training.experiments.lattice.decide_metal_sublattice`; ≈ 0.9 on
-        simulated images, ≈ 0 on noise or a blank image, where the "columns" are the
-        network's hallucinations); 0 disables the check.
+        Refuse the image when the network decides the metal sublattice less clearly than this
+        (≈ 0.9 on simulated images, ≈ 0 on noise); 0 disables the check.
+    correct_distortion : bool
+        When the image carries an FFT lattice calibration with scan anisotropy or shear,
+        resample it onto an undistorted square grid before labelling (positions are still
+        reported in the file's pixels).
+    """
+
+    tile: int = 512
+    overlap: int = 64
+    tta: bool = True
+    batch_size: int = 4
+    background_removal: bool = False
+    background_sigma_A: float = 3.0
+    threshold: float | None = None
+    sample_radius_A: float = 0.5
+    vacancy_min_prob: float = 0.05
+    min_metal_margin: float = 0.2
+    correct_distortion: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.tile, int) or self.tile < 16:
+            raise ValueError(f"tile: expected an integer >= 16 px, got {self.tile!r}")
+        if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.tile:
+            raise ValueError(f"overlap: expected an integer in [0, tile), got {self.overlap!r}")
+        if not 0.0 <= self.vacancy_min_prob <= 1.0:
+            raise ValueError(
+                f"vacancy_min_prob: expected a probability, got {self.vacancy_min_prob!r}"
+            )
+        if not self.sample_radius_A > 0:
+            raise ValueError(f"sample_radius_A: expected > 0 Å, got {self.sample_radius_A!r}")
+        if not self.background_sigma_A > 0:
+            raise ValueError(f"background_sigma_A: expected > 0 Å, got {self.background_sigma_A!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Resampling:
+    """Map from the resampled (labelled) image back to the file's pixels.
+
+    ``xy_original = xy_resampled @ matrix.T + offset`` (``(x, y)`` [px]).
+    """
+
+    matrix: np.ndarray
+    offset: np.ndarray
+    pixel_size_A: float
+    shape: tuple[int, int]
+    corrected: bool
+
+    def to_original(self, xy) -> np.ndarray:
+        p = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+        return p @ self.matrix.T + self.offset
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """``(f_y, f_x)``: resampled pixels per original pixel along y and x."""
+        return (1.0 / float(self.matrix[1, 1]), 1.0 / float(self.matrix[0, 0]))
+
+
+def prepare_image(image: ExperimentImage, target_pixel_size_A: float, settings: LabelSettings):
+    """Resample an image to the network's pixel size, removing the scan distortion measured
+    by its FFT calibration when there is one (``settings.correct_distortion``).
+
+    Returns the resampled image (float32) and its :class:`Resampling`.
+    """
+    lattice = image.lattice
+    if settings.correct_distortion and lattice is not None and lattice.distorted:
+        # the FFT's shape (anisotropy, shear) at the pixel size actually used
+        p = np.asarray(lattice.pixel_to_A) * (image.pixel_size_A / lattice.pixel_size_A)
+        data, res = resample_affine(image.data, p, target_pixel_size_A)
+    else:
+        data, scale = resample_image(image.data, image.pixel_size_A, target_pixel_size_A)
+        fy, fx = scale
+        res = Resampling(
+            matrix=np.diag([1.0 / fx, 1.0 / fy]),
+            offset=np.array([0.5 / fx - 0.5, 0.5 / fy - 0.5]),
+            pixel_size_A=image.pixel_size_A / math.sqrt(fx * fy),
+            shape=tuple(data.shape),
+            corrected=False,
+        )
+    if settings.background_removal:
+        data = remove_background(data, settings.background_sigma_A / res.pixel_size_A)
+    return data, res
+
+
+def resample_affine(image, pixel_to_A, target_pixel_size_A: float):
+    """Resample an image with scan distortion onto an undistorted square grid.
+
+    Parameters
+    ----------
+    image : array_like, shape (H, W)
+    pixel_to_A : array_like, shape (2, 2)
+        Map from a pixel offset ``(dx, dy)`` to Å in the undistorted frame
+        (:attr:`LatticeCalibration.pixel_to_A`).
+    target_pixel_size_A : float
+
+    Returns
+    -------
+    ndarray of float32
+        Cubic-spline resampled image; areas outside the original (sheared corners) are the
+        image's median, which holds no columns.
+    Resampling
+    """
+    img = np.asarray(image, dtype=np.float64)
+    p = np.asarray(pixel_to_A, dtype=np.float64)
+    h, w = img.shape
+    t = float(target_pixel_size_A)
+    to_out = p / t  # original px -> output px
+    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1]], float) @ to_out.T
+    lo, hi = corners.min(axis=0), corners.max(axis=0)
+    shape = (int(math.floor(hi[1] - lo[1])) + 1, int(math.floor(hi[0] - lo[0])) + 1)
+    a = np.linalg.inv(to_out)  # output px -> original px
+    b = a @ lo
+    mean_pixel = math.sqrt(abs(np.linalg.det(p)))
+    if t > mean_pixel:  # anti-aliasing before shrinking
+        img = ndimage.gaussian_filter(img, (t / mean_pixel - 1.0) / 2.0, mode="reflect")
+    swap = np.array([[0, 1], [1, 0]])
+    out = ndimage.affine_transform(
+        img, swap @ a @ swap, offset=b[::-1], output_shape=shape, order=3,
+        mode="constant", cval=float(np.median(img)),
+    )  # fmt: skip
+    res = Resampling(matrix=a, offset=b, pixel_size_A=t, shape=shape, corrected=True)
+    return out.astype(np.float32), res
+
+
+def label_image(
+    image: ExperimentImage,
+    ensemble,
+    settings: LabelSettings | None = None,
+    *,
+    scheme=None,
+    train_pixel_size_A: float | None = None,
+    material: str | None = None,
+    keep_maps: bool = False,
+    **overrides,
+) -> LabelResult:
+    """Label one experimental image: columns, sublattices, classes, vacancies, summary, and
+    quality figures (:mod:`training.experiments.quality`).
+
+    Parameters
+    ----------
+    image : ExperimentImage
+        From :func:`training.experiments.readers.read_image` (data and pixel size [Å/px]).
+    ensemble : Ensemble or path-like
+        A :class:`training.predict.Ensemble` (or any object with its ``predict``,
+        ``scheme``, ``infos`` and ``config``), or a checkpoint / run / ensemble directory to
+        load on the CPU.
+    settings : LabelSettings, optional
+        How to label; ``**overrides`` replace single fields (``tta=False``...).
+    scheme : optional
+        Label scheme of the network's outputs; default the checkpoint's.
+    train_pixel_size_A : float, optional
+        Pixel size the network was trained at [Å/px]; default the checkpoint's
+        (:func:`model_pixel_size`).
     material : str, optional
         E.g. ``"WSe2"``: its tabulated lattice constant gives ``lattice_area_nm2`` in the
         summary (default: the lattice constant measured from the fit).
@@ -404,58 +529,104 @@ def label_image(
         the model recognises (``min_metal_margin``).
     """
     t0 = time.perf_counter()
+    settings = dataclasses.replace(settings or LabelSettings(), **overrides)
     if not isinstance(image, ExperimentImage):
         raise ValueError(f"image: expected an ExperimentImage, got {type(image).__name__}")
-    if not isinstance(tile, int) or tile < 16:
-        raise ValueError(f"tile: expected an integer >= 16 px, got {tile!r}")
-    if not isinstance(overlap, int) or not 0 <= overlap < tile:
-        raise ValueError(f"overlap: expected an integer in [0, tile), got {overlap!r}")
-    if not 0.0 <= vacancy_min_prob <= 1.0:
-        raise ValueError(f"vacancy_min_prob: expected a probability, got {vacancy_min_prob!r}")
-    if not sample_radius_A > 0:
-        raise ValueError(f"sample_radius_A: expected > 0 Å, got {sample_radius_A!r}")
     if not hasattr(ensemble, "predict"):
         from training.predict import Ensemble
 
         ensemble = Ensemble.load(ensemble, "cpu")
     scheme_d = _scheme_of(ensemble, scheme)
-    names = scheme_names(scheme_d)
     if train_pixel_size_A is None:
         train_pixel_size_A = model_pixel_size(ensemble)
     ev = _eval_settings(ensemble)
-    if threshold is None:
-        threshold = float(ev["threshold"])
+    if settings.threshold is None:
+        settings = dataclasses.replace(settings, threshold=float(ev["threshold"]))
     source = image.source + ("" if image.frame is None else f" (frame {image.frame})")
-
     clock = {"start": time.perf_counter()}
 
-    # 1-2: resample, background
-    data, scale = resample_image(image.data, image.pixel_size_A, train_pixel_size_A)
-    p_res = image.pixel_size_A / math.sqrt(scale[0] * scale[1])
-    if background_removal:
-        data = remove_background(data, background_sigma_A / p_res)
+    data, res = prepare_image(image, train_pixel_size_A, settings)
     if min(data.shape) < 8:
         raise ValueError(f"{source}: image of {data.shape} px after resampling is too small")
-
     clock["prepare"] = time.perf_counter()
 
-    # 3: normalisation, tiles, TTA, ensemble
     mean, var = ensemble.predict(
-        data, tile=tile, overlap=overlap, tta=tta, batch_size=batch_size, normalize=True
-    )
+        data, tile=settings.tile, overlap=settings.overlap, tta=settings.tta,
+        batch_size=settings.batch_size, normalize=True,
+    )  # fmt: skip
+    names = scheme_names(scheme_d)
     if mean.shape[0] != len(names):
         raise ValueError(
             f"scheme: the network has {mean.shape[0]} outputs but the scheme {len(names)} classes"
         )
-
     clock["network"] = time.perf_counter()
 
-    # 4: columns and their class probabilities
+    xy_res, probs, variance = _detect(mean, var, res.pixel_size_A, ev, settings, source)
+    clock["columns"] = time.perf_counter()
+
+    try:
+        fit = fit_lattice(xy_res, probs=probs, scheme=scheme_d, image_shape=data.shape)
+    except ValueError as err:
+        raise ValueError(f"{source}: lattice fit failed: {err}") from err
+    if fit.metal_margin < settings.min_metal_margin:
+        raise ValueError(
+            f"{source}: no 2H lattice the model recognises: metal and chalcogen sublattices "
+            f"undecided (margin {fit.metal_margin:.2f} < {settings.min_metal_margin}; "
+            f"{fit.sublattices.frustrated_fraction:.0%} of bonds frustrated)"
+        )
+    clock["lattice"] = time.perf_counter()
+
+    empty = _empty_sites(mean, var, fit, scheme_d, res.pixel_size_A, settings)
+    catalogue, detected, keep_rows = _catalogue(image, res, fit, xy_res, probs, variance, empty,
+                                                scheme_d)  # fmt: skip
+    fg = np.ones(len(names), bool)
+    fg[0] = False
+    unconstrained = np.argmax(np.where(fg, probs, -np.inf), axis=1).astype(np.int64)
+    clock["catalogue"] = time.perf_counter()
+
+    quality = quality_figures(
+        data, xy_res, fit.site, detected.class_id, detected.probability, fit.empty_xy,
+        fit.empty_site, fit.bond_length_px, variance=detected.variance,
+        members=len(getattr(ensemble, "infos", [])) or 1,
+        train_contrast=train_contrast_range(ensemble),
+    )  # fmt: skip
+    if image.metadata.get("calibration_warning"):
+        quality["reasons"].append("pixel size: " + image.metadata["calibration_warning"])
+        if quality["verdict"] == "ok":
+            quality["verdict"] = "check"
+    summary = _summary(
+        image, catalogue, scheme_d, fit, res, detected, unconstrained, empty, settings, ev,
+        ensemble, train_pixel_size_A, material,
+    )  # fmt: skip
+    summary["quality"] = quality
+    summary["seconds"] = time.perf_counter() - t0
+    stages = ("start", "prepare", "network", "columns", "lattice", "catalogue")
+    summary["timings_s"] = {
+        b: clock[b] - clock[a] for a, b in zip(stages[:-1], stages[1:], strict=True)
+    }
+    return LabelResult(
+        image=image,
+        catalogue=catalogue,
+        summary=summary,
+        scheme=scheme_d,
+        fit=fit,
+        column_probs=probs[keep_rows],
+        column_variance=variance[keep_rows],
+        unconstrained_class=unconstrained[keep_rows],
+        empty_confirmed=empty["confirmed"],
+        scale=res.scale,
+        maps=(mean, var) if keep_maps else None,
+        resampling=res,
+    )
+
+
+def _detect(mean, var, p_res: float, ev: dict, settings: LabelSettings, source: str):
+    """Columns of the probability maps and their disk-averaged probabilities and variances."""
     from training.metrics import find_columns
 
     cols = find_columns(
         mean,
-        threshold=threshold,
+        threshold=settings.threshold,
         min_area_px=float(ev["min_area_A2"]) / p_res**2,
         min_distance_px=float(ev["min_separation_A"]) / p_res or None,
     )
@@ -465,89 +636,96 @@ def label_image(
             f"{source}: {len(xy_res)} columns found; no lattice to label (wrong pixel size, "
             "not a TMD monolayer, or out of focus?)"
         )
-    radius_px = sample_radius_A / p_res
-    probs = sample_disks(mean, xy_res, radius_px)
-    variance = sample_disks(var, xy_res, radius_px)
+    radius_px = settings.sample_radius_A / p_res
+    return xy_res, sample_disks(mean, xy_res, radius_px), sample_disks(var, xy_res, radius_px)
 
-    clock["columns"] = time.perf_counter()
 
-    # 5: lattice
-    try:
-        fit = fit_lattice(xy_res, probs=probs, scheme=scheme_d, image_shape=data.shape)
-    except ValueError as err:
-        raise ValueError(f"{source}: lattice fit failed: {err}") from err
-    if fit.metal_margin < min_metal_margin:
-        raise ValueError(
-            f"{source}: no 2H lattice the model recognises: metal and chalcogen sublattices "
-            f"undecided (margin {fit.metal_margin:.2f} < {min_metal_margin}; "
-            f"{fit.sublattices.frustrated_fraction:.0%} of bonds frustrated)"
-        )
-
-    clock["lattice"] = time.perf_counter()
-
-    # 6: empty sites: vacancies where the network supports them
+def _empty_sites(mean, var, fit: LatticeFit, scheme_d, p_res: float, settings: LabelSettings):
+    """Which empty lattice sites the network supports as vacancies."""
+    radius_px = settings.sample_radius_A / p_res
     m = len(fit.empty_xy)
-    e_probs = sample_disks(mean, fit.empty_xy, radius_px) if m else np.zeros((0, len(names)))
-    e_var = sample_disks(var, fit.empty_xy, radius_px) if m else np.zeros((0, len(names)))
     vac = np.array([vacancy_class(scheme_d, int(s)) for s in fit.empty_site], dtype=np.int64)
-    if m:
-        q = constrain_probabilities(e_probs, fit.empty_site, scheme_d)
-        best = np.argmax(q, axis=1)
-        p_vac = e_probs[np.arange(m), vac]
-        confirmed = (vac == 0) | ((best == vac) & (p_vac >= vacancy_min_prob))
-        e_prob_out = np.where(vac > 0, q[np.arange(m), vac], np.nan)
-        e_var_out = np.where(vac > 0, e_var[np.arange(m), vac], np.nan)
-    else:
-        confirmed = np.zeros(0, dtype=bool)
-        e_prob_out = e_var_out = np.zeros(0)
+    if not m:
+        empty = np.zeros(0)
+        return {"vac": vac, "confirmed": np.zeros(0, bool), "prob": empty, "var": empty}
+    e_probs = sample_disks(mean, fit.empty_xy, radius_px)
+    e_var = sample_disks(var, fit.empty_xy, radius_px)
+    q = constrain_probabilities(e_probs, fit.empty_site, scheme_d)
+    best = np.argmax(q, axis=1)
+    rows = np.arange(m)
+    confirmed = (vac == 0) | ((best == vac) & (e_probs[rows, vac] >= settings.vacancy_min_prob))
+    return {
+        "vac": vac,
+        "confirmed": confirmed,
+        "prob": np.where(vac > 0, q[rows, vac], np.nan),
+        "var": np.where(vac > 0, e_var[rows, vac], np.nan),
+    }
 
-    # 7: catalogue in original pixels
-    xy_orig = to_original_px(xy_res, scale)
-    empty_orig = to_original_px(fit.empty_xy, scale)
+
+def _catalogue(image, res: Resampling, fit, xy_res, probs, variance, empty, scheme_d):
+    """Detected columns and confirmed vacancies in the file's pixels (sites mapped outside the
+    file, in the sheared corners of a distortion-corrected image, are dropped)."""
+    h, w = image.shape
+
+    def inside(xy):
+        return (xy[:, 0] > -0.5) & (xy[:, 0] < w - 0.5) & (xy[:, 1] > -0.5) & (xy[:, 1] < h - 0.5)
+
+    xy_orig = res.to_original(xy_res)
+    empty_orig = res.to_original(fit.empty_xy)
+    keep_rows = inside(xy_orig)
     no_empty = dataclasses.replace(
         fit,
+        site=fit.site[keep_rows],
         empty_xy=np.zeros((0, 2)),
         empty_site=np.zeros(0, dtype=np.int8),
         empty_support=np.zeros(0, dtype=np.int64),
     )
     detected = catalogue_from_lattice(
-        no_empty, xy_orig, probs, scheme_d, image.pixel_size_A, variance=variance
-    )
-    keep = confirmed
+        no_empty, xy_orig[keep_rows], probs[keep_rows], scheme_d, image.pixel_size_A,
+        variance=variance[keep_rows],
+    )  # fmt: skip
+    keep = empty["confirmed"] & inside(empty_orig)
     catalogue = build_catalogue(
         np.concatenate([detected.positions_px, empty_orig[keep]]),
-        np.concatenate([detected.class_id, vac[keep]]),
+        np.concatenate([detected.class_id, empty["vac"][keep]]),
         scheme_d,
         image.pixel_size_A,
         site=np.concatenate([detected.site, fit.empty_site[keep]]),
-        probability=np.concatenate([detected.probability, e_prob_out[keep]]),
-        variance=np.concatenate([detected.variance, e_var_out[keep]]),
+        probability=np.concatenate([detected.probability, empty["prob"][keep]]),
+        variance=np.concatenate([detected.variance, empty["var"][keep]]),
         detected=np.concatenate([detected.detected, np.zeros(int(keep.sum()), bool)]),
     )
-    fg = np.ones(len(names), bool)
-    fg[0] = False
-    unconstrained = np.argmax(np.where(fg, probs, -np.inf), axis=1).astype(np.int64)
+    # the full detected table (all rows, resampled frame) for the quality figures
+    full = catalogue_from_lattice(
+        dataclasses.replace(no_empty, site=fit.site), xy_res, probs, scheme_d, res.pixel_size_A,
+        variance=variance,
+    )  # fmt: skip
+    return catalogue, full, keep_rows
 
-    # summary
-    clock["catalogue"] = time.perf_counter()
-    lattice_a_measured = math.sqrt(3.0) * fit.bond_length_px * p_res
+
+def _summary(image, catalogue, scheme_d, fit, res, detected, unconstrained, empty, settings, ev,
+             ensemble, train_pixel_size_A, material) -> dict:  # fmt: skip
+    names = scheme_names(scheme_d)
+    lattice_a_measured = math.sqrt(3.0) * fit.bond_length_px * res.pixel_size_A
     a_ref = lattice_constant_of(material) if material else lattice_a_measured
     summary = summarize(
         catalogue, scheme_d, image.shape, image.pixel_size_A, lattice_constant_A=a_ref
     )
     on_site = fit.site != UNASSIGNED
     lattice = fit.summary()
-    lattice["bond_length_px"] = float(fit.bond_length_px / math.sqrt(scale[0] * scale[1]))
+    lattice["bond_length_px"] = float(fit.bond_length_px * res.pixel_size_A / image.pixel_size_A)
     lattice["lattice_constant_measured_A"] = lattice_a_measured
     if material:
         lattice["lattice_constant_table_A"] = a_ref
         lattice["material"] = str(material)
+    m, confirmed = len(fit.empty_xy), int(empty["confirmed"].sum())
     summary.update(
         {
             "source": image.source,
             "frame": image.frame,
             "pixel_size_source": image.pixel_size_source,
             "pixel_size_uncertainty_A": image.pixel_size_uncertainty_A,
+            "calibration": image.metadata.get("fft_calibration"),
             "model": {
                 "checkpoints": [str(i.get("path", "?")) for i in getattr(ensemble, "infos", [])],
                 "members": len(getattr(ensemble, "infos", [])) or 1,
@@ -555,58 +733,54 @@ def label_image(
                 "class_names": list(names),
             },
             "resampling": {
-                "factor_yx": [float(scale[0]), float(scale[1])],
-                "pixel_size_A": float(p_res),
-                "shape": [int(s) for s in data.shape],
+                "factor_yx": [float(f) for f in res.scale],
+                "pixel_size_A": float(res.pixel_size_A),
+                "shape": [int(s) for s in res.shape],
+                "distortion_corrected": bool(res.corrected),
+                "to_original": [[float(v) for v in row] for row in res.matrix],
+                "offset": [float(v) for v in res.offset],
             },
             "lattice": lattice,
             "constraint": {
                 "changed": int(np.sum(on_site & (unconstrained != detected.class_id))),
                 "unassigned_columns": int(np.sum(~on_site)),
             },
-            "empty_sites": {
-                "found": int(m),
-                "confirmed": int(keep.sum()),
-                "unconfirmed": int(m - keep.sum()),
-            },
+            "empty_sites": {"found": m, "confirmed": confirmed, "unconfirmed": m - confirmed},
             "mean_variance": float(np.nanmean(detected.variance)) if len(detected) else None,
             "settings": {
-                "tile": tile,
-                "overlap": overlap,
-                "tta": bool(tta),
-                "background_removal": bool(background_removal),
-                "background_sigma_A": float(background_sigma_A) if background_removal else None,
-                "threshold": float(threshold),
+                **settings.to_dict(),
                 "min_area_A2": float(ev["min_area_A2"]),
                 "min_separation_A": float(ev["min_separation_A"]),
-                "sample_radius_A": float(sample_radius_A),
-                "vacancy_min_prob": float(vacancy_min_prob),
-                "min_metal_margin": float(min_metal_margin),
-            },
-            "seconds": time.perf_counter() - t0,
-            "timings_s": {
-                stage: clock[stage] - clock[prev]
-                for prev, stage in zip(
-                    ("start", "prepare", "network", "columns", "lattice"),
-                    ("prepare", "network", "columns", "lattice", "catalogue"),
-                    strict=True,
-                )
             },
         }
     )
-    return LabelResult(
-        image=image,
-        catalogue=catalogue,
-        summary=summary,
-        scheme=scheme_d,
-        fit=fit,
-        column_probs=probs,
-        column_variance=variance,
-        unconstrained_class=unconstrained,
-        empty_confirmed=confirmed,
-        scale=(float(scale[0]), float(scale[1])),
-        maps=(mean, var) if keep_maps else None,
-    )
+    return summary
+
+
+def train_contrast_range(ensemble) -> tuple[float, float] | None:
+    """Metal/chalcogen contrast range of the network's training data: recorded in the
+    checkpoint, else measured on its training stores when they are still there."""
+    infos = getattr(ensemble, "infos", [])
+    for info in infos:
+        if info.get("train_contrast"):
+            return tuple(info["train_contrast"])
+    cache = getattr(ensemble, "_train_contrast", False)
+    if cache is not False:
+        return cache
+    value = None
+    paths = [p for info in infos for p in info.get("train_stores", [])]
+    if paths:
+        try:
+            from training.stores import open_store
+
+            value = store_contrast_range([open_store(p) for p in paths], ensemble.scheme)
+        except (OSError, ValueError, KeyError):
+            value = None
+    try:
+        ensemble._train_contrast = value
+    except AttributeError:
+        pass
+    return value
 
 
 def write_outputs(result: LabelResult, outdir) -> dict[str, Path]:
@@ -672,6 +846,29 @@ class LabelRun:
     def n_columns(self) -> int:
         """Detected columns over all labelled images."""
         return int(sum(r.get("n_columns") or 0 for r in self.labelled))
+
+
+def quality_line(name: str, summary: Mapping) -> str:
+    """One console line: columns, pixel size and the quality verdict of a labelled image."""
+    q = summary.get("quality", {})
+
+    def fmt(key, spec=".3f"):
+        value = q.get(key)
+        return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+    train = q.get("train_contrast")
+    train_txt = f" (training {train[0]:.2f}-{train[1]:.2f})" if train else ""
+    pixel = summary.get("pixel_size_A", float("nan"))
+    line = (
+        f"{name}: {summary.get('n_columns', '?')} columns, "
+        f"{pixel:.4f} Å/px ({summary.get('pixel_size_source')}); "
+        f"quality {q.get('verdict', '?')}: honeycomb {fmt('honeycomb_consistency')}, "
+        f"sites found {fmt('sites_detected_fraction')}, "
+        f"M/X contrast {fmt('contrast_metal_chalcogen', '.2f')}{train_txt}"
+    )
+    if q.get("reasons"):
+        line += " — " + "; ".join(q["reasons"])
+    return line
 
 
 def expand_inputs(inputs: Iterable) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -755,6 +952,7 @@ def label_files(
     pixel_size_A: float | None = None,
     material: str | None = None,
     sum_frames: bool = False,
+    calibrate: str = "auto",
     device: str = "cpu",
     progress: bool = True,
     echo=None,
@@ -784,12 +982,15 @@ def label_files(
         summary.
     sum_frames : bool
         Label the sum of a stack's frames instead of each frame.
+    calibrate : {"auto", "fft", "file"}
+        Pixel-size policy of :func:`training.experiments.readers.read_image`.
     device : str
         ``cpu``, ``auto``, ``cuda``...
     progress : bool
         tqdm bar over files.
     echo : callable, optional
-        Called with one line per failure (default: ``tqdm.write`` to stderr).
+        Called with one line per image (its quality verdict) and per failure (default:
+        ``tqdm.write`` to stderr).
     **label_kwargs
         Passed to :func:`label_image` (``tile``, ``overlap``, ``tta``,
         ``background_removal``...).
@@ -837,7 +1038,11 @@ def label_files(
     for path, name in bar:
         try:
             images = read_image(
-                path, pixel_size_A=pixel_size_A, material=material, sum_frames=sum_frames
+                path,
+                pixel_size_A=pixel_size_A,
+                material=material,
+                sum_frames=sum_frames,
+                calibrate=calibrate,
             )
         except (ReaderError, ValueError) as err:
             fail(str(path), _one_line(err), image=name)
@@ -866,6 +1071,7 @@ def label_files(
             )
             rows.append(row)
             run.labelled.append(row)
+            say(quality_line(sub, result.summary))
             bar.set_postfix(columns=run.n_columns, failed=len(run.failures))
     bar.close()
     write_run_summary_csv(rows, out / "summary.csv")
