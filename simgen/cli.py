@@ -192,9 +192,15 @@ def _parse_jobqueue(items: list[str] | None, cluster: ClusterKind) -> dict:
             fail(f"--jobqueue expects KEY=VALUE (e.g. queue=short), got {item!r}")
         key = key.strip().replace("-", "_")
         # walltime verbatim: YAML would read 30:00 as the number 1800
-        job["queue" if key == "partition" else key] = (
-            value.strip() if key == "walltime" else _parse_value(value)
-        )
+        if key == "walltime":
+            job[key] = value.strip()
+            continue
+        import yaml
+
+        try:
+            job["queue" if key == "partition" else key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            fail(f"--jobqueue {key}: value is not valid YAML: {value!r}")
     return job
 
 
