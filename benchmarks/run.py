@@ -12,6 +12,7 @@ BENCHES = (
     "bench_generate",
     "bench_training",
     "bench_label",
+    "bench_real",
 )
 
 
