@@ -488,6 +488,15 @@ def test_cli_labels_a_folder_and_reports_bad_files(model_dir, experiment, tmp_pa
     assert ok["stack/frame_001"]["pixel_size_source"] == "fft"
     assert float(ok["stack/frame_000"]["pixel_size_A"]) == pytest.approx(EXP_PIXEL_A, rel=0.02)
     assert float(ok["scan1"]["pixel_size_A"]) == pytest.approx(EXP_PIXEL_A, rel=1e-6)
+    # quality: one console line per labelled image, columns in summary.csv
+    quality_lines = [ln for ln in result.stderr.splitlines() if "; quality " in ln]
+    assert len(quality_lines) == 5 and all("honeycomb" in ln for ln in quality_lines)
+    for row in ok.values():
+        assert row["quality_verdict"] in ("ok", "check", "poor")
+        assert float(row["quality_honeycomb_consistency"]) >= 0.95
+    assert float(ok["stack/frame_001"]["calibration_pixel_size_x_A"]) == pytest.approx(
+        EXP_PIXEL_A, rel=0.01
+    )
     for name, truth_i in (("scan0-tif", 0), ("scan0-dm3", 0), ("scan1", 1), ("stack/frame_001", 0)):
         for f in OUTPUT_FILES:
             assert (out / name / f).stat().st_size > 0, (name, f)

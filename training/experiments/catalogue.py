@@ -512,7 +512,9 @@ def flatten_summary(summary: Mapping, **extra) -> dict:
     Keys: ``extra`` first (e.g. ``image=...``), then ``pixel_size_A``, ``area_nm2``,
     ``n_columns``, ``n_empty_sites``, ``n_metal_sites``, ``n_chalcogen_sites``,
     ``n_unassigned``, ``defects_count``, ``defects_per_cm2``, then per class
-    ``count_<name>``, ``per_cm2_<name>``, ``per_site_<name>``.
+    ``count_<name>``, ``per_cm2_<name>``, ``per_site_<name>``, then the quality figures
+    ``quality_<figure>`` (verdict and reasons included) and the FFT calibration's
+    ``calibration_<figure>`` when present.
     """
     row = dict(extra)
     for key in ("pixel_size_A", "area_nm2", "n_columns", "n_empty_sites"):
@@ -529,6 +531,11 @@ def flatten_summary(summary: Mapping, **extra) -> dict:
         row[f"count_{name}"] = c["count"]
         row[f"per_cm2_{name}"] = c["per_cm2"]
         row[f"per_site_{name}"] = c["per_site"]
+    for section in ("quality", "calibration"):
+        for key, value in (summary.get(section) or {}).items():
+            if isinstance(value, list | tuple):
+                value = "; ".join(str(v) for v in value)
+            row[f"{section}_{key}"] = value
     return row
 
 
