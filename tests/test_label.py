@@ -600,3 +600,26 @@ def test_scan_distortion_is_corrected_and_positions_stay_in_file_pixels(ensemble
     )  # fmt: skip
     assert plain.summary["resampling"]["distortion_corrected"] is False
     assert plain.summary["resampling"]["factor_yx"] == pytest.approx([0.8, 0.8], abs=0.003)
+
+
+def test_python_api_label_arrays_and_files(ensemble, experiment, tmp_path):
+    import training
+
+    img = experiment["images"][0]
+    cat = training.label(img, ensemble, pixel_size_A=EXP_PIXEL_A, tta=False, tile=128,
+                         overlap=32, as_frame=False)  # fmt: skip
+    s = score(cat, experiment["truth"][0], img.shape, EXP_PIXEL_A)
+    assert s["f1"] >= 0.95, s
+    assert cat.summary["quality"]["verdict"] in ("ok", "check")
+    # an array without a pixel size is FFT-calibrated when the material is named
+    cat = training.label(img, ensemble, material=MATERIAL, tta=False, tile=128, overlap=32,
+                         as_frame=False)  # fmt: skip
+    assert cat.pixel_size_A == pytest.approx(EXP_PIXEL_A, rel=0.01)
+    with pytest.raises(ValueError, match="pixel_size_A"):
+        training.label(img, ensemble)
+    with pytest.raises(ValueError, match="2-D"):
+        training.label(np.stack([img, img]), ensemble, pixel_size_A=0.16)
+    path = tmp_path / "stack.npy"
+    np.save(path, np.stack([img, img]))
+    with pytest.raises(ValueError, match="sum_frames=True"):
+        training.label(path, ensemble, pixel_size_A=0.16)

@@ -17,7 +17,7 @@ import csv
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,9 @@ class Catalogue:
         [Å/px].
     class_names : tuple of str
         Name of each class id.
+    summary : dict or None
+        The labelled image's summary (quality figures included) when the catalogue comes
+        from :func:`training.label`.
     """
 
     x_px: np.ndarray
@@ -89,6 +92,7 @@ class Catalogue:
     detected: np.ndarray
     pixel_size_A: float
     class_names: tuple[str, ...]
+    summary: dict | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.x_px)

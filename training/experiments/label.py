@@ -1078,3 +1078,112 @@ def label_files(
     text = "".join(f"{_failure_line(what, reason)}\n" for what, reason in run.failures)
     (out / "failures.txt").write_text(text, encoding="utf-8")
     return run
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook API
+# --------------------------------------------------------------------------------------------
+
+
+def label(
+    image,
+    model,
+    *,
+    pixel_size_A: float | None = None,
+    material: str | None = None,
+    frame: int | None = None,
+    sum_frames: bool = False,
+    settings: LabelSettings | None = None,
+    as_frame: bool | None = None,
+    device: str = "cpu",
+    **overrides,
+):
+    """Label one image from a notebook: a file or a plain array, a model, the catalogue back.
+
+    Parameters
+    ----------
+    image : path-like or array_like, shape (H, W)
+        A microscope file (any format of :func:`~training.experiments.readers.read_image`) or
+        an array of intensities.
+    model : path-like or Ensemble
+        Checkpoint, run directory or ensemble directory (or a loaded
+        :class:`training.predict.Ensemble`).
+    pixel_size_A : float, optional
+        [Å/px]: needed for an array unless ``material`` is given (then the FFT calibrates it);
+        for a file, used when the file has no calibration.
+    material : str, optional
+        E.g. ``"WSe2"``: FFT lattice calibration (pixel size, scan distortion) and the
+        tabulated lattice constant.
+    frame, sum_frames
+        Which image of a stack (a stack needs one of them).
+    settings : LabelSettings, optional
+        With ``**overrides`` replacing single fields (``tta=False``...).
+    as_frame : bool, optional
+        Return a pandas DataFrame (``None``: when pandas is installed).
+    device : str
+        Where a model given as a path is loaded.
+
+    Returns
+    -------
+    pandas.DataFrame or Catalogue
+        One row per site (:data:`~training.experiments.catalogue.COLUMN_FIELDS`). The
+        DataFrame's ``attrs["summary"]`` (or the Catalogue's ``summary`` attribute) holds the
+        summary with the quality figures.
+    """
+    if isinstance(image, str | Path):
+        images = read_image(
+            image, pixel_size_A=pixel_size_A, material=material, frame=frame,
+            sum_frames=sum_frames,
+        )  # fmt: skip
+        if len(images) > 1:
+            raise ValueError(
+                f"{image}: a stack of {len(images)} frames; pass frame=K or sum_frames=True"
+            )
+        im = images[0]
+    else:
+        im = _array_image(image, pixel_size_A, material)
+    if not hasattr(model, "predict"):
+        from training.predict import Ensemble
+        from training.train import resolve_device
+
+        model = Ensemble.load(model, resolve_device(device))
+    result = label_image(im, model, settings, material=material, **overrides)
+    if as_frame is None:
+        import importlib.util
+
+        as_frame = importlib.util.find_spec("pandas") is not None
+    if as_frame:
+        import pandas as pd
+
+        df = pd.DataFrame.from_records(result.catalogue.to_records())
+        df.attrs["summary"] = result.summary
+        return df
+    return dataclasses.replace(result.catalogue, summary=result.summary)
+
+
+def _array_image(data, pixel_size_A, material) -> ExperimentImage:
+    """An :class:`ExperimentImage` from a plain array (pixel size given or FFT-calibrated)."""
+    arr = np.asarray(data)
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"image: expected a real 2-D array [H, W], got {arr.dtype} {arr.shape}")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("image: contains NaN or infinite values")
+    lattice, source, uncertainty = None, "user", None
+    if material is not None:
+        from training.experiments.calibration import calibrate_lattice, lattice_constant_of
+
+        lattice = calibrate_lattice(
+            arr, lattice_constant_of(material), nominal_pixel_size_A=pixel_size_A
+        )
+        if pixel_size_A is None:
+            source, uncertainty = "fft", lattice.uncertainty_A
+    if pixel_size_A is None and lattice is None:
+        raise ValueError("pixel_size_A: an array needs a pixel size [Å/px] or a material")
+    pixel = float(pixel_size_A) if pixel_size_A is not None else lattice.pixel_size_A
+    if not (math.isfinite(pixel) and pixel > 0):
+        raise ValueError(f"pixel_size_A: expected > 0 Å, got {pixel_size_A!r}")
+    meta = {"format": "array"}
+    if lattice is not None:
+        meta["fft_calibration"] = lattice.summary()
+    return ExperimentImage(arr, pixel, source, uncertainty, "array", None, meta, lattice)
