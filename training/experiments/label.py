@@ -528,6 +528,8 @@ def label_image(
         Bad settings, an image that is not 2-D, fewer than 4 columns found, or no 2H lattice
         the model recognises (``min_metal_margin``).
     """
+    # Long on purpose: the stages of labelling in the order they run, each one call to a
+    # helper, with the clock between them; splitting it further would hide the pipeline.
     t0 = time.perf_counter()
     settings = dataclasses.replace(settings or LabelSettings(), **overrides)
     if not isinstance(image, ExperimentImage):

@@ -188,6 +188,8 @@ def assign_sublattices(
     -------
     SublatticeFit
     """
+    # Long on purpose: one iterative fit (bond length, local affine maps, triad spins,
+    # frustration repair) whose steps share a dozen arrays; see the module docstring.
     pts = np.asarray(positions, dtype=np.float64)
     if pts.ndim != 2 or pts.shape[1] != 2:
         raise ValueError(f"positions: expected shape (N, 2) (x, y in px), got {pts.shape}")
