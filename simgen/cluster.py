@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -140,7 +141,11 @@ def _start_jobqueue(spec: ClusterSpec):
     cls = dask_jobqueue.SLURMCluster if spec.kind == "slurm" else dask_jobqueue.PBSCluster
     kwargs = job_settings(spec)
     try:
-        cluster = cls(**kwargs)
+        with warnings.catch_warnings():
+            # the dashboard moves to a free port when 8787 is taken (another cluster on the
+            # login node): say so in the log, not as a multi-line warning before the output
+            warnings.filterwarnings("ignore", message="Port .* is already in use")
+            cluster = cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{spec.kind} job settings: {str(err).splitlines()[0]}") from None
     jobs = spec.workers or 1
@@ -155,6 +160,7 @@ def _start_jobqueue(spec: ClusterSpec):
             f"{queue!r}: set it in jobqueue.yaml or with --jobqueue queue=NAME)"
         ) from None
     _keep_jobs(cluster, jobs)
+    logger.info("dashboard: %s", getattr(cluster, "dashboard_link", "?"))
     logger.info("submitted %d %s job(s):\n%s", jobs, spec.kind, cluster.job_script())
     return cluster
 
