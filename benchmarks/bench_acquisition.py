@@ -33,7 +33,7 @@ def bench_acquisition(size: int = 512, *, repeats: int = 5, device: str = "cpu")
     import numpy as np
 
     from simgen import acquisition as acq
-    from simgen.backend import to_device
+    from simgen.backend import get_array_module, to_device
     from simgen.check import check_labels, synthetic_lattice
     from simgen.labels import class_mask
 
@@ -43,7 +43,7 @@ def bench_acquisition(size: int = 512, *, repeats: int = 5, device: str = "cpu")
     pad = acq.required_padding_px(cfg, shape, p)
     lat = synthetic_lattice((size + 2 * pad, size + 2 * pad), pixel_size_A=p, rotation_deg=7.0)
     ideal = to_device(lat.image, device)
-    xp = acq.get_array_module(ideal)
+    xp = get_array_module(ideal)
     sync = getattr(getattr(xp, "cuda", None), "Stream", None)
 
     def wait():
