@@ -108,16 +108,10 @@ def find_columns(
 
 def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
     """Watershed split of components around peaks of the smoothed foreground probability."""
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     smooth = ndimage.gaussian_filter(fg_prob, smooth_px) if smooth_px > 0 else fg_prob
-    peaks = peak_local_max(
-        smooth,
-        min_distance=max(1, int(round(min_distance_px))),
-        labels=labels,
-        exclude_border=False,
-    )
+    peaks = _peaks_per_label(smooth, labels, n, max(1, int(round(min_distance_px))))
     markers = np.zeros(labels.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # every component keeps at least one marker (its maximum)
@@ -130,6 +124,40 @@ def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
             markers[p] = len(peaks) + j + 1
     new = watershed(-smooth, markers, mask=fg)
     return new, int(markers.max())
+
+
+def _peaks_per_label(smooth, labels, n, min_distance: int):
+    """``peak_local_max(smooth, min_distance, labels=labels, exclude_border=False)``, with
+    the same peaks in the same order, without its per-component Python loop for the
+    components that can hold only one peak.
+
+    A component whose bounding box spans at most ``min_distance`` pixels both ways keeps
+    only its highest candidate after skimage's spacing step, and its maximum is always a
+    candidate (the first in raster order among equal values), unless every pixel has the
+    same value (skimage's "trivial" case): those, and every larger component, still go
+    through skimage.
+    """
+    from skimage.feature import peak_local_max
+
+    def skimage_peaks(lab):
+        return peak_local_max(smooth, min_distance=min_distance, labels=lab, exclude_border=False)
+
+    if min_distance <= 1 or n == 0:  # no spacing step: every candidate is a peak
+        return skimage_peaks(labels)
+    index = np.arange(1, n + 1)
+    boxes = ndimage.find_objects(labels, max_label=n)
+    span = np.array([[s.stop - s.start - 1 for s in box] if box else [0, 0] for box in boxes])
+    hi = np.asarray(ndimage.maximum(smooth, labels, index))
+    lo = np.asarray(ndimage.minimum(smooth, labels, index))
+    present = np.array([box is not None for box in boxes])
+    small = present & (span.max(axis=1) <= min_distance) & (hi > lo) & (hi > smooth.min())
+    big_ids = index[present & ~small]
+    rest = np.where(np.isin(labels, big_ids), labels, 0) if len(big_ids) else None
+    big = skimage_peaks(rest) if rest is not None else np.empty((0, 2), dtype=np.intp)
+    one = np.asarray(ndimage.maximum_position(smooth, labels, index[small]), dtype=np.intp)
+    peaks = np.concatenate([big.astype(np.intp), one.reshape(-1, 2)])
+    order = np.argsort(labels[tuple(peaks.T)], kind="stable")  # skimage: by component
+    return peaks[order]
 
 
 def match_columns(pred_xy, true_xy, radius: float, method: str = "hungarian"):
