@@ -131,11 +131,13 @@ def _peaks_per_label(smooth, labels, n, min_distance: int):
     the same peaks in the same order, without its per-component Python loop for the
     components that can hold only one peak.
 
-    A component whose bounding box spans at most ``min_distance`` pixels both ways keeps
-    only its highest candidate after skimage's spacing step, and its maximum is always a
-    candidate (the first in raster order among equal values), unless every pixel has the
-    same value (skimage's "trivial" case): those, and every larger component, still go
-    through skimage.
+    skimage's candidates in a component are its pixels not exceeded by a pixel of the same
+    component within ``min_distance``; they are a subset of the pixels not exceeded by a
+    same-component 8-neighbour, computed here for the whole image at once. When those all
+    lie within ``min_distance`` of each other (Chebyshev), the spacing step keeps only the
+    highest candidate, which is the component's maximum (first in raster order among equal
+    values), and the component is not skimage's "trivial" all-equal case, which needs a
+    maximum above its minimum. Every other component still goes through skimage.
     """
     from skimage.feature import peak_local_max
 
@@ -145,17 +147,28 @@ def _peaks_per_label(smooth, labels, n, min_distance: int):
     if min_distance <= 1 or n == 0:  # no spacing step: every candidate is a peak
         return skimage_peaks(labels)
     index = np.arange(1, n + 1)
-    boxes = ndimage.find_objects(labels, max_label=n)
-    span = np.array([[s.stop - s.start - 1 for s in box] if box else [0, 0] for box in boxes])
+    h, w = labels.shape
+    lab = np.pad(labels, 1)
+    val = np.pad(smooth, 1, constant_values=-np.inf)
+    centre_lab, centre_val = lab[1:-1, 1:-1], val[1:-1, 1:-1]
+    maybe = labels > 0
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr or dc:
+                nb = (slice(1 + dr, 1 + dr + h), slice(1 + dc, 1 + dc + w))
+                maybe &= ~((lab[nb] == centre_lab) & (val[nb] > centre_val))
+    boxes = ndimage.find_objects(np.where(maybe, labels, 0), max_label=n)
+    span = np.array([[s.stop - s.start - 1 for s in b] if b else [0, 0] for b in boxes])
     hi = np.asarray(ndimage.maximum(smooth, labels, index))
     lo = np.asarray(ndimage.minimum(smooth, labels, index))
-    present = np.array([box is not None for box in boxes])
-    small = present & (span.max(axis=1) <= min_distance) & (hi > lo) & (hi > smooth.min())
-    big_ids = index[present & ~small]
-    rest = np.where(np.isin(labels, big_ids), labels, 0) if len(big_ids) else None
-    big = skimage_peaks(rest) if rest is not None else np.empty((0, 2), dtype=np.intp)
-    one = np.asarray(ndimage.maximum_position(smooth, labels, index[small]), dtype=np.intp)
-    peaks = np.concatenate([big.astype(np.intp), one.reshape(-1, 2)])
+    present = np.array([b is not None for b in boxes])
+    one_peak = present & (span.max(axis=1) <= min_distance) & (hi > lo) & (hi > smooth.min())
+    rest_ids = index[~one_peak]
+    big = np.empty((0, 2), dtype=np.intp)
+    if len(rest_ids):
+        big = skimage_peaks(np.where(np.isin(labels, rest_ids), labels, 0)).astype(np.intp)
+    one = np.asarray(ndimage.maximum_position(smooth, labels, index[one_peak]), dtype=np.intp)
+    peaks = np.concatenate([big, one.reshape(-1, 2)])
     order = np.argsort(labels[tuple(peaks.T)], kind="stable")  # skimage: by component
     return peaks[order]
 
