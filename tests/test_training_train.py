@@ -224,19 +224,3 @@ def test_bad_input_gives_clear_errors(trained, stores, tmp_path):
         train_model(
             tiny_config(stores["train"], loss={"class_weights": [1.0, 2.0]}), tmp_path / "r2"
         )
-
-
-def test_channels_last_model_predicts_the_same_probabilities():
-    # Ensemble.load puts CPU models in NHWC (faster convolutions); tiles follow the model
-    from training.models import build_model
-    from training.predict import _channels_last
-
-    torch.manual_seed(0)
-    model = build_model("unet", n_classes=3, depth=2, width=8).eval()
-    img = np.random.default_rng(0).normal(size=(96, 80)).astype(np.float32)
-    plain = predict_probabilities(model, img, tile=64, overlap=16)
-    assert not _channels_last(model)
-    model = model.to(memory_format=torch.channels_last)
-    assert _channels_last(model)
-    nhwc = predict_probabilities(model, img, tile=64, overlap=16)
-    np.testing.assert_allclose(nhwc, plain, atol=1e-5)
