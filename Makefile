@@ -8,7 +8,7 @@ CONFIG ?=
 OUT    ?= data/default.zarr
 
 .DEFAULT_GOAL := help
-.PHONY: help install dataset test test-all test-cluster lint format bench clean
+.PHONY: help install dataset test test-all test-cluster lint format bench gpu-check gpu-wheels clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-13s %s\n", $$1, $$2}'
@@ -49,6 +49,12 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 
 bench: $(STAMP) ## Print benchmark tables (speed vs plain abTEM; not pass/fail)
 	$(BIN)/python -m benchmarks.run
+
+gpu-check: ## On a GPU machine: gpu tests + GPU figures beside the CPU ones (docs/gpu.md)
+	bash benchmarks/gpu_check.sh
+
+gpu-wheels: $(STAMP) ## Download (here) the wheels gpu-check installs on the GPU machine into .whl/
+	PYTHON=$(BIN)/python bash benchmarks/fetch_gpu_wheels.sh
 
 clean: ## Remove caches (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache build *.egg-info

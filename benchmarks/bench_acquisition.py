@@ -33,7 +33,7 @@ def bench_acquisition(size: int = 512, *, repeats: int = 5, device: str = "cpu")
     import numpy as np
 
     from simgen import acquisition as acq
-    from simgen.backend import to_device
+    from simgen.backend import get_array_module, to_device
     from simgen.check import check_labels, synthetic_lattice
     from simgen.labels import class_mask
 
@@ -43,7 +43,7 @@ def bench_acquisition(size: int = 512, *, repeats: int = 5, device: str = "cpu")
     pad = acq.required_padding_px(cfg, shape, p)
     lat = synthetic_lattice((size + 2 * pad, size + 2 * pad), pixel_size_A=p, rotation_deg=7.0)
     ideal = to_device(lat.image, device)
-    xp = acq.get_array_module(ideal)
+    xp = get_array_module(ideal)
     sync = getattr(getattr(xp, "cuda", None), "Stream", None)
 
     def wait():
@@ -122,19 +122,35 @@ def bench_acquisition(size: int = 512, *, repeats: int = 5, device: str = "cpu")
 
 
 def main() -> dict:
-    """Print the acquisition chain's cost per 512² image, stage by stage."""
+    """Print the acquisition chain's cost per 512² image, stage by stage, beside the
+    figures measured before issue 16 (:mod:`benchmarks.previous`)."""
+    from benchmarks.previous import ISSUE16, SESSION, fmt
+
     res = bench_acquisition()
     s = res["seconds"]
     print(
         f"acquisition chain, {res['size']}² image (+{res['pad']} px pad), "
-        f"{res['n_columns']} columns, default config, {res['device']}:"
+        f"{res['n_columns']} columns, default config, {res['device']}, load {_load()}:"
     )
-    for name in ("contamination", "scan", "labels_map", "current", "shot", "detector"):
-        print(f"  {name:<14} {1e3 * s[name]:8.1f} ms")
-    print(f"  {'whole chain':<14} {1e3 * s['chain']:8.1f} ms  (apply_acquisition)")
-    print(f"  {'class mask':<14} {1e3 * s['mask']:8.1f} ms")
-    print(f"  {'checker':<14} {1e3 * s['check']:8.1f} ms")
+    print(f"  {'stage':<14} {'now ms':>8} {'before*':>8} {'issue 16':>9}")
+    names = ("contamination", "scan", "labels_map", "current", "shot", "detector")
+    labels = {"chain": "whole chain", "mask": "class mask", "check": "checker"}
+    for name in (*names, "chain", "mask", "check"):
+        print(
+            f"  {labels.get(name, name):<14} {1e3 * s[name]:8.1f} "
+            f"{fmt(SESSION['chain_ms'][name]):>8} {fmt(ISSUE16['chain_ms'][name]):>9}"
+        )
+    print(f"  * before: {SESSION['date']}")
     return res
+
+
+def _load() -> str:
+    try:
+        import os
+
+        return ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:  # pragma: no cover - platform without getloadavg
+        return "?"
 
 
 if __name__ == "__main__":

@@ -196,17 +196,27 @@ def bench_label(
     }
 
 
-def main() -> dict:
-    """Print columns labelled per minute for a 2048² image (8-fold TTA, 512² tiles)."""
-    r = bench_label()
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in r["timings_s"].items())
-    print(
-        f"label ({r['size']}² {r['material']} image, {'8-fold TTA' if r['tta'] else 'no TTA'}, "
-        f"512² tiles, {r['threads']} CPU threads, model {r['model']}): {r['columns']} columns "
-        f"in {r['seconds']:.1f} s = {r['columns_per_min']:,.0f} columns/min ({stages}); "
-        f"writing the 5 files {r['write_seconds']:.1f} s"
-    )
-    return r
+def main() -> list[dict]:
+    """Print columns labelled per minute for a 2048² image (512² tiles), without and with
+    8-fold TTA, beside the figures from before issue 16 (:mod:`benchmarks.previous`)."""
+    from benchmarks.previous import ISSUE16, SESSION, fmt
+
+    out = []
+    for tta in (False, True):
+        r = bench_label(tta=tta)
+        stages = ", ".join(f"{k} {v:.1f} s" for k, v in r["timings_s"].items())
+        before = SESSION["label_columns_per_min"].get(tta)
+        issue = ISSUE16["label_columns_per_min"].get(tta)
+        print(
+            f"label ({r['size']}² {r['material']} image, {'8-fold TTA' if tta else 'no TTA'}, "
+            f"512² tiles, {r['threads']} CPU threads, model {r['model']}): {r['columns']} "
+            f"columns in {r['seconds']:.1f} s = {r['columns_per_min']:,.0f} columns/min "
+            f"(before*: {fmt(before, ',.0f')}, issue 16: {fmt(issue, ',.0f')}; {stages}); "
+            f"writing the 5 files {r['write_seconds']:.1f} s"
+        )
+        out.append(r)
+    print(f"  * before: {SESSION['date']}")
+    return out
 
 
 if __name__ == "__main__":

@@ -120,13 +120,27 @@ def class_mask(rows, cols, class_ids, shape, *, radius_px: float):
     flat, d2, col, valid = _windows(xp, r, c, int(math.ceil(radius_px)), (h, w))
     keep = valid & (d2 <= radius_px * radius_px)
     flat, d2, col = flat[keep], d2[keep], col[keep]
-    order = xp.lexsort(xp.stack([col, d2, flat]))  # by pixel, then distance, then column
-    fs = flat[order]
-    first = xp.ones(fs.shape, dtype=bool)
-    first[1:] = fs[1:] != fs[:-1]
-    win = order[first]
-    mask[flat[win]] = k[col[win]].astype(xp.uint8)
+    # Per pixel: the smallest distance, then the first column at exactly that distance.
+    # Two scatter-minimum passes give the winner a lexsort by (pixel, d², column) would,
+    # without sorting every window pixel.
+    best = xp.full(h * w, xp.inf)
+    _scatter_min(xp, best, flat, d2)
+    at_best = d2 == best[flat]
+    first = xp.full(h * w, r.size, dtype=xp.int64)
+    _scatter_min(xp, first, flat[at_best], col[at_best])
+    won = first < r.size
+    mask[won] = k[first[won]].astype(xp.uint8)
     return mask.reshape(h, w)
+
+
+def _scatter_min(xp, out, index, values) -> None:
+    """``out[index] = min(out[index], values)`` with repeated indices (NumPy or CuPy)."""
+    if xp is np:
+        np.minimum.at(out, index, values)
+    else:  # pragma: no cover - GPU only
+        import cupyx
+
+        cupyx.scatter_min(out, index, values)
 
 
 def class_heatmaps(rows, cols, class_ids, shape, n_classes: int, *, sigma_px: float):

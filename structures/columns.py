@@ -416,8 +416,14 @@ def _counts_matrix(symbols: np.ndarray, column: np.ndarray, n_columns: int):
 
 def _compositions(counts: np.ndarray, elements: tuple[str, ...]) -> np.ndarray:
     out = np.empty(len(counts), dtype=object)
-    for k, row in enumerate(counts):
-        out[k] = composition_string({e: int(n) for e, n in zip(elements, row, strict=True)})
+    if len(counts) == 0:
+        return out
+    # a lattice has a handful of distinct columns: format each once
+    rows, inverse = np.unique(counts, axis=0, return_inverse=True)
+    names = np.empty(len(rows), dtype=object)
+    for k, row in enumerate(rows):
+        names[k] = composition_string({e: int(n) for e, n in zip(elements, row, strict=True)})
+    out[:] = names[inverse.ravel()]
     return out
 
 

@@ -269,6 +269,27 @@ def test_linear_drift_labels_match_the_analytic_inverse():
     np.testing.assert_array_equal(inside, on_field & (exact[1] < w - 0.5))
 
 
+def test_line_jitter_labels_do_not_depend_on_the_path_or_chunking():
+    # line jitter is constant along each line: the row-lookup path must give exactly what
+    # the per-pixel gathers give, and the chunk size must not change a bit
+    from simgen.acquisition.scan import _jitter_centroid
+
+    params = base_params(drift_vx_A_per_s=0.3, jitter_line_x_A=0.06, jitter_line_y_A=0.03)
+    pad = required_padding_px(params, SHAPE, P)
+    ideal = np.zeros((SHAPE[0] + 2 * pad, SHAPE[1] + 2 * pad))
+    _, mapping = distort_scan(ideal, SHAPE, pad, params, pixel_size_A=P, rng=4)
+    q = np.random.default_rng(3).uniform(pad - 3, pad + SHAPE[0] + 2, (257, 2))
+    r0, c0 = q[:, 0] - pad, q[:, 1] - pad
+    fast = _jitter_centroid(r0, c0, r0, c0, mapping, 64, per_line=True)
+    slow = _jitter_centroid(r0, c0, r0, c0, mapping, 1000, per_line=False)
+    np.testing.assert_array_equal(fast[0], slow[0])
+    np.testing.assert_array_equal(fast[1], slow[1])
+    a = map_positions(q[:, 0], q[:, 1], mapping, chunk=7)
+    b = map_positions(q[:, 0], q[:, 1], mapping)
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_smooth_map_labels_invert_the_forward_map():
     params = base_params(drift_nonlinear_A=0.3, drift_nonlinear_time_s=0.1, drift_vx_A_per_s=0.4)
     pad = required_padding_px(params, SHAPE, P)

@@ -108,16 +108,10 @@ def find_columns(
 
 def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
     """Watershed split of components around peaks of the smoothed foreground probability."""
-    from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     smooth = ndimage.gaussian_filter(fg_prob, smooth_px) if smooth_px > 0 else fg_prob
-    peaks = peak_local_max(
-        smooth,
-        min_distance=max(1, int(round(min_distance_px))),
-        labels=labels,
-        exclude_border=False,
-    )
+    peaks = _peaks_per_label(smooth, labels, n, max(1, int(round(min_distance_px))))
     markers = np.zeros(labels.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # every component keeps at least one marker (its maximum)
@@ -130,6 +124,53 @@ def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
             markers[p] = len(peaks) + j + 1
     new = watershed(-smooth, markers, mask=fg)
     return new, int(markers.max())
+
+
+def _peaks_per_label(smooth, labels, n, min_distance: int):
+    """``peak_local_max(smooth, min_distance, labels=labels, exclude_border=False)``, with
+    the same peaks in the same order, without its per-component Python loop for the
+    components that can hold only one peak.
+
+    skimage's candidates in a component are its pixels not exceeded by a pixel of the same
+    component within ``min_distance``; they are a subset of the pixels not exceeded by a
+    same-component 8-neighbour, computed here for the whole image at once. When those all
+    lie within ``min_distance`` of each other (Chebyshev), the spacing step keeps only the
+    highest candidate, which is the component's maximum (first in raster order among equal
+    values), and the component is not skimage's "trivial" all-equal case, which needs a
+    maximum above its minimum. Every other component still goes through skimage.
+    """
+    from skimage.feature import peak_local_max
+
+    def skimage_peaks(lab):
+        return peak_local_max(smooth, min_distance=min_distance, labels=lab, exclude_border=False)
+
+    if min_distance <= 1 or n == 0:  # no spacing step: every candidate is a peak
+        return skimage_peaks(labels)
+    index = np.arange(1, n + 1)
+    h, w = labels.shape
+    lab = np.pad(labels, 1)
+    val = np.pad(smooth, 1, constant_values=-np.inf)
+    centre_lab, centre_val = lab[1:-1, 1:-1], val[1:-1, 1:-1]
+    maybe = labels > 0
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr or dc:
+                nb = (slice(1 + dr, 1 + dr + h), slice(1 + dc, 1 + dc + w))
+                maybe &= ~((lab[nb] == centre_lab) & (val[nb] > centre_val))
+    boxes = ndimage.find_objects(np.where(maybe, labels, 0), max_label=n)
+    span = np.array([[s.stop - s.start - 1 for s in b] if b else [0, 0] for b in boxes])
+    hi = np.asarray(ndimage.maximum(smooth, labels, index))
+    lo = np.asarray(ndimage.minimum(smooth, labels, index))
+    present = np.array([b is not None for b in boxes])
+    one_peak = present & (span.max(axis=1) <= min_distance) & (hi > lo) & (hi > smooth.min())
+    rest_ids = index[~one_peak]
+    big = np.empty((0, 2), dtype=np.intp)
+    if len(rest_ids):
+        big = skimage_peaks(np.where(np.isin(labels, rest_ids), labels, 0)).astype(np.intp)
+    one = np.asarray(ndimage.maximum_position(smooth, labels, index[one_peak]), dtype=np.intp)
+    peaks = np.concatenate([big, one.reshape(-1, 2)])
+    order = np.argsort(labels[tuple(peaks.T)], kind="stable")  # skimage: by component
+    return peaks[order]
 
 
 def match_columns(pred_xy, true_xy, radius: float, method: str = "hungarian"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -208,6 +209,10 @@ class ScanMapping:
 
     def max_shift_px(self) -> float:
         """Largest probe displacement from the raster [px]."""
+        return self._max_shift_px
+
+    @cached_property
+    def _max_shift_px(self) -> float:  # asked twice per sample; two full-frame passes
         return float(max(np.abs(self.dx_px).max(), np.abs(self.dy_px).max()))
 
 
@@ -281,9 +286,10 @@ def distort_scan(
             f"pad: {pad} px is too small for this sample's scan displacement of {shift:.2f} px "
             f"(use required_padding_px; at least {need} px recommended)"
         )
-    rows = np.arange(h, dtype=np.float64)[:, None] + pad + mapping.dy_px
-    cols = np.arange(w, dtype=np.float64)[None, :] + pad + mapping.dx_px
-    coords = xp.asarray(np.stack([rows, cols]))
+    coords = np.empty((2, h, w))  # filled in place: no stacked copy
+    np.add(np.arange(h, dtype=np.float64)[:, None] + pad, mapping.dy_px, out=coords[0])
+    np.add(np.arange(w, dtype=np.float64)[None, :] + pad, mapping.dx_px, out=coords[1])
+    coords = xp.asarray(coords)
     recorded = ndimage_of(ideal).map_coordinates(
         xp.asarray(ideal, dtype=xp.float64), coords, order=3, mode="nearest", prefilter=True
     )
@@ -305,7 +311,7 @@ def bilinear(field: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
     return top * (1 - fr) + bot * fr
 
 
-def map_positions(rows_ideal, cols_ideal, mapping: ScanMapping, *, chunk: int = 2048):
+def map_positions(rows_ideal, cols_ideal, mapping: ScanMapping, *, chunk: int = 128):
     """Where columns of the ideal image appear in the recorded image.
 
     The probe path is ``p(r, c) = (r, c) + pad + s(r, c) + j(r, c)`` with ``s`` the smooth
@@ -368,11 +374,22 @@ def map_positions(rows_ideal, cols_ideal, mapping: ScanMapping, *, chunk: int = 
     return rows, cols, inside
 
 
-def _jitter_centroid(r0, c0, rn, cn, mapping: ScanMapping, chunk: int):
-    """Step 2 of :func:`map_positions`: intensity-weighted centres with jitter."""
+def _jitter_centroid(r0, c0, rn, cn, mapping: ScanMapping, chunk: int, per_line=None):
+    """Step 2 of :func:`map_positions`: intensity-weighted centres with jitter.
+
+    ``per_line`` (None: detected) takes the row-lookup path for jitter that is constant
+    along each line; both paths give bit-identical results there."""
     h, w = mapping.out_shape
     sdx, sdy = mapping.smooth_dx_px, mapping.smooth_dy_px
     jdx, jdy = mapping.jitter_dx_px.ravel(), mapping.jitter_dy_px.ravel()
+    # Line jitter only (no per-pixel jitter): the jitter is one value per line, so a row
+    # lookup replaces the per-pixel gathers (same values, same arithmetic).
+    if per_line is None:
+        per_line = bool(
+            (mapping.jitter_dx_px == mapping.jitter_dx_px[:, :1]).all()
+            and (mapping.jitter_dy_px == mapping.jitter_dy_px[:, :1]).all()
+        )
+    line_dx, line_dy = mapping.jitter_dx_px[:, 0], mapping.jitter_dy_px[:, 0]
     # Jacobian of the smooth part at the drift-only solution (central differences)
     e = 0.5
     gyr = (bilinear(sdy, r0 + e, c0) - bilinear(sdy, r0 - e, c0)) / (2 * e)
@@ -389,13 +406,20 @@ def _jitter_centroid(r0, c0, rn, cn, mapping: ScanMapping, chunk: int):
         rc, cc0 = r0[sl], c0[sl]
         rr = np.rint(rc).astype(np.intp)[:, None] + offs  # (n, m)
         cc = np.rint(cc0).astype(np.intp)[:, None] + offs
-        flat = np.clip(rr, 0, h - 1)[:, :, None] * w + np.clip(cc, 0, w - 1)[:, None, :]
         du = (rr - rc[:, None])[:, :, None]  # row offset from the drift-only solution
         dv = (cc - cc0[:, None])[:, None, :]
-        ey = jdy.take(flat)
-        ey += du * (1 + gyr[sl, None, None]) + dv * gyc[sl, None, None]
-        ex = jdx.take(flat)
-        ex += du * gxr[sl, None, None] + dv * (1 + gxc[sl, None, None])
+        ty = du * (1 + gyr[sl, None, None]) + dv * gyc[sl, None, None]
+        tx = du * gxr[sl, None, None] + dv * (1 + gxc[sl, None, None])
+        if per_line:
+            line = np.clip(rr, 0, h - 1)[:, :, None]
+            ey = np.add(line_dy.take(line), ty, out=ty)
+            ex = np.add(line_dx.take(line), tx, out=tx)
+        else:
+            flat = np.clip(rr, 0, h - 1)[:, :, None] * w + np.clip(cc, 0, w - 1)[:, None, :]
+            ey = jdy.take(flat)
+            ey += ty
+            ex = jdx.take(flat)
+            ex += tx
         ey *= ey
         ex *= ex
         ey += ex

@@ -346,6 +346,19 @@ def _neighbour_fit(spin, self_spin, pts, idx, valid, *rest, chunk=8192):
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
+def _offset_errors(d, ideal):
+    """``|d[n, k] − ideal[n, t]|`` for every neighbour k and ideal offset t: [n, k, t].
+
+    The same values as ``np.linalg.norm(d[:, :, None] − ideal[:, None], axis=3)`` (which
+    sums the two squares in the same order) without the [n, k, t, 2] temporaries."""
+    dx = d[:, :, None, 0] - ideal[:, None, :, 0]
+    dy = d[:, :, None, 1] - ideal[:, None, :, 1]
+    dx *= dx
+    dy *= dy
+    dx += dy
+    return np.sqrt(dx, out=dx)
+
+
 def _neighbour_fit_rows(spin, self_spin, pts, own, idx, valid, b, affine_g, opposite, same, tol):
     """Local affine fit of each column's neighbours under a sublattice hypothesis.
 
@@ -366,12 +379,8 @@ def _neighbour_fit_rows(spin, self_spin, pts, own, idx, valid, b, affine_g, oppo
     near = np.linalg.norm(d, axis=2) < (1.0 + tol) * b
     m_all = np.tile(affine_g, (n, 1, 1))
     for it in range(3):
-        e_same = np.linalg.norm(
-            d[:, :, None, :] - np.einsum("nij,tj->nti", m_all, same)[:, None], axis=3
-        )
-        e_opp = np.linalg.norm(
-            d[:, :, None, :] - np.einsum("nij,tj->nti", m_all, opposite)[:, None], axis=3
-        )
+        e_same = _offset_errors(d, np.einsum("nij,tj->nti", m_all, same))
+        e_opp = _offset_errors(d, np.einsum("nij,tj->nti", m_all, opposite))
         k_same, k_opp = e_same.argmin(axis=2), e_opp.argmin(axis=2)
         t = np.where(is_same, same[k_same], opposite[k_opp])
         err = np.where(is_same[..., 0], e_same.min(axis=2), e_opp.min(axis=2))
