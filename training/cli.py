@@ -26,6 +26,24 @@ config_app = typer.Typer(help="Write and check training configs (YAML).", no_arg
 app.add_typer(config_app, name="config")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"simgen {version('simgen')} (simgen-train)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+):
+    """Train fully convolutional networks on simgen stores, evaluate and predict."""
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
