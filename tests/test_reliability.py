@@ -176,7 +176,7 @@ def test_offsets_are_written_in_bounded_blocks(tmp_path, monkeypatch):
 def test_version_on_both_clis():
     from training.cli import app as train_app
 
-    for cli, name in ((app, "simgen"), (train_app, "simgen-train")):
+    for cli in (app, train_app):
         result = runner.invoke(cli, ["--version"])
         assert result.exit_code == 0, result.output
         assert result.output.startswith("simgen ")
