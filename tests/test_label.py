@@ -8,6 +8,7 @@ simulated at 0.16 Å/px (so labelling must resample and map positions back), wri
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -591,3 +592,32 @@ def test_scan_distortion_is_corrected_and_positions_stay_in_file_pixels(ensemble
     )  # fmt: skip
     assert plain.summary["resampling"]["distortion_corrected"] is False
     assert plain.summary["resampling"]["factor_yx"] == pytest.approx([0.8, 0.8], abs=0.003)
+
+
+def test_label_into_a_used_folder_replaces_only_its_own_outputs(model_dir, experiment, tmp_path):
+    from training.cli import app
+
+    first, second = tmp_path / "first.npy", tmp_path / "second.npy"
+    np.save(first, experiment["images"][0])
+    np.save(second, experiment["images"][1])
+    out = tmp_path / "out"
+    opts = ["-m", str(model_dir), "-o", str(out), "--pixel-size", "0.16", "--tile", "128"]
+    opts += ["--no-tta", "-q"]
+    assert runner.invoke(app, ["label", str(first), *opts]).exit_code == 0
+    assert (out / "first").is_dir()
+    result = runner.invoke(app, ["label", str(second), *opts])
+    assert result.exit_code == 0, result.output
+    with open(out / "summary.csv", newline="") as fh:
+        listed = {r["image"] for r in csv.DictReader(fh)}
+    folders = {p.name for p in out.iterdir() if p.is_dir()}
+    assert listed == folders == {"second"}  # no stale per-image folder left unlisted
+    # a folder holding someone else's files is refused by name and left as it was
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "first").mkdir()
+    (user / "first" / "notes.txt").write_text("keep")
+    result = runner.invoke(app, ["label", str(first), *opts[:2], "-o", str(user), *opts[4:]])
+    assert result.exit_code == 1, result.output
+    assert "did not write" in result.stderr and str(user) in result.stderr
+    assert (user / "first" / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in user.rglob("*")) == ["first", "notes.txt"]

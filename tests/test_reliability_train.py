@@ -25,3 +25,30 @@ def test_train_on_a_damaged_store_is_one_line_and_leaves_no_run_folder(tmp_path)
     assert "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
     assert not run.exists()
+
+
+def test_predict_replaces_only_its_own_unfinished_output(tmp_path):
+    import pytest
+    import zarr
+
+    from training.predict import PREDICTION_MARKER, _claim_output
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not a simgen prediction store; refusing"):
+        _claim_output(user)
+    assert (user / "notes.txt").read_text() == "keep"
+    plain = tmp_path / "file.zarr"
+    plain.write_text("x")
+    with pytest.raises(ValueError, match="not a simgen prediction store"):
+        _claim_output(plain)
+    killed = tmp_path / "killed.zarr"
+    zarr.open_group(str(killed), mode="w").attrs[PREDICTION_MARKER] = {"complete": False}
+    _claim_output(killed)
+    assert not killed.exists()
+    done = tmp_path / "done.zarr"
+    zarr.open_group(str(done), mode="w").attrs[PREDICTION_MARKER] = {"complete": True}
+    with pytest.raises(ValueError, match="a finished prediction"):
+        _claim_output(done)
+    assert done.exists()

@@ -1007,9 +1007,13 @@ def label_files(
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
+    previous = _previous_label_run(out)
     ensemble = model if hasattr(model, "predict") else Ensemble.load(model, resolve_device(device))
     files, missing = expand_inputs(inputs)
+    _clear_previous_label_run(out, previous)
     out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    _write_label_marker(out, written, finished=False)
     run = LabelRun(outdir=out)
     rows: list[dict] = []
 
@@ -1052,6 +1056,9 @@ def label_files(
             sub = f"{name}/frame_{im.frame:03d}" if stack and im.frame is not None else name
             try:
                 result = label_image(im, ensemble, material=material, **label_kwargs)
+                if name not in written:  # recorded before writing: a kill leaves it owned
+                    written.append(name)
+                    _write_label_marker(out, written, finished=False)
                 write_outputs(result, out / sub)
             except (MemoryError, KeyboardInterrupt):
                 raise
@@ -1077,4 +1084,55 @@ def label_files(
     write_run_summary_csv(rows, out / "summary.csv")
     text = "".join(f"{_failure_line(what, reason)}\n" for what, reason in run.failures)
     (out / "failures.txt").write_text(text, encoding="utf-8")
+    _write_label_marker(out, written, finished=True)
     return run
+
+
+#: File in a label folder listing what ``label_files`` wrote there: the only things a later
+#: run into the same folder removes.
+LABEL_MARKER = ".simgen-label.json"
+
+
+def _previous_label_run(out: Path) -> list[str] | None:
+    """Per-image folders of an earlier label run in ``out`` (None: new or empty folder).
+
+    Raises
+    ------
+    ValueError
+        ``out`` holds files that no label run wrote (refused, untouched).
+    """
+    import json
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    marker = out / LABEL_MARKER
+    try:
+        names = json.loads(marker.read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"--out: {out} already holds files that `simgen-train label` did not write (no "
+            f"{LABEL_MARKER}); refusing to write into it: choose a new or empty folder"
+        ) from None
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
+
+
+def _clear_previous_label_run(out: Path, previous: list[str] | None) -> None:
+    """Remove what the earlier run in ``out`` wrote (its per-image folders, summary.csv,
+    failures.txt), so that summary.csv lists every per-image folder there."""
+    import shutil
+
+    if previous is None:
+        return
+    for name in previous:
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)
+    for name in ("summary.csv", "failures.txt"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_label_marker(out: Path, names: list[str], *, finished: bool) -> None:
+    from simgen.store import write_json
+
+    write_json(
+        {"tool": "simgen-train label", "images": names, "finished": finished}, out / LABEL_MARKER
+    )
