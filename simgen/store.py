@@ -588,3 +588,100 @@ def save_calibration(key: str, data: Mapping) -> Path:
 
 def iter_complete(root) -> Iterable[int]:
     yield from (int(i) for i in np.flatnonzero(complete_flags(root)))
+
+
+# -- writer lock ---------------------------------------------------------------------------
+class LockedError(StoreError):
+    """Another live process is writing the store (or run)."""
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of the store (or run folder) ``path``: ``<path>.lock`` beside it, so
+    that replacing the store never removes the lock."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        data = json.loads(lock.read_text())
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # torn or foreign: treat as held by an unknown writer
+
+
+class WriterLock:
+    """Exclusive lock on a store or run being written, as a context manager.
+
+    The lock file holds the holder's ``pid``, ``host`` and ``since`` (UTC). A second writer
+    gets :class:`LockedError` naming them, whatever its config; a lock left by a dead process
+    on this host (SIGKILL) is taken over.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock = lock_path(path)
+        self.held = False
+
+    def __enter__(self):
+        import socket
+
+        host = socket.gethostname()
+        me = {
+            "pid": os.getpid(),
+            "host": host,
+            "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = _read_lock(self.lock)
+                if other is None:
+                    continue  # released meanwhile
+                pid = other.get("pid")
+                stale = other.get("host") == host and isinstance(pid, int) and not _pid_alive(pid)
+                if not stale:
+                    raise LockedError(
+                        f"{self.path} is being written by pid {other.get('pid', '?')} on host "
+                        f"{other.get('host', '?')} since {other.get('since', '?')}; wait for it "
+                        f"to finish, or remove {self.lock} if that process is gone"
+                    ) from None
+                self.lock.unlink(missing_ok=True)  # its holder died: take it over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return self
+        raise LockedError(f"{self.path}: could not take the lock {self.lock}")
+
+    def __exit__(self, *exc):
+        if self.held:
+            other = _read_lock(self.lock)
+            if other and other.get("pid") == os.getpid():
+                self.lock.unlink(missing_ok=True)
+            self.held = False
+        return False
+
+
+def creation_unfinished(path: str | Path) -> bool:
+    """True when ``path`` is a store whose creation was interrupted (marker, no schema)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(attrs.get(MARKER_ATTR)) and "schema_version" not in attrs
