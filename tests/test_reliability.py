@@ -203,3 +203,75 @@ def test_readers_name_the_store_and_sample_of_a_damaged_chunk(tmp_path):
         assert result.exit_code == 1, result.output
         assert "is damaged" in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+# -- bad config values -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("optics.C10_A", ".nan", "optics.C10_A"),
+        ("optics.semiangle_mrad", ".nan", "finite"),
+        ("structure.margin_A", ".inf", "structure.margin_A: expected a finite number"),
+        ("optics.C10_A", "{normal: [0, .nan]}", "finite"),
+        ("structure.dopant", "Qq", "structure.dopant: 'Qq' is not an element"),
+        ("structure.substituent", "Zz", "structure.substituent: expected a chalcogen"),
+    ],
+)
+def test_config_show_refuses_bad_values_in_one_line(key, value, message):
+    result = runner.invoke(app, ["config", "show", "--set", f"{key}={value}"])
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_sweep_refuses_zero_points(tmp_path):
+    out = tmp_path / "sweep"
+    result = runner.invoke(
+        app, ["sweep", "--noise-lambda", "5-20", "--points", "0", "-o", str(out), "--n", "1"]
+    )
+    assert result.exit_code == 1 and "--points: expected >= 1, got 0" in result.output
+    assert not out.exists()
+
+
+def test_a_structure_file_without_a_cell_is_one_line(tmp_path):
+    cell = tmp_path / "nocell.xyz"
+    cell.write_text("2\n\nMo 0 0 0\nS 1 1 1.5\n")
+    out = tmp_path / "x.zarr"
+    result = runner.invoke(
+        app, ["generate", "--structure", str(cell), "-o", str(out), "--cluster", "none"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "has no cell in x and y" in result.output and not out.exists()
+
+
+def test_ctrl_c_during_generate_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    import simgen.generation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simgen.generation, "generate", interrupted)
+    monkeypatch.setattr("simgen.cli._calibration_for", lambda cfg: None)
+    out = tmp_path / "x.zarr"
+    result = runner.invoke(app, ["generate", "-o", str(out), "--cluster", "none", "--n", "1"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output and "resume" in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_check_exits_1_when_a_sample_is_not_reproduced(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import simgen.pipeline
+
+    path = tmp_path / "s.zarr"
+    attrs = {**ATTRS, "config": {}}
+    root = store.create_store(path, _layout(n=2), attrs)
+    store.write_samples(root, [0, 1], [_sample(0), _sample(1)])
+    other = _sample(5)
+    fake = SimpleNamespace(image=other.image, noise_free=other.image)
+    monkeypatch.setattr(simgen.pipeline, "make_sample", lambda cfg, i, calibration=None: fake)
+    result = runner.invoke(app, ["check", str(path), "-i", "0"])
+    assert result.exit_code == 1, result.output
+    assert "reproduced bit for bit: False" in result.output
+    assert "not reproduced bit for bit" in result.output

@@ -74,6 +74,8 @@ def _clean_errors(fn):
                 return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, FloatingPointError) as err:
             _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        except PermissionError as err:
+            _fail(f"{err.filename or 'output'}: cannot write there (permission denied)")
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
