@@ -117,6 +117,17 @@ def _setup_logging(verbose: bool):
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (default: shipped default)")
 ]
+DEFAULT_MAX_DISK = "200GB"
+MaxDiskOpt = Annotated[
+    str, typer.Option(help="Refuse a store estimated larger than this (e.g. 200GB, 2TB)")
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(help="Refuse when one worker would need more (default: this machine's RAM)"),
+]
+YesOpt = Annotated[
+    bool, typer.Option("--yes", "-y", help="Go on beyond --max-disk/--max-memory/free space")
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config field, e.g. --set optics.semiangle_mrad=25"),
@@ -184,9 +195,15 @@ def generate(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store")] = False,
+    max_disk: MaxDiskOpt = DEFAULT_MAX_DISK,
+    max_memory: MaxMemoryOpt = None,
+    yes: YesOpt = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ):
-    """Generate a labelled dataset (resumes an interrupted store of the same config)."""
+    """Generate a labelled dataset (resumes an interrupted store of the same config).
+
+    Before any work it estimates the store's size on disk and the memory of one worker, and
+    refuses beyond --max-disk (or the free space) and --max-memory unless --yes."""
     _setup_logging(verbose)
     named = {
         "dataset.n_samples": n,
@@ -201,7 +218,10 @@ def generate(
         named["acquisition.shot.lambda_counts"] = lo if lo == hi else {"uniform": [lo, hi]}
     job = _parse_jobqueue(jobqueue, cluster)
     cfg = build_config(config, overrides, **named)
-    _run_generate(cfg, output, workers, scheduler, cluster, overwrite, verbose=verbose, job=job)
+    limits = None if yes else _limits(max_disk, max_memory)
+    _run_generate(
+        cfg, output, workers, scheduler, cluster, overwrite, verbose=verbose, job=job, limits=limits
+    )
 
 
 def _parse_jobqueue(items: list[str] | None, cluster: ClusterKind) -> dict:
@@ -227,8 +247,47 @@ def _parse_jobqueue(items: list[str] | None, cluster: ClusterKind) -> dict:
     return job
 
 
+def _limits(max_disk: str, max_memory: str | None) -> dict:
+    """``--max-disk``/``--max-memory`` in bytes (memory default: this machine's RAM)."""
+    import os
+
+    from simgen.cost import parse_bytes
+
+    try:
+        disk = parse_bytes(max_disk, "--max-disk")
+        if max_memory is None:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        else:
+            memory = parse_bytes(max_memory, "--max-memory")
+    except ValueError as err:
+        fail(str(err))
+    return {"max_disk": disk, "max_memory": memory}
+
+
+def _check_cost(cfg, output: Path, limits: dict | None) -> None:
+    """Refuse a dataset beyond the limits before any work (nothing when --yes)."""
+    from simgen import store
+    from simgen.cost import check_limits, estimate_cost
+
+    if limits is None:
+        return
+    est = estimate_cost(cfg)
+    if output.exists() and store.is_simgen_store(output):
+        return  # resuming (or replacing) a store that already passed
+    check_limits(est, free_disk=store.free_space(output), **limits)
+
+
 def _run_generate(
-    cfg, output, workers, scheduler, cluster, overwrite, calibration="auto", verbose=False, job=None
+    cfg,
+    output,
+    workers,
+    scheduler,
+    cluster,
+    overwrite,
+    calibration="auto",
+    verbose=False,
+    job=None,
+    limits=None,
 ):
     from simgen.cluster import ClusterSpec
     from simgen.generation import generate as run
@@ -237,6 +296,7 @@ def _run_generate(
 
     try:
         check_ready(cfg)
+        _check_cost(cfg, Path(output), limits)
         cal = _calibration_for(cfg) if calibration == "auto" else calibration
         spec = ClusterSpec(
             kind=cluster.value,
@@ -287,6 +347,9 @@ def sweep(
     scheduler: Annotated[str | None, typer.Option(help="Join a running dask scheduler")] = None,
     cluster: Annotated[ClusterKind, typer.Option(help="Where tasks run")] = ClusterKind.local,
     overwrite: Annotated[bool, typer.Option(help="Replace existing stores")] = False,
+    max_disk: MaxDiskOpt = DEFAULT_MAX_DISK,
+    max_memory: MaxMemoryOpt = None,
+    yes: YesOpt = False,
 ):
     """Noise sweep: one store per noise level, same structures and optics (paired)."""
     from simgen.sweep import plan_sweep, write_manifest
@@ -324,6 +387,7 @@ def sweep(
             cluster,
             overwrite,
             calibration=calibration,
+            limits=None if yes else _limits(max_disk, max_memory),
         )
     write_manifest(output, plan)
     typer.echo(f"sweep of {len(plan)} stores in {output} (manifest: {output / 'sweep.json'})")

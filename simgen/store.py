@@ -685,3 +685,12 @@ def creation_unfinished(path: str | Path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False
     return bool(attrs.get(MARKER_ATTR)) and "schema_version" not in attrs
+
+
+def free_space(path: str | Path) -> int:
+    """Free bytes on the file system that would hold ``path`` (its nearest existing
+    parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free

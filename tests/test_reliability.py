@@ -275,3 +275,38 @@ def test_check_exits_1_when_a_sample_is_not_reproduced(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "reproduced bit for bit: False" in result.output
     assert "not reproduced bit for bit" in result.output
+
+
+# -- cost before work --------------------------------------------------------------------
+def test_a_huge_dataset_is_refused_with_the_numbers_before_any_work(tmp_path):
+    out = tmp_path / "big.zarr"
+    result = runner.invoke(
+        app, ["generate", "-o", str(out), "--n", "1000000000", "--cluster", "none"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "TB on disk (1000000000 samples), over the limit 200.0 GB" in result.output
+    assert "--yes" in result.output and not out.exists()
+    result = runner.invoke(
+        app, ["generate", "-o", str(out), "--size", "8192", "--set", "optics.pixel_size_A=5",
+              "--max-memory", "4GB", "--n", "1", "--cluster", "none"]
+    )  # fmt: skip
+    assert result.exit_code == 1 and "GB of memory (a 8" in result.output, result.output
+    assert not out.exists()
+    bad = runner.invoke(app, ["generate", "-o", str(out), "--max-disk", "lots"])
+    assert bad.exit_code == 1 and "--max-disk: expected a size" in bad.output
+
+
+def test_cost_estimate_grows_with_what_the_config_asks():
+    from simgen.config import load_config
+    from simgen.cost import estimate_cost, parse_bytes
+
+    base = load_config()
+    small = estimate_cost(base.with_overrides({"dataset.image_size": [64, 64]}))
+    big = estimate_cost(base.with_overrides({"dataset.image_size": [1024, 1024]}))
+    more = estimate_cost(base.with_overrides({"dataset.n_samples": 2 * base.dataset.n_samples}))
+    assert small.disk_bytes < estimate_cost(base).disk_bytes < big.disk_bytes
+    assert small.worker_bytes < big.worker_bytes
+    assert more.disk_bytes == 2 * estimate_cost(base).disk_bytes
+    h, w = base.dataset.image_size
+    assert estimate_cost(base).disk_bytes > base.dataset.n_samples * h * w * 5  # images, masks
+    assert parse_bytes("1.5 GB", "x") == 1_500_000_000 and parse_bytes("512MB", "x") == 512e6

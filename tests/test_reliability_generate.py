@@ -140,3 +140,15 @@ def test_many_sigkills_then_resume_and_repair_give_the_uninterrupted_store(
     assert result.exit_code == 0 and "2 samples computed" in result.output, result.output
     assert stores_identical(out, ref)
     assert runner.invoke(app, ["check", "--integrity", str(out)]).exit_code == 0
+
+
+def test_yes_goes_on_beyond_the_limits(small_cfg, tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(small_cfg.with_overrides({"dataset.n_samples": 1}).to_yaml())
+    out = tmp_path / "s.zarr"
+    args = ["generate", "-c", str(cfg_file), "-o", str(out), "--cluster", "none"]
+    refused = runner.invoke(app, [*args, "--max-disk", "1kB"])
+    assert refused.exit_code == 1 and "over the limit 1.0 kB" in refused.output
+    assert not out.exists()
+    result = runner.invoke(app, [*args, "--max-disk", "1kB", "--yes"])
+    assert result.exit_code == 0 and "1 samples computed" in result.output, result.output
