@@ -621,3 +621,28 @@ def test_label_into_a_used_folder_replaces_only_its_own_outputs(model_dir, exper
     assert "did not write" in result.stderr and str(user) in result.stderr
     assert (user / "first" / "notes.txt").read_text() == "keep"
     assert sorted(p.name for p in user.rglob("*")) == ["first", "notes.txt"]
+
+
+def test_an_image_too_big_for_memory_is_refused_alone_and_the_batch_goes_on(
+    ensemble, experiment, tmp_path
+):
+    from training.experiments.label import label_files, label_memory_bytes
+
+    small, big = tmp_path / "small.npy", tmp_path / "big.npy"
+    np.save(small, experiment["images"][0])
+    np.save(big, np.tile(experiment["images"][0], (4, 4)))
+    n = len(ensemble.class_names)
+    scale = 0.16 / model_pixel_size(ensemble)
+    limit = (
+        label_memory_bytes((256 * scale,) * 2, n) + label_memory_bytes((1024 * scale,) * 2, n)
+    ) // 2
+    lines = []
+    run = label_files(
+        [small, big], ensemble, tmp_path / "out", pixel_size_A=0.16, progress=False,
+        echo=lines.append, tile=128, tta=False, max_memory_bytes=limit,
+    )  # fmt: skip
+    assert [r["image"] for r in run.labelled] == ["small"]
+    assert len(run.failures) == 1
+    what, reason = run.failures[0]
+    assert what == str(big) and "GB of memory, over the limit" in reason
+    assert not (tmp_path / "out" / "big").exists()

@@ -483,6 +483,29 @@ def resample_affine(image, pixel_to_A, target_pixel_size_A: float):
     return out.astype(np.float32), res
 
 
+#: Bytes per pixel of the resampled image that labelling holds besides the class maps
+#: (lattice fit, catalogue, quality maps, figures: a few float64 maps).
+LABEL_BYTES_PER_PX = 160
+
+
+def label_memory_bytes(shape, n_classes: int) -> int:
+    """Rough peak memory of :func:`label_image` on a resampled image of ``shape``: the
+    probability mean and variance (float32, one map per class) plus
+    :data:`LABEL_BYTES_PER_PX`."""
+    h, w = (int(v) for v in shape[-2:])
+    return h * w * (2 * 4 * int(n_classes) + LABEL_BYTES_PER_PX)
+
+
+def default_label_memory() -> int:
+    """Half of this machine's physical memory (the default per-image limit)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 8 * 10**9
+
+
 def label_image(
     image: ExperimentImage,
     ensemble,
@@ -492,6 +515,7 @@ def label_image(
     train_pixel_size_A: float | None = None,
     material: str | None = None,
     keep_maps: bool = False,
+    max_memory_bytes: int | None = None,
     **overrides,
 ) -> LabelResult:
     """Label one experimental image: columns, sublattices, classes, vacancies, summary, and
@@ -517,6 +541,9 @@ def label_image(
         summary (default: the lattice constant measured from the fit).
     keep_maps : bool
         Keep the probability mean and variance maps in the result.
+    max_memory_bytes : int, optional
+        Refuse an image whose estimated working set (:func:`label_memory_bytes`) exceeds
+        this (default: half of this machine's RAM).
 
     Returns
     -------
@@ -545,6 +572,17 @@ def label_image(
     source = image.source + ("" if image.frame is None else f" (frame {image.frame})")
     clock = {"start": time.perf_counter()}
 
+    # before any work on it: the image at the network's pixel size, and what labelling costs
+    scale = float(image.pixel_size_A) / float(train_pixel_size_A or image.pixel_size_A)
+    h, w = (max(1, round(n * scale)) for n in np.shape(image.data)[-2:])
+    need = label_memory_bytes((h, w), len(scheme_names(scheme_d)))
+    limit = default_label_memory() if max_memory_bytes is None else int(max_memory_bytes)
+    if need > limit:
+        raise ValueError(
+            f"{source}: labelling {h}x{w} px (at the network's pixel size) would need about "
+            f"{need / 1e9:.1f} GB of memory, over the limit {limit / 1e9:.1f} GB; crop or bin "
+            "the image"
+        )
     data, res = prepare_image(image, train_pixel_size_A, settings)
     if min(data.shape) < 8:
         raise ValueError(f"{source}: image of {data.shape} px after resampling is too small")
@@ -1060,8 +1098,11 @@ def label_files(
                     written.append(name)
                     _write_label_marker(out, written, finished=False)
                 write_outputs(result, out / sub)
-            except (MemoryError, KeyboardInterrupt):
+            except KeyboardInterrupt:
                 raise
+            except MemoryError:  # this image alone: the batch goes on
+                fail(str(path), "ran out of memory labelling it", image=sub, frame=im.frame)
+                continue
             except Exception as err:  # one bad image must not stop a batch
                 fail(str(path), _one_line(err), image=sub, frame=im.frame)
                 continue
