@@ -439,6 +439,8 @@ def preview(
         store_preview(root, output, count=count)
     except (store.StoreError, ValueError) as err:
         fail(str(err))
+    except OSError as err:
+        fail(f"{output}: cannot write there ({err.strerror or type(err).__name__})")
     typer.echo(f"wrote {output}")
 
 

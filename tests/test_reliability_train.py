@@ -52,3 +52,39 @@ def test_predict_replaces_only_its_own_unfinished_output(tmp_path):
     with pytest.raises(ValueError, match="a finished prediction"):
         _claim_output(done)
     assert done.exists()
+
+
+def test_os_errors_in_simgen_train_commands_are_one_line(tmp_path, capsys):
+    import pytest
+    import typer
+
+    from training import cli
+
+    @cli._clean_errors
+    def command():
+        (tmp_path / "metrics").write_text("a file")
+        (tmp_path / "metrics").mkdir()  # --out on a plain file: FileExistsError
+
+    with pytest.raises(typer.Exit) as exit_:
+        command()
+    assert exit_.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {tmp_path / 'metrics'}: File exists"
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch):
+    from simgen import store
+    from simgen.cli import app as simgen_app
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(store.WriterLock, "__enter__", denied)
+    monkeypatch.setattr("simgen.cli._calibration_for", lambda cfg: None)
+    out = tmp_path / "ro" / "x.zarr"
+    result = runner.invoke(
+        simgen_app, ["generate", "-o", str(out), "--cluster", "none", "--n", "1"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "cannot write there" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

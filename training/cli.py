@@ -76,6 +76,8 @@ def _clean_errors(fn):
             _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
         except PermissionError as err:
             _fail(f"{err.filename or 'output'}: cannot write there (permission denied)")
+        except OSError as err:  # a file where a folder is wanted, a full disk...
+            _fail(f"{err.filename or 'output'}: {err.strerror or type(err).__name__}")
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
