@@ -88,3 +88,26 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1, result.output
     assert "cannot write there" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_training_warns_when_the_validation_part_is_incomplete(tmp_path, caplog):
+    import logging
+
+    from training.config import AugmentConfig, DataConfig
+    from training.data import build_datasets
+
+    full = write_fake_store(tmp_path / "full.zarr", 8, (32, 32), seed=1)
+    part = write_fake_store(tmp_path / "part.zarr", 8, (32, 32), seed=1, incomplete=(6, 7))
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        build_datasets(
+            DataConfig(train_stores=(str(full),), val_fraction=0.25, crop=16), AugmentConfig(), 0
+        )
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        _, val = build_datasets(
+            DataConfig(train_stores=(str(part),), val_fraction=0.25, crop=16), AugmentConfig(), 0
+        )
+    assert val is None
+    (record,) = caplog.records
+    assert "part.zarr: only 0 of the 2 samples of its validation part" in record.getMessage()
+    assert "no validation" in record.getMessage()
