@@ -296,6 +296,10 @@ def _run_generate(
 
     try:
         check_ready(cfg)
+        if overwrite:  # refuse a target that is not ours before any work
+            from simgen.store import check_replaceable
+
+            check_replaceable(output)
         _check_cost(cfg, Path(output), limits)
         cal = _calibration_for(cfg) if calibration == "auto" else calibration
         spec = ClusterSpec(

@@ -199,6 +199,15 @@ def remove_own_store(path: str | Path) -> None:
         ``path`` is a file, or a folder that is not a simgen store.
     """
     path = Path(path)
+    check_replaceable(path)
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Raise :class:`StoreError` unless ``path`` is absent, an empty folder or a simgen
+    store (what :func:`remove_own_store` may delete); touches nothing."""
+    path = Path(path)
     if path.is_symlink() or path.is_file():
         raise StoreError(f"{path} is a file, not a simgen store; refusing to replace it")
     if not path.exists():
@@ -210,7 +219,6 @@ def remove_own_store(path: str | Path) -> None:
             f"{path} is not a simgen store (no {MARKER_ATTR} marker in zarr.json); refusing "
             "to replace it: choose another output path or remove it yourself"
         )
-    shutil.rmtree(path)
 
 
 def _pixel_coordinates(root, h: int, w: int, pixel_size_A) -> None:
