@@ -23,6 +23,24 @@ config_app = typer.Typer(help="Dataset configuration files.", no_args_is_help=Tr
 app.add_typer(config_app, name="config")
 
 
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"simgen {version('simgen')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version"),
+    ] = False,
+):
+    """Simulated, labelled HAADF-STEM datasets of 2D TMD monolayers."""
+
+
 class Model(StrEnum):
     auto = "auto"
     incoherent = "incoherent"
@@ -44,7 +62,12 @@ class ClusterKind(StrEnum):
     none = "none"
 
 
-def fail(message: str, code: int = 2):
+#: Exit codes of both CLIs (docs/cli.md): bad input or a failed check, a command-line
+#: usage error (Typer's own), interrupted by Ctrl-C.
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def fail(message: str, code: int = EXIT_ERROR):
     """Print a one-line error and exit non-zero."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -93,6 +116,17 @@ def _setup_logging(verbose: bool):
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (default: shipped default)")
+]
+DEFAULT_MAX_DISK = "200GB"
+MaxDiskOpt = Annotated[
+    str, typer.Option(help="Refuse a store estimated larger than this (e.g. 200GB, 2TB)")
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(help="Refuse when one worker would need more (default: this machine's RAM)"),
+]
+YesOpt = Annotated[
+    bool, typer.Option("--yes", "-y", help="Go on beyond --max-disk/--max-memory/free space")
 ]
 SetOpt = Annotated[
     list[str] | None,
@@ -161,9 +195,15 @@ def generate(
         ),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store")] = False,
+    max_disk: MaxDiskOpt = DEFAULT_MAX_DISK,
+    max_memory: MaxMemoryOpt = None,
+    yes: YesOpt = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
 ):
-    """Generate a labelled dataset (resumes an interrupted store of the same config)."""
+    """Generate a labelled dataset (resumes an interrupted store of the same config).
+
+    Before any work it estimates the store's size on disk and the memory of one worker, and
+    refuses beyond --max-disk (or the free space) and --max-memory unless --yes."""
     _setup_logging(verbose)
     named = {
         "dataset.n_samples": n,
@@ -178,7 +218,10 @@ def generate(
         named["acquisition.shot.lambda_counts"] = lo if lo == hi else {"uniform": [lo, hi]}
     job = _parse_jobqueue(jobqueue, cluster)
     cfg = build_config(config, overrides, **named)
-    _run_generate(cfg, output, workers, scheduler, cluster, overwrite, verbose=verbose, job=job)
+    limits = None if yes else _limits(max_disk, max_memory)
+    _run_generate(
+        cfg, output, workers, scheduler, cluster, overwrite, verbose=verbose, job=job, limits=limits
+    )
 
 
 def _parse_jobqueue(items: list[str] | None, cluster: ClusterKind) -> dict:
@@ -204,8 +247,47 @@ def _parse_jobqueue(items: list[str] | None, cluster: ClusterKind) -> dict:
     return job
 
 
+def _limits(max_disk: str, max_memory: str | None) -> dict:
+    """``--max-disk``/``--max-memory`` in bytes (memory default: this machine's RAM)."""
+    import os
+
+    from simgen.cost import parse_bytes
+
+    try:
+        disk = parse_bytes(max_disk, "--max-disk")
+        if max_memory is None:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        else:
+            memory = parse_bytes(max_memory, "--max-memory")
+    except ValueError as err:
+        fail(str(err))
+    return {"max_disk": disk, "max_memory": memory}
+
+
+def _check_cost(cfg, output: Path, limits: dict | None) -> None:
+    """Refuse a dataset beyond the limits before any work (nothing when --yes)."""
+    from simgen import store
+    from simgen.cost import check_limits, estimate_cost
+
+    if limits is None:
+        return
+    est = estimate_cost(cfg)
+    if output.exists() and store.is_simgen_store(output):
+        return  # resuming (or replacing) a store that already passed
+    check_limits(est, free_disk=store.free_space(output), **limits)
+
+
 def _run_generate(
-    cfg, output, workers, scheduler, cluster, overwrite, calibration="auto", verbose=False, job=None
+    cfg,
+    output,
+    workers,
+    scheduler,
+    cluster,
+    overwrite,
+    calibration="auto",
+    verbose=False,
+    job=None,
+    limits=None,
 ):
     from simgen.cluster import ClusterSpec
     from simgen.generation import generate as run
@@ -214,6 +296,11 @@ def _run_generate(
 
     try:
         check_ready(cfg)
+        if overwrite:  # refuse a target that is not ours before any work
+            from simgen.store import check_replaceable
+
+            check_replaceable(output)
+        _check_cost(cfg, Path(output), limits)
         cal = _calibration_for(cfg) if calibration == "auto" else calibration
         spec = ClusterSpec(
             kind=cluster.value,
@@ -223,8 +310,16 @@ def _run_generate(
             quiet=not verbose,
         )
         report = run(cfg, output, cluster=spec, overwrite=overwrite, calibration=cal)
-    except (ValueError, StoreError, RuntimeError, FileNotFoundError) as err:
-        fail(str(err))
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; {output} keeps every finished sample: run the same command again "
+            "to resume",
+            code=EXIT_INTERRUPTED,
+        )
+    except PermissionError as err:
+        fail(f"{output}: cannot write there ({err.strerror or err})")
+    except (ValueError, StoreError, RuntimeError, FileNotFoundError, OSError) as err:
+        fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
     typer.echo(
         f"{report.path}: {report.computed} samples computed, {report.skipped} already complete; "
         f"{report.samples_per_second:.2f} samples/s"
@@ -256,6 +351,9 @@ def sweep(
     scheduler: Annotated[str | None, typer.Option(help="Join a running dask scheduler")] = None,
     cluster: Annotated[ClusterKind, typer.Option(help="Where tasks run")] = ClusterKind.local,
     overwrite: Annotated[bool, typer.Option(help="Replace existing stores")] = False,
+    max_disk: MaxDiskOpt = DEFAULT_MAX_DISK,
+    max_memory: MaxMemoryOpt = None,
+    yes: YesOpt = False,
 ):
     """Noise sweep: one store per noise level, same structures and optics (paired)."""
     from simgen.sweep import plan_sweep, write_manifest
@@ -293,6 +391,7 @@ def sweep(
             cluster,
             overwrite,
             calibration=calibration,
+            limits=None if yes else _limits(max_disk, max_memory),
         )
     write_manifest(output, plan)
     typer.echo(f"sweep of {len(plan)} stores in {output} (manifest: {output / 'sweep.json'})")
@@ -344,6 +443,8 @@ def preview(
         store_preview(root, output, count=count)
     except (store.StoreError, ValueError) as err:
         fail(str(err))
+    except OSError as err:
+        fail(f"{output}: cannot write there ({err.strerror or type(err).__name__})")
     typer.echo(f"wrote {output}")
 
 
@@ -427,9 +528,56 @@ def calibrate(
 def check(
     store_path: Annotated[Path, typer.Argument(help="Dataset store (*.zarr)")],
     index: Annotated[list[int] | None, typer.Option("--index", "-i", help="Samples")] = None,
+    integrity: Annotated[
+        bool,
+        typer.Option(
+            "--integrity",
+            help="Verify every chunk of every complete sample (checksum, presence); mark "
+            "damaged samples incomplete so that resuming the store recomputes them",
+        ),
+    ] = False,
 ):
     """Recompute samples from the store's config and report label-to-column offsets in
-    their noise-free images (and whether the recorded image is reproduced bit for bit)."""
+    their noise-free images (and whether the recorded image is reproduced bit for bit);
+    with --integrity, verify the stored chunks instead. Exits 1 when a sample is not
+    reproduced or is damaged."""
+    from simgen import store
+
+    try:
+        root = store.open_store(store_path)
+    except store.StoreError as err:
+        fail(str(err))
+    if integrity:
+        _check_integrity(store_path, index)
+        return
+    _check_reproduction(store_path, root, index)
+
+
+def _check_integrity(store_path: Path, index: list[int] | None) -> None:
+    from simgen import store
+
+    root = store.open_store(store_path, mode="r+")
+    bad = store.damaged_indices(store_path, root, index)
+    if not store.has_checksums(root):
+        typer.echo(
+            f"{store_path}: chunks carry no checksum (store made before simgen checksummed "
+            "them): only missing and undecodable chunks are detected",
+            err=True,
+        )
+    if not bad:
+        typer.echo(f"{store_path}: no damaged sample")
+        return
+    for i, what in sorted(bad.items()):
+        typer.echo(f"sample {i}: damaged ({what})")
+    store.mark_incomplete(root, bad)
+    fail(
+        f"{store_path}: {len(bad)} damaged sample(s), now marked incomplete; run the same "
+        "`simgen generate` again to recompute them",
+        code=1,
+    )
+
+
+def _check_reproduction(store_path: Path, root, index: list[int] | None) -> None:
     import numpy as np
 
     from simgen import store
@@ -438,22 +586,30 @@ def check(
     from simgen.pipeline import make_sample
 
     try:
-        root = store.open_store(store_path)
         cfg = SimgenConfig.from_dict(root.attrs["config"])
-    except (store.StoreError, ValueError) as err:
+    except ValueError as err:
         fail(str(err))
     done = list(store.iter_complete(root))
     if not done:
         fail("the store holds no complete sample yet")
+    differ = []
     for i in index or done[:3]:
         if i not in done:
             fail(f"sample {i} is not complete in {store_path}")
         sample = make_sample(cfg, i, calibration=root.attrs.get("calibration"))
-        cols = store.read_columns(root, i)
+        try:
+            cols = store.read_columns(root, i)
+            recorded = store.read_image(root, i)
+        except store.StoreError as err:
+            fail(str(err))
         occupied = cols["n_atoms"] > 0
         report = check_labels(sample.noise_free, cols["y"][occupied], cols["x"][occupied])
-        same = np.array_equal(sample.image, np.asarray(root["images"][i]))
+        same = np.array_equal(sample.image, recorded)
+        if not same:
+            differ.append(i)
         typer.echo(f"sample {i}: {report}; recorded image reproduced bit for bit: {same}")
+    if differ:
+        fail(f"{store_path}: sample(s) {differ} not reproduced bit for bit", code=1)
 
 
 @app.command()

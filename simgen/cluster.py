@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 CLUSTERS = ("local", "slurm", "pbs", "cuda", "none")
+#: Seconds to wait for a running scheduler (``--scheduler``) to answer.
+CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,13 @@ def open_client(spec: ClusterSpec) -> Iterator[object | None]:
     from distributed import Client
 
     if spec.scheduler is not None:
-        client = Client(spec.scheduler)
+        try:
+            client = Client(spec.scheduler, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError) as err:
+            raise RuntimeError(
+                f"--scheduler {spec.scheduler}: no dask scheduler answered within "
+                f"{CONNECT_TIMEOUT_S:g} s ({type(err).__name__})"
+            ) from None
         try:
             yield client
         finally:

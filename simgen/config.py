@@ -81,6 +81,19 @@ class StructureConfig(Config):
         object.__setattr__(self, "defects", parsed)
         if not 1 <= self.complex_size <= 3:
             raise ValueError(f"structure.complex_size: expected 1..3, got {self.complex_size}")
+        from ase.data import chemical_symbols
+
+        from structures import CHALCOGENS
+
+        if self.dopant not in chemical_symbols[1:]:
+            raise ValueError(
+                f"structure.dopant: {self.dopant!r} is not an element symbol (e.g. Re, Nb, V)"
+            )
+        if self.substituent is not None and self.substituent not in CHALCOGENS:
+            raise ValueError(
+                f"structure.substituent: expected a chalcogen {tuple(CHALCOGENS)}, got "
+                f"{self.substituent!r}"
+            )
 
     def to_dict(self) -> dict:
         d = super().to_dict()

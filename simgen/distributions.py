@@ -50,6 +50,9 @@ class Distribution:
         if self.kind not in KINDS:
             raise ValueError(f"unknown distribution {self.kind!r}; expected one of {KINDS}")
         a = self.args
+        for v in a:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"expected finite numbers, got {list(a)}")
         if self.kind == "fixed" and len(a) != 1:
             raise ValueError("a fixed value takes exactly one number")
         if self.kind in ("uniform", "loguniform", "normal", "lognormal") and len(a) != 2:
@@ -87,7 +90,10 @@ class Distribution:
             raise ValueError(
                 f"{name}: write a range as {{uniform: {list(value)}}}, not a bare list"
             )
-        return cls("fixed", (value,))
+        try:
+            return cls("fixed", (value,))
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
 
     def to_config(self) -> Any:
         """Inverse of :meth:`parse` (YAML-friendly)."""

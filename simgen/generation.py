@@ -94,10 +94,28 @@ def generate(
     out = Path(out)
     layout = store_layout(cfg)
     config_dict = cfg.to_dict()
-    if out.exists() and not overwrite:
-        root = store.open_for_resume(out, config_dict, layout)
-    else:
-        root = store.create_store(out, layout, store_attrs(cfg, calibration), overwrite=overwrite)
+    with store.WriterLock(out):
+        if out.exists() and not overwrite and not store.creation_unfinished(out):
+            root = store.open_for_resume(out, config_dict, layout)
+            created = False
+        else:  # new, replaced, or killed while being created (holds no sample)
+            replace = overwrite or store.creation_unfinished(out)
+            root = store.create_store(out, layout, store_attrs(cfg, calibration), overwrite=replace)
+            created = True
+        args = (cfg, out, root, layout, config_dict, cluster, calibration, progress)
+        try:
+            return _run_tasks(*args, stop_after, on_progress)
+        except (OSError, TimeoutError, RuntimeError, ValueError):
+            # nothing computed (e.g. no scheduler answered): leave no empty store behind
+            if created and not store.complete_flags(root).any():
+                store.remove_own_store(out)
+            raise
+
+
+def _run_tasks(
+    cfg, out, root, layout, config_dict, cluster, calibration, progress, stop_after, on_progress
+):
+    """Compute the store's pending samples as tasks (under the caller's writer lock)."""
     pending = store.pending_indices(root)
     k = cfg.dataset.samples_per_chunk
     groups = sorted({int(i) // k for i in pending})

@@ -165,6 +165,11 @@ def load_structure_file(path: str):
         raise ValueError(f"structure.file: ASE could not read {path}: {err}") from None
     if len(atoms) == 0:
         raise ValueError(f"structure.file: {path} holds no atoms")
+    if abs(np.linalg.det(atoms.cell.array[:2, :2])) < 1e-6:
+        raise ValueError(
+            f"structure.file: {path} has no cell in x and y (the in-plane lattice vectors "
+            "are needed to tile it; use a format that stores them, e.g. extended XYZ or CIF)"
+        )
     return atoms
 
 

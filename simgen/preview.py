@@ -41,7 +41,7 @@ def preview_figure(root, *, count: int = 6):
     nrow = int(np.ceil(len(chosen) / ncol))
     present = set()
     for i in chosen:
-        present.update(int(c) for c in np.unique(np.asarray(root["masks"][i])))
+        present.update(int(c) for c in np.unique(store_mod.read_mask(root, i)))
         present.update(int(c) for c in store_mod.read_columns(root, i)["class_id"] if c >= 0)
     handles = [Patch(color=colors[c], label=f"{c}: {names[c]}") for c in sorted(present) if c > 0]
     legend_cols = min(4, max(1, len(handles)))
@@ -68,8 +68,8 @@ def preview_figure(root, *, count: int = 6):
 
 
 def _draw_sample(ax, root, i: int, colors, defect_ids) -> None:
-    image = np.asarray(root["images"][i])
-    mask = np.asarray(root["masks"][i])
+    image = store_mod.read_image(root, i)
+    mask = store_mod.read_mask(root, i)
     cols = store_mod.read_columns(root, i)
     lo, hi = np.percentile(image, [0.5, 99.5])
     ax.imshow(image, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")

@@ -26,6 +26,8 @@ import numpy as np
 import zarr
 
 SCHEMA_VERSION = 1
+#: Entries per chunk of ``columns/offset`` (written by the creator, block by block).
+OFFSET_CHUNK = 1 << 20
 COLUMN_FIELDS = {  # name -> (dtype, fill value)
     "x": ("float32", np.nan),
     "y": ("float32", np.nan),
@@ -145,6 +147,13 @@ ARRAY_ATTRS = {
 }
 
 
+def _codecs():
+    """Compression then a CRC-32C checksum on every chunk: a damaged chunk fails to read."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
+
+
 def _array(group, name, shape, chunks, dtype, fill, dims, attrs=None):
     return group.create_array(
         name,
@@ -155,7 +164,61 @@ def _array(group, name, shape, chunks, dtype, fill, dims, attrs=None):
         overwrite=True,
         dimension_names=dims,
         attributes=dict(attrs or {}),
+        compressors=_codecs(),
     )
+
+
+#: Root attribute naming the tool that made a store: the ownership marker ``--overwrite``
+#: checks before deleting anything.
+MARKER_ATTR = "simgen_store"
+
+
+def is_simgen_store(path: str | Path) -> bool:
+    """True when ``path`` is a directory holding a store made by simgen (its root
+    ``zarr.json`` carries :data:`MARKER_ATTR`, or, for stores written before the marker,
+    ``schema_version`` and ``versions.simgen``)."""
+    meta = Path(path) / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    if attrs.get(MARKER_ATTR):
+        return True
+    return "schema_version" in attrs and "simgen" in (attrs.get("versions") or {})
+
+
+def remove_own_store(path: str | Path) -> None:
+    """Delete the store at ``path`` if, and only if, simgen made it (or it is an empty
+    folder); refuse anything else by name, touching nothing.
+
+    Raises
+    ------
+    StoreError
+        ``path`` is a file, or a folder that is not a simgen store.
+    """
+    path = Path(path)
+    check_replaceable(path)
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def check_replaceable(path: str | Path) -> None:
+    """Raise :class:`StoreError` unless ``path`` is absent, an empty folder or a simgen
+    store (what :func:`remove_own_store` may delete); touches nothing."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        raise StoreError(f"{path} is a file, not a simgen store; refusing to replace it")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StoreError(f"{path} is not a folder; refusing to replace it")
+    if any(path.iterdir()) and not is_simgen_store(path):
+        raise StoreError(
+            f"{path} is not a simgen store (no {MARKER_ATTR} marker in zarr.json); refusing "
+            "to replace it: choose another output path or remove it yourself"
+        )
 
 
 def _pixel_coordinates(root, h: int, w: int, pixel_size_A) -> None:
@@ -186,13 +249,14 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: Mapping, *, overw
         Replace an existing store at ``path``.
     """
     path = Path(path)
-    if path.exists():
+    if path.exists() or path.is_symlink():
         if not overwrite:
             raise StoreError(f"{path} exists; use --overwrite to replace it")
-        shutil.rmtree(path)
+        remove_own_store(path)
     n, (h, w), c = layout.n_samples, layout.image_shape, layout.column_capacity
     e = max(len(layout.elements), 1)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.attrs[MARKER_ATTR] = True  # first, so an interrupted creation can be replaced
     k = layout.samples_per_chunk  # a task owns k consecutive samples = one chunk
     a = ARRAY_ATTRS
     image_dims = ("sample", "y", "x")
@@ -204,8 +268,11 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: Mapping, *, overw
     for name, (dtype, fill) in COLUMN_FIELDS.items():
         _array(cols, name, (n * c,), (c,), dtype, fill, ("slot",), a[f"columns/{name}"])
     _array(cols, "counts", (n * c, e), (c, e), "uint8", 0, ("slot", "element"), a["columns/counts"])
-    offset = _array(cols, "offset", (n,), (n,), "int64", 0, ("sample",), a["columns/offset"])
-    offset[:] = np.arange(n, dtype=np.int64) * c
+    step = min(n, OFFSET_CHUNK)  # bounded memory whatever n: written block by block
+    offset = _array(cols, "offset", (n,), (step,), "int64", 0, ("sample",), a["columns/offset"])
+    with _every_chunk_written():
+        for s in range(0, n, step):
+            offset[s : s + step] = np.arange(s, min(s + step, n), dtype=np.int64) * c
     _array(cols, "count", (n,), (1,), "int32", 0, ("sample",), a["columns/count"])
     params = root.create_group("params")
     for name in layout.param_names:
@@ -213,6 +280,7 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: Mapping, *, overw
     root.attrs.update(
         {
             **dict(attrs),
+            MARKER_ATTR: True,
             "schema_version": SCHEMA_VERSION,
             "n_samples": n,
             "image_shape": [h, w],
@@ -231,11 +299,18 @@ def open_store(path: str | Path, mode: str = "r"):
     path = Path(path)
     if not path.exists():
         raise StoreError(f"store not found: {path}")
+    if not path.is_dir():
+        raise StoreError(f"{path} is a file, not a store")
     try:
         root = zarr.open_group(str(path), mode=mode)
     except Exception as err:  # zarr raises several kinds for non-stores
         raise StoreError(f"{path} is not a Zarr store: {err}") from None
     version = root.attrs.get("schema_version")
+    if version is None and root.attrs.get(MARKER_ATTR):
+        raise StoreError(
+            f"{path}: the store's creation did not finish (interrupted, or another writer is "
+            "creating it now); use --overwrite to replace it"
+        )
     if version != SCHEMA_VERSION:
         raise StoreError(
             f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})"
@@ -264,16 +339,121 @@ def open_for_resume(path: str | Path, config: Mapping, layout: StoreLayout):
 
 
 def pending_indices(root) -> np.ndarray:
-    """Indices of the samples not yet complete."""
-    return np.flatnonzero(np.asarray(root["complete"][:]) == 0)
+    """Indices of the samples not yet complete (a damaged flag counts as not complete)."""
+    return np.flatnonzero(complete_flags(root) == 0)
 
 
 def write_samples(root, indices, samples) -> None:
     """Write consecutive samples (one chunk group), then their completion flags."""
-    for index, sample in zip(indices, samples, strict=True):
-        write_sample(root, index, sample, flag=False)
-    for index in indices:
-        root["complete"][index] = 1
+    with _every_chunk_written():
+        for index, sample in zip(indices, samples, strict=True):
+            write_sample(root, index, sample, flag=False)
+        for index in indices:
+            root["complete"][index] = 1
+
+
+def _every_chunk_written():
+    """Write chunks equal to the fill value too, so that every chunk of a complete sample
+    exists on disk and a missing one is damage, not an empty sample."""
+    return zarr.config.set({"array.write_empty_chunks": True})
+
+
+# -- integrity -----------------------------------------------------------------------------
+def _sample_arrays(root):
+    """``(name, array, per_sample)`` of every array holding per-sample chunks; per_sample is
+    the number of first-axis entries a sample owns (1, or the column capacity)."""
+    c = int(root.attrs["column_capacity"])
+    n = int(root.attrs["n_samples"])
+
+    def walk(group, prefix=""):
+        for name, arr in group.arrays():
+            yield prefix + name, arr
+        for name, sub in group.groups():
+            yield from walk(sub, prefix + name + "/")
+
+    for name, arr in walk(root):
+        if not arr.shape:
+            continue
+        if arr.shape[0] == n and name not in ("x", "y"):
+            yield name, arr, 1
+        elif arr.shape[0] == n * c and name.startswith("columns/"):
+            yield name, arr, c
+
+
+def has_checksums(root) -> bool:
+    """True when the store's image chunks carry a CRC-32C checksum."""
+    return any(type(c).__name__ == "Crc32cCodec" for c in root["images"].compressors)
+
+
+def damaged_indices(path: str | Path, root, indices=None) -> dict[int, str]:
+    """Samples (of ``indices``, default the complete ones) whose chunks are missing or fail
+    to decode (a checksum mismatch, a truncated or overwritten chunk).
+
+    Parameters
+    ----------
+    path : path-like
+        The store's folder (chunk files are looked up there).
+    root : zarr.Group
+    indices : iterable of int, optional
+
+    Returns
+    -------
+    dict
+        index -> what is wrong (e.g. ``"images: chunk c/3/0/0 missing"``).
+    """
+    path = Path(path)
+    n = int(root.attrs["n_samples"])
+    flags = complete_flags(root)
+    todo = np.flatnonzero(flags == 1) if indices is None else np.asarray(list(indices), int)
+    arrays = list(_sample_arrays(root))
+    bad: dict[int, str] = {}
+    for i in (int(v) for v in todo):
+        if not 0 <= i < n:
+            continue
+        for name, arr, per in arrays:
+            start = i * per
+            coords = (start // arr.chunks[0],) + (0,) * (arr.ndim - 1)
+            key = arr.metadata.encode_chunk_key(coords)
+            if not (path / arr.path / key).is_file():
+                bad[i] = f"{name}: chunk {key} missing"
+                break
+            try:
+                arr[start : start + per]
+            except Exception as err:  # a codec reports damage in its own exception type
+                bad[i] = f"{name}: chunk {key} unreadable ({_one_line(err)})"
+                break
+    return bad
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def complete_flags(root) -> np.ndarray:
+    """The ``complete`` flags, reading chunk by chunk so a damaged flag reads as 0
+    (recompute the sample) instead of failing."""
+    arr = root["complete"]
+    try:
+        return np.asarray(arr[:], dtype=np.uint8)
+    except Exception:
+        out = np.zeros(arr.shape[0], dtype=np.uint8)
+        step = arr.chunks[0]
+        for s in range(0, arr.shape[0], step):
+            try:
+                out[s : s + step] = arr[s : s + step]
+            except Exception:
+                out[s : s + step] = 0
+        return out
+
+
+def mark_incomplete(root, indices) -> None:
+    """Clear the completion flags of ``indices`` (damaged samples), so that resuming the
+    store recomputes them."""
+    with _every_chunk_written():
+        arr = root["complete"]
+        for i in indices:
+            arr[int(i)] = 0
 
 
 def write_sample(root, index: int, sample, *, flag: bool = True) -> None:
@@ -282,6 +462,11 @@ def write_sample(root, index: int, sample, *, flag: bool = True) -> None:
     ``sample`` has ``image`` [H, W], ``mask`` [H, W], ``columns`` (mapping with x, y,
     class_id, site, n_atoms, counts and ``elements``) and ``params`` (name -> float).
     """
+    with _every_chunk_written():
+        _write_sample(root, index, sample, flag)
+
+
+def _write_sample(root, index, sample, flag):
     c = int(root.attrs["column_capacity"])
     elements = list(root.attrs["elements"])
     cols = sample.columns
@@ -309,18 +494,47 @@ def write_sample(root, index: int, sample, *, flag: bool = True) -> None:
         root["complete"][index] = 1
 
 
+def _checked_read(root, index: int, name: str, read):
+    """``read()``, a damaged chunk reported as one :class:`StoreError` naming the store and
+    the sample (each codec raises its own exception type)."""
+    try:
+        return read()
+    except StoreError:
+        raise
+    except Exception as err:
+        where = getattr(getattr(root, "store", None), "root", None) or root.store_path
+        raise StoreError(
+            f"{where}: sample {index} is damaged ({name}: {_one_line(err)}); run `simgen check "
+            f"--integrity {where}`, then the same `simgen generate` to recompute it"
+        ) from None
+
+
+def read_image(root, index: int) -> np.ndarray:
+    """Recorded image of sample ``index`` (damage reported as :class:`StoreError`)."""
+    return _checked_read(root, index, "images", lambda: np.asarray(root["images"][index]))
+
+
+def read_mask(root, index: int) -> np.ndarray:
+    """Class mask of sample ``index`` (damage reported as :class:`StoreError`)."""
+    return _checked_read(root, index, "masks", lambda: np.asarray(root["masks"][index]))
+
+
 def read_columns(root, index: int) -> dict[str, np.ndarray]:
     """Column table of sample ``index`` in recorded-image pixels."""
-    o = int(root["columns/offset"][index])
-    n = int(root["columns/count"][index])
-    out = {name: np.asarray(root[f"columns/{name}"][o : o + n]) for name in COLUMN_FIELDS}
-    out["counts"] = np.asarray(root["columns/counts"][o : o + n])
-    return out
+
+    def read():
+        o = int(root["columns/offset"][index])
+        n = int(root["columns/count"][index])
+        out = {name: np.asarray(root[f"columns/{name}"][o : o + n]) for name in COLUMN_FIELDS}
+        out["counts"] = np.asarray(root["columns/counts"][o : o + n])
+        return out
+
+    return _checked_read(root, index, "columns", read)
 
 
 def summary(root) -> dict:
     """What ``simgen inspect`` prints: completion, class frequencies, parameter ranges."""
-    complete = np.asarray(root["complete"][:]).astype(bool)
+    complete = complete_flags(root).astype(bool)
     names = root.attrs["label_scheme"]["names"]
     class_counts = np.zeros(len(names), dtype=np.int64)
     pixel_counts = np.zeros(len(names), dtype=np.int64)
@@ -329,7 +543,7 @@ def summary(root) -> dict:
         class_counts += np.bincount(cols["class_id"].astype(np.int64), minlength=len(names))[
             : len(names)
         ]
-        pixel_counts += np.bincount(np.asarray(root["masks"][i]).ravel(), minlength=len(names))[
+        pixel_counts += np.bincount(read_mask(root, int(i)).ravel(), minlength=len(names))[
             : len(names)
         ]
     params = {}
@@ -381,4 +595,110 @@ def save_calibration(key: str, data: Mapping) -> Path:
 
 
 def iter_complete(root) -> Iterable[int]:
-    yield from (int(i) for i in np.flatnonzero(np.asarray(root["complete"][:])))
+    yield from (int(i) for i in np.flatnonzero(complete_flags(root)))
+
+
+# -- writer lock ---------------------------------------------------------------------------
+class LockedError(StoreError):
+    """Another live process is writing the store (or run)."""
+
+
+def lock_path(path: str | Path) -> Path:
+    """The lock file of the store (or run folder) ``path``: ``<path>.lock`` beside it, so
+    that replacing the store never removes the lock."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _read_lock(lock: Path) -> dict | None:
+    try:
+        data = json.loads(lock.read_text())
+        return data if isinstance(data, dict) else {}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # torn or foreign: treat as held by an unknown writer
+
+
+class WriterLock:
+    """Exclusive lock on a store or run being written, as a context manager.
+
+    The lock file holds the holder's ``pid``, ``host`` and ``since`` (UTC). A second writer
+    gets :class:`LockedError` naming them, whatever its config; a lock left by a dead process
+    on this host (SIGKILL) is taken over.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock = lock_path(path)
+        self.held = False
+
+    def __enter__(self):
+        import socket
+
+        host = socket.gethostname()
+        me = {
+            "pid": os.getpid(),
+            "host": host,
+            "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                other = _read_lock(self.lock)
+                if other is None:
+                    continue  # released meanwhile
+                pid = other.get("pid")
+                stale = other.get("host") == host and isinstance(pid, int) and not _pid_alive(pid)
+                if not stale:
+                    raise LockedError(
+                        f"{self.path} is being written by pid {other.get('pid', '?')} on host "
+                        f"{other.get('host', '?')} since {other.get('since', '?')}; wait for it "
+                        f"to finish, or remove {self.lock} if that process is gone"
+                    ) from None
+                self.lock.unlink(missing_ok=True)  # its holder died: take it over
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self.held = True
+            return self
+        raise LockedError(f"{self.path}: could not take the lock {self.lock}")
+
+    def __exit__(self, *exc):
+        if self.held:
+            other = _read_lock(self.lock)
+            if other and other.get("pid") == os.getpid():
+                self.lock.unlink(missing_ok=True)
+            self.held = False
+        return False
+
+
+def creation_unfinished(path: str | Path) -> bool:
+    """True when ``path`` is a store whose creation was interrupted (marker, no schema)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(attrs.get(MARKER_ATTR)) and "schema_version" not in attrs
+
+
+def free_space(path: str | Path) -> int:
+    """Free bytes on the file system that would hold ``path`` (its nearest existing
+    parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free

@@ -36,9 +36,9 @@ def _levels(text: str | None, points: int | None, bins: str | None, name: str):
             out.append(_range(part, f"--bins ({name})"))
         return out
     lo, hi = _range(text, f"--{name}")
-    if points:
+    if points is not None:
         if points < 1:
-            raise ValueError("--points: expected >= 1")
+            raise ValueError(f"--points: expected >= 1, got {points}")
         return [(float(v), float(v)) for v in np.linspace(lo, hi, points)]
     return [(lo, hi)]
 

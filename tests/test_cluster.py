@@ -49,7 +49,7 @@ def test_jobqueue_options_parse_to_dask_jobqueue_keywords():
 )
 def test_jobqueue_option_errors_are_one_line(args, message, tmp_path):
     result = CliRunner().invoke(app, ["generate", "-o", str(tmp_path / "x.zarr"), *args])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert message in result.output
     assert len(result.output.strip().splitlines()) == 1
 

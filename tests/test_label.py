@@ -8,6 +8,7 @@ simulated at 0.16 Å/px (so labelling must resample and map positions back), wri
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -623,3 +624,57 @@ def test_python_api_label_arrays_and_files(ensemble, experiment, tmp_path):
     np.save(path, np.stack([img, img]))
     with pytest.raises(ValueError, match="sum_frames=True"):
         training.label(path, ensemble, pixel_size_A=0.16)
+
+
+def test_label_into_a_used_folder_replaces_only_its_own_outputs(model_dir, experiment, tmp_path):
+    from training.cli import app
+
+    first, second = tmp_path / "first.npy", tmp_path / "second.npy"
+    np.save(first, experiment["images"][0])
+    np.save(second, experiment["images"][1])
+    out = tmp_path / "out"
+    opts = ["-m", str(model_dir), "-o", str(out), "--pixel-size", "0.16", "--tile", "128"]
+    opts += ["--no-tta", "-q"]
+    assert runner.invoke(app, ["label", str(first), *opts]).exit_code == 0
+    assert (out / "first").is_dir()
+    result = runner.invoke(app, ["label", str(second), *opts])
+    assert result.exit_code == 0, result.output
+    with open(out / "summary.csv", newline="") as fh:
+        listed = {r["image"] for r in csv.DictReader(fh)}
+    folders = {p.name for p in out.iterdir() if p.is_dir()}
+    assert listed == folders == {"second"}  # no stale per-image folder left unlisted
+    # a folder holding someone else's files is refused by name and left as it was
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "first").mkdir()
+    (user / "first" / "notes.txt").write_text("keep")
+    result = runner.invoke(app, ["label", str(first), *opts[:2], "-o", str(user), *opts[4:]])
+    assert result.exit_code == 1, result.output
+    assert "did not write" in result.stderr and str(user) in result.stderr
+    assert (user / "first" / "notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in user.rglob("*")) == ["first", "notes.txt"]
+
+
+def test_an_image_too_big_for_memory_is_refused_alone_and_the_batch_goes_on(
+    ensemble, experiment, tmp_path
+):
+    from training.experiments.label import label_files, label_memory_bytes
+
+    small, big = tmp_path / "small.npy", tmp_path / "big.npy"
+    np.save(small, experiment["images"][0])
+    np.save(big, np.tile(experiment["images"][0], (4, 4)))
+    n = len(ensemble.class_names)
+    scale = 0.16 / model_pixel_size(ensemble)
+    limit = (
+        label_memory_bytes((256 * scale,) * 2, n) + label_memory_bytes((1024 * scale,) * 2, n)
+    ) // 2
+    lines = []
+    run = label_files(
+        [small, big], ensemble, tmp_path / "out", pixel_size_A=0.16, progress=False,
+        echo=lines.append, tile=128, tta=False, max_memory_bytes=limit,
+    )  # fmt: skip
+    assert [r["image"] for r in run.labelled] == ["small"]
+    assert len(run.failures) == 1
+    what, reason = run.failures[0]
+    assert what == str(big) and "GB of memory, over the limit" in reason
+    assert not (tmp_path / "out" / "big").exists()

@@ -26,6 +26,24 @@ config_app = typer.Typer(help="Write and check training configs (YAML).", no_arg
 app.add_typer(config_app, name="config")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"simgen {version('simgen')} (simgen-train)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+):
+    """Train fully convolutional networks on simgen stores, evaluate and predict."""
+
+
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(1)
@@ -56,6 +74,10 @@ def _clean_errors(fn):
                 return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, FloatingPointError) as err:
             _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        except PermissionError as err:
+            _fail(f"{err.filename or 'output'}: cannot write there (permission denied)")
+        except OSError as err:  # a file where a folder is wanted, a full disk...
+            _fail(f"{err.filename or 'output'}: {err.strerror or type(err).__name__}")
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

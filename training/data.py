@@ -245,10 +245,34 @@ def build_datasets(
     train = SegmentationDataset(
         train_stores, train_idx, crop=data.crop, augment=augment_cfg, seed=seed
     )
+    _warn_incomplete_validation(data, val_stores if separate_val else train_stores, val_idx)
     if sum(len(v) for v in val_idx) == 0:
         return train, None
     val = SegmentationDataset(val_stores, val_idx, crop=0, augment=None, with_columns=True)
     return train, val
+
+
+def _warn_incomplete_validation(data, stores, val_idx) -> None:
+    """Say so when the validation part of the stores is not complete (a store still being
+    generated): training would otherwise validate on fewer samples, or none, silently."""
+    import logging
+
+    log = logging.getLogger("training.data")
+    for st, got in zip(stores, val_idx, strict=True):
+        if data.val_range is not None:
+            lo, hi = data.val_range
+            wanted = max(0, min(hi, st.n_samples) - lo)
+        elif data.val_stores:
+            wanted = st.n_samples
+        else:
+            wanted = math.ceil(data.val_fraction * st.n_samples) if data.val_fraction > 0 else 0
+        if wanted and len(got) < wanted:
+            what = "no validation" if len(got) == 0 else f"validation on {len(got)} of {wanted}"
+            log.warning(
+                "warning: %s: only %d of the %d samples of its validation part are complete; "
+                "%s samples from it (finish the store with simgen generate)",
+                st.path, len(got), wanted, what,
+            )  # fmt: skip
 
 
 def make_loaders(

@@ -9,6 +9,7 @@ averages the members' probabilities and reports their per-pixel variance.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,8 +311,7 @@ def predict_store(
     from training.stores import open_stores
 
     out_path = Path(out_path)
-    if out_path.exists():
-        raise ValueError(f"output already exists: {out_path}")
+    _claim_output(out_path)
     ens = Ensemble.load(model_path, resolve_device(device))
     (store,) = open_stores([store_path], expected=ens.scheme)
     idx = store.complete_indices() if indices is None else np.asarray(indices, dtype=np.int64)
@@ -324,6 +324,7 @@ def predict_store(
     k = len(ens.class_names)
     n = len(idx)
     root = zarr.open_group(str(out_path), mode="w")
+    root.attrs[PREDICTION_MARKER] = {"complete": False}  # True once every sample is written
     root.create_array("index", data=np.asarray(idx, dtype=np.int64))
     cmap = root.create_array("class_map", shape=(n, h, w), chunks=(1, h, w), dtype="uint8")
     prob = var = None
@@ -373,6 +374,37 @@ def predict_store(
             "label_scheme": ens.scheme.to_dict(),
             "pixel_size_A": p,
             "tta": tta,
+            PREDICTION_MARKER: {"complete": True},
         }
     )
     return out_path
+
+
+#: Root attribute of a prediction store: who made it and whether it was finished.
+PREDICTION_MARKER = "simgen_predictions"
+
+
+def _claim_output(path: Path) -> None:
+    """Make way for a prediction store at ``path``: nothing there, or an unfinished one this
+    function's caller made (a killed run), which is replaced. A finished prediction and
+    anything else are refused by name, untouched."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    meta = path / "zarr.json"
+    mark = None
+    if path.is_dir() and meta.is_file():
+        try:
+            mark = (json.loads(meta.read_text()).get("attributes") or {}).get(PREDICTION_MARKER)
+        except (OSError, ValueError, AttributeError):
+            mark = None
+    if isinstance(mark, dict) and not mark.get("complete"):
+        shutil.rmtree(path)  # our own, interrupted: start it again
+        return
+    if isinstance(mark, dict):
+        raise ValueError(
+            f"output already exists: {path} (a finished prediction; choose "
+            "another path or remove it)"
+        )
+    raise ValueError(
+        f"output already exists: {path} is not a simgen prediction store; refusing to touch it"
+    )

@@ -91,24 +91,40 @@ class StoreInfo:
         idx = np.arange(start, max(start, stop))
         return idx[self.complete[idx] == 1]
 
+    def _read(self, i: int, name: str, read):
+        """``read()``, with a damaged chunk (checksum mismatch, undecodable bytes) reported
+        as one :class:`StoreError` naming the store and the sample, not a codec traceback."""
+        try:
+            return read()
+        except Exception as err:  # each codec raises its own type
+            text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise StoreError(
+                f"{self.path}: sample {i} is damaged ({name}: {text}); run `simgen check "
+                f"--integrity {self.path}` and resume the store to recompute it"
+            ) from None
+
     def image(self, i: int) -> np.ndarray:
         """Recorded image of sample ``i`` as float32 ``[H, W]``."""
-        return np.asarray(self.root["images"][i], dtype=np.float32)
+        return self._read(i, "images", lambda: np.asarray(self.root["images"][i], dtype=np.float32))
 
     def mask(self, i: int) -> np.ndarray:
         """Class-id mask of sample ``i`` as uint8 ``[H, W]``."""
-        return np.asarray(self.root["masks"][i], dtype=np.uint8)
+        return self._read(i, "masks", lambda: np.asarray(self.root["masks"][i], dtype=np.uint8))
 
     def columns(self, i: int) -> dict[str, np.ndarray]:
         """Columns of sample ``i``: ``x``, ``y`` (pixels; col = x, row = y) and ``class_id``."""
         root = self.root
-        o = int(root["columns/offset"][i])
-        n = int(root["columns/count"][i])
-        return {
-            "x": np.asarray(root["columns/x"][o : o + n], dtype=np.float64),
-            "y": np.asarray(root["columns/y"][o : o + n], dtype=np.float64),
-            "class_id": np.asarray(root["columns/class_id"][o : o + n], dtype=np.int64),
-        }
+
+        def read():
+            o = int(root["columns/offset"][i])
+            n = int(root["columns/count"][i])
+            return {
+                "x": np.asarray(root["columns/x"][o : o + n], dtype=np.float64),
+                "y": np.asarray(root["columns/y"][o : o + n], dtype=np.float64),
+                "class_id": np.asarray(root["columns/class_id"][o : o + n], dtype=np.int64),
+            }
+
+        return self._read(i, "columns", read)
 
 
 def open_store(path: str | os.PathLike) -> StoreInfo:
@@ -163,7 +179,13 @@ def open_store(path: str | os.PathLike) -> StoreInfo:
             f"{path}: images/masks shape {root['images'].shape} does not match "
             f"n_samples={n}, image_shape={list(shape)}"
         )
-    complete = np.asarray(root["complete"][:], dtype=np.uint8)
+    try:
+        complete = np.asarray(root["complete"][:], dtype=np.uint8)
+    except Exception as err:  # a damaged flag chunk
+        raise StoreError(
+            f"{path}: the complete flags are damaged ({type(err).__name__}); run `simgen check "
+            f"--integrity {path}`"
+        ) from None
     return StoreInfo(
         path=path,
         scheme=scheme,

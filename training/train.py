@@ -512,6 +512,23 @@ def _class_weights(config: TrainConfig, train_ds, n_classes: int):
 
 # Kept as one function (~85 lines of code): the run's steps (resume checks, data, model,
 # weights, checkpoint metadata, the trainer) in order; each is already a helper call.
+@contextlib.contextmanager
+def _no_empty_run_on_bad_data(out: Path):
+    """Remove ``out`` again when this call created it and a store turns out damaged before
+    any checkpoint was written: a run folder is left only when there is a run to resume."""
+    from training.stores import StoreError
+
+    created = not out.exists()
+    try:
+        yield
+    except StoreError:
+        if created and out.is_dir() and not any(out.rglob("last.pt")):
+            import shutil
+
+            shutil.rmtree(out)
+        raise
+
+
 def train_model(
     config: TrainConfig,
     out_dir,
@@ -588,8 +605,35 @@ def train_model(
         "train_stores": [st.path for st in train_ds.stores],
         "normalization": NORMALIZATION,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(config.to_yaml())
+    with _no_empty_run_on_bad_data(out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config.to_yaml())
+        trainer = _fit(
+            config,
+            out,
+            device,
+            state,
+            model_kwargs,
+            weights,
+            scheme,
+            meta,
+            train_ds,
+            val_ds,
+            stop_after,
+        )
+    return RunResult(
+        out_dir=out,
+        last=last,
+        best=out / "best.pt",
+        history=trainer.history,
+        finished=trainer.epoch >= config.epochs,
+    )
+
+
+def _fit(
+    config, out, device, state, model_kwargs, weights, scheme, meta, train_ds, val_ds, stop_after
+):
+    """Build the model, optimiser and loaders and run :meth:`Trainer.fit`; the trainer."""
     fork_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
@@ -626,13 +670,7 @@ def train_model(
             stop_after=stop_after,
             val_every=config.val_every,
         )
-    return RunResult(
-        out_dir=out,
-        last=last,
-        best=out / "best.pt",
-        history=trainer.history,
-        finished=trainer.epoch >= config.epochs,
-    )
+    return trainer
 
 
 def member_config(config: TrainConfig, k: int, device: str | None = None) -> TrainConfig:
@@ -683,6 +721,11 @@ def train_ensemble(
         One per member (histories are read back from the checkpoints after parallel runs).
     """
     out = Path(out_dir)
+    with _no_empty_run_on_bad_data(out):
+        return _train_ensemble(config, out, resume, stop_after)
+
+
+def _train_ensemble(config, out, resume, stop_after):
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.to_yaml())
     n = config.members

@@ -483,6 +483,29 @@ def resample_affine(image, pixel_to_A, target_pixel_size_A: float):
     return out.astype(np.float32), res
 
 
+#: Bytes per pixel of the resampled image that labelling holds besides the class maps
+#: (lattice fit, catalogue, quality maps, figures: a few float64 maps).
+LABEL_BYTES_PER_PX = 160
+
+
+def label_memory_bytes(shape, n_classes: int) -> int:
+    """Rough peak memory of :func:`label_image` on a resampled image of ``shape``: the
+    probability mean and variance (float32, one map per class) plus
+    :data:`LABEL_BYTES_PER_PX`."""
+    h, w = (int(v) for v in shape[-2:])
+    return h * w * (2 * 4 * int(n_classes) + LABEL_BYTES_PER_PX)
+
+
+def default_label_memory() -> int:
+    """Half of this machine's physical memory (the default per-image limit)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 8 * 10**9
+
+
 def label_image(
     image: ExperimentImage,
     ensemble,
@@ -492,6 +515,7 @@ def label_image(
     train_pixel_size_A: float | None = None,
     material: str | None = None,
     keep_maps: bool = False,
+    max_memory_bytes: int | None = None,
     **overrides,
 ) -> LabelResult:
     """Label one experimental image: columns, sublattices, classes, vacancies, summary, and
@@ -517,6 +541,9 @@ def label_image(
         summary (default: the lattice constant measured from the fit).
     keep_maps : bool
         Keep the probability mean and variance maps in the result.
+    max_memory_bytes : int, optional
+        Refuse an image whose estimated working set (:func:`label_memory_bytes`) exceeds
+        this (default: half of this machine's RAM).
 
     Returns
     -------
@@ -547,6 +574,17 @@ def label_image(
     source = image.source + ("" if image.frame is None else f" (frame {image.frame})")
     clock = {"start": time.perf_counter()}
 
+    # before any work on it: the image at the network's pixel size, and what labelling costs
+    scale = float(image.pixel_size_A) / float(train_pixel_size_A or image.pixel_size_A)
+    h, w = (max(1, round(n * scale)) for n in np.shape(image.data)[-2:])
+    need = label_memory_bytes((h, w), len(scheme_names(scheme_d)))
+    limit = default_label_memory() if max_memory_bytes is None else int(max_memory_bytes)
+    if need > limit:
+        raise ValueError(
+            f"{source}: labelling {h}x{w} px (at the network's pixel size) would need about "
+            f"{need / 1e9:.1f} GB of memory, over the limit {limit / 1e9:.1f} GB; crop or bin "
+            "the image"
+        )
     data, res = prepare_image(image, train_pixel_size_A, settings)
     if min(data.shape) < 8:
         raise ValueError(f"{source}: image of {data.shape} px after resampling is too small")
@@ -1009,9 +1047,13 @@ def label_files(
     out = Path(outdir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
+    previous = _previous_label_run(out)
     ensemble = model if hasattr(model, "predict") else Ensemble.load(model, resolve_device(device))
     files, missing = expand_inputs(inputs)
+    _clear_previous_label_run(out, previous)
     out.mkdir(parents=True, exist_ok=True)
+    written: list[str] = []
+    _write_label_marker(out, written, finished=False)
     run = LabelRun(outdir=out)
     rows: list[dict] = []
 
@@ -1054,9 +1096,15 @@ def label_files(
             sub = f"{name}/frame_{im.frame:03d}" if stack and im.frame is not None else name
             try:
                 result = label_image(im, ensemble, material=material, **label_kwargs)
+                if name not in written:  # recorded before writing: a kill leaves it owned
+                    written.append(name)
+                    _write_label_marker(out, written, finished=False)
                 write_outputs(result, out / sub)
-            except (MemoryError, KeyboardInterrupt):
+            except KeyboardInterrupt:
                 raise
+            except MemoryError:  # this image alone: the batch goes on
+                fail(str(path), "ran out of memory labelling it", image=sub, frame=im.frame)
+                continue
             except Exception as err:  # one bad image must not stop a batch
                 fail(str(path), _one_line(err), image=sub, frame=im.frame)
                 continue
@@ -1079,6 +1127,7 @@ def label_files(
     write_run_summary_csv(rows, out / "summary.csv")
     text = "".join(f"{_failure_line(what, reason)}\n" for what, reason in run.failures)
     (out / "failures.txt").write_text(text, encoding="utf-8")
+    _write_label_marker(out, written, finished=True)
     return run
 
 
@@ -1189,3 +1238,53 @@ def _array_image(data, pixel_size_A, material) -> ExperimentImage:
     if lattice is not None:
         meta["fft_calibration"] = lattice.summary()
     return ExperimentImage(arr, pixel, source, uncertainty, "array", None, meta, lattice)
+
+
+#: File in a label folder listing what ``label_files`` wrote there: the only things a later
+#: run into the same folder removes.
+LABEL_MARKER = ".simgen-label.json"
+
+
+def _previous_label_run(out: Path) -> list[str] | None:
+    """Per-image folders of an earlier label run in ``out`` (None: new or empty folder).
+
+    Raises
+    ------
+    ValueError
+        ``out`` holds files that no label run wrote (refused, untouched).
+    """
+    import json
+
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    marker = out / LABEL_MARKER
+    try:
+        names = json.loads(marker.read_text(encoding="utf-8"))["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"--out: {out} already holds files that `simgen-train label` did not write (no "
+            f"{LABEL_MARKER}); refusing to write into it: choose a new or empty folder"
+        ) from None
+    return [n for n in names if isinstance(n, str) and n and "/" not in n and n not in (".", "..")]
+
+
+def _clear_previous_label_run(out: Path, previous: list[str] | None) -> None:
+    """Remove what the earlier run in ``out`` wrote (its per-image folders, summary.csv,
+    failures.txt), so that summary.csv lists every per-image folder there."""
+    import shutil
+
+    if previous is None:
+        return
+    for name in previous:
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            shutil.rmtree(out / name)
+    for name in ("summary.csv", "failures.txt"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _write_label_marker(out: Path, names: list[str], *, finished: bool) -> None:
+    from simgen.store import write_json
+
+    write_json(
+        {"tool": "simgen-train label", "images": names, "finished": finished}, out / LABEL_MARKER
+    )

@@ -1,0 +1,154 @@
+"""Issue 12, generation: writer lock, no empty store on a dead scheduler, and the kill test
+(many SIGKILLs, then resume; then damage, check --integrity and resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from simgen import store
+from simgen.cli import app
+from simgen.cluster import ClusterSpec
+from simgen.generation import generate, stores_identical
+from tests import test_generate
+
+# the calibrated small config of test_generate (shared fixtures)
+cache_dir = test_generate.cache_dir
+small_cfg = test_generate.small_cfg
+calibration = test_generate.calibration
+
+runner = CliRunner()
+
+
+def test_a_second_writer_is_told_who_holds_the_lock(small_cfg, calibration, tmp_path):
+    out = tmp_path / "s.zarr"
+    lock = store.lock_path(out)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        since = "2026-01-01T00:00:00+00:00"
+        lock.write_text(
+            json.dumps({"pid": holder.pid, "host": socket.gethostname(), "since": since})
+        )
+        other = small_cfg.with_overrides({"dataset.seed": 5})  # whatever its config
+        for cfg in (small_cfg, other):
+            with pytest.raises(
+                store.LockedError, match=f"pid {holder.pid} on host .* since {re.escape(since)}"
+            ):
+                generate(
+                    cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False
+                )
+        assert not out.exists()
+        result = runner.invoke(app, ["generate", "-o", str(out), "--cluster", "none", "--n", "1"])
+        assert result.exit_code == 1 and f"pid {holder.pid}" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is dead now: its lock is stale and taken over
+    report = generate(
+        small_cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False
+    )
+    assert report.computed == small_cfg.dataset.n_samples
+    assert not lock.exists()  # released
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tmp_path):
+    out = tmp_path / "s.zarr"
+    store.lock_path(out).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "x"}))
+    with pytest.raises(store.LockedError, match="host elsewhere"), store.WriterLock(out):
+        pass
+
+
+def test_an_unreachable_scheduler_is_one_quick_line_and_leaves_no_store(small_cfg, tmp_path):
+    out = tmp_path / "s.zarr"
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(small_cfg.to_yaml())
+    t0 = time.perf_counter()
+    result = runner.invoke(
+        app, ["generate", "-c", str(cfg_file), "-o", str(out), "--scheduler", "tcp://127.0.0.1:1"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "tcp://127.0.0.1:1" in result.output and "Traceback" not in result.output
+    assert time.perf_counter() - t0 < 25
+    assert not out.exists() and not store.lock_path(out).exists()
+
+
+def _done(out):
+    try:
+        return int(zarr.open_group(str(out), mode="r")["complete"][:].sum())
+    except Exception:
+        return 0
+
+
+@pytest.mark.slow
+def test_many_sigkills_then_resume_and_repair_give_the_uninterrupted_store(
+    small_cfg,
+    calibration,
+    tmp_path,
+    cache_dir,
+):
+    n = 16
+    cfg = small_cfg.with_overrides({"dataset.n_samples": n})
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "simgen", "generate", "-c", str(cfg_file), "-o", str(out)]
+    cmd += ["--cluster", "none"]
+    env = {**os.environ, "SIMGEN_CACHE": str(cache_dir)}
+    rng = random.Random(12)
+    kills = 0
+    while kills < 10:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 7.0))
+        if proc.poll() is not None:
+            break  # finished before this kill
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    assert kills >= 10, f"only {kills} kills before the store was done: use a larger n"
+    assert _done(out) < n
+    result = runner.invoke(
+        app, ["generate", "-c", str(cfg_file), "-o", str(out), "--cluster", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    ref = tmp_path / "ref.zarr"
+    generate(cfg, ref, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
+    assert stores_identical(out, ref)
+    # damage two samples: a flipped bit (checksum) and a deleted chunk (reads as zeros)
+    chunk = out / "images" / "c" / "5" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    (out / "masks" / "c" / "9" / "0" / "0").unlink()
+    check = runner.invoke(app, ["check", "--integrity", str(out)])
+    assert check.exit_code == 1, check.output
+    assert "sample 5: damaged" in check.output and "sample 9: damaged" in check.output
+    result = runner.invoke(
+        app, ["generate", "-c", str(cfg_file), "-o", str(out), "--cluster", "none"]
+    )
+    assert result.exit_code == 0 and "2 samples computed" in result.output, result.output
+    assert stores_identical(out, ref)
+    assert runner.invoke(app, ["check", "--integrity", str(out)]).exit_code == 0
+
+
+def test_yes_goes_on_beyond_the_limits(small_cfg, tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(small_cfg.with_overrides({"dataset.n_samples": 1}).to_yaml())
+    out = tmp_path / "s.zarr"
+    args = ["generate", "-c", str(cfg_file), "-o", str(out), "--cluster", "none"]
+    refused = runner.invoke(app, [*args, "--max-disk", "1kB"])
+    assert refused.exit_code == 1 and "over the limit 1.0 kB" in refused.output
+    assert not out.exists()
+    result = runner.invoke(app, [*args, "--max-disk", "1kB", "--yes"])
+    assert result.exit_code == 0 and "1 samples computed" in result.output, result.output
