@@ -23,19 +23,27 @@ config_app = typer.Typer(help="Dataset configuration files.", no_args_is_help=Tr
 app.add_typer(config_app, name="config")
 
 
-def _version(value: bool):
-    if value:
-        from importlib.metadata import version
+def version_callback(program: str = ""):
+    """A ``--version`` callback printing simgen's version (and ``program`` in brackets);
+    both CLIs use it."""
 
-        typer.echo(f"simgen {version('simgen')}")
-        raise typer.Exit()
+    def show(value: bool) -> None:
+        if value:
+            from importlib.metadata import version
+
+            typer.echo(f"simgen {version('simgen')}" + (f" ({program})" if program else ""))
+            raise typer.Exit()
+
+    return show
 
 
 @app.callback()
 def _main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version"),
+        typer.Option(
+            "--version", callback=version_callback(), is_eager=True, help="Print the version."
+        ),
     ] = False,
 ):
     """Simulated, labelled HAADF-STEM datasets of 2D TMD monolayers."""

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import typer
 
+from simgen.cli import version_callback
+
 app = typer.Typer(
     name="simgen-train",
     help="Train fully convolutional networks on simgen stores, evaluate and predict.",
@@ -26,19 +28,16 @@ config_app = typer.Typer(help="Write and check training configs (YAML).", no_arg
 app.add_typer(config_app, name="config")
 
 
-def _version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        typer.echo(f"simgen {version('simgen')} (simgen-train)")
-        raise typer.Exit()
-
-
 @app.callback()
 def _main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+        typer.Option(
+            "--version",
+            callback=version_callback("simgen-train"),
+            is_eager=True,
+            help="Print the version.",
+        ),
     ] = False,
 ):
     """Train fully convolutional networks on simgen stores, evaluate and predict."""
