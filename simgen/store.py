@@ -26,8 +26,6 @@ import numpy as np
 import zarr
 
 SCHEMA_VERSION = 1
-#: Entries per chunk of ``columns/offset`` (written by the creator, block by block).
-OFFSET_CHUNK = 1 << 20
 COLUMN_FIELDS = {  # name -> (dtype, fill value)
     "x": ("float32", np.nan),
     "y": ("float32", np.nan),
@@ -268,11 +266,8 @@ def create_store(path: str | Path, layout: StoreLayout, attrs: Mapping, *, overw
     for name, (dtype, fill) in COLUMN_FIELDS.items():
         _array(cols, name, (n * c,), (c,), dtype, fill, ("slot",), a[f"columns/{name}"])
     _array(cols, "counts", (n * c, e), (c, e), "uint8", 0, ("slot", "element"), a["columns/counts"])
-    step = min(n, OFFSET_CHUNK)  # bounded memory whatever n: written block by block
-    offset = _array(cols, "offset", (n,), (step,), "int64", 0, ("sample",), a["columns/offset"])
-    with _every_chunk_written():
-        for s in range(0, n, step):
-            offset[s : s + step] = np.arange(s, min(s + step, n), dtype=np.int64) * c
+    # one chunk per sample, written with it: creating a store costs nothing per planned sample
+    _array(cols, "offset", (n,), (1,), "int64", 0, ("sample",), a["columns/offset"])
     _array(cols, "count", (n,), (1,), "int32", 0, ("sample",), a["columns/count"])
     params = root.create_group("params")
     for name in layout.param_names:
@@ -403,8 +398,7 @@ def damaged_indices(path: str | Path, root, indices=None) -> dict[int, str]:
     """
     path = Path(path)
     n = int(root.attrs["n_samples"])
-    flags = complete_flags(root)
-    todo = np.flatnonzero(flags == 1) if indices is None else np.asarray(list(indices), int)
+    todo = complete_indices(root) if indices is None else np.asarray(list(indices), int)
     arrays = list(_sample_arrays(root))
     bad: dict[int, str] = {}
     for i in (int(v) for v in todo):
@@ -430,21 +424,134 @@ def _one_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def complete_flags(root) -> np.ndarray:
-    """The ``complete`` flags, reading chunk by chunk so a damaged flag reads as 0
-    (recompute the sample) instead of failing."""
+#: Flags read per block when the chunk files cannot be listed (bounded memory).
+FLAG_BLOCK = 1 << 16
+
+
+def _written_flag_chunks(root) -> np.ndarray | None:
+    """Indices of the ``complete`` chunks that exist on disk (only they can hold a 1), from
+    the folder listing of a local store: cost follows the written samples, not
+    ``n_samples``. None when the store is not a local folder or a file name is unexpected."""
     arr = root["complete"]
-    try:
-        return np.asarray(arr[:], dtype=np.uint8)
-    except Exception:
-        out = np.zeros(arr.shape[0], dtype=np.uint8)
-        step = arr.chunks[0]
-        for s in range(0, arr.shape[0], step):
-            try:
-                out[s : s + step] = arr[s : s + step]
-            except Exception:
-                out[s : s + step] = 0
-        return out
+    base = getattr(root.store, "root", None)
+    if base is None or arr.chunks[0] != 1:
+        return None
+    folder = Path(base) / arr.path
+    key = arr.metadata.encode_chunk_key((0,))
+    layouts = {"c/0": (folder / "c", ""), "c.0": (folder, "c."), "0": (folder, "")}
+    if key not in layouts:
+        return None
+    where, start = layouts[key]
+    if not where.is_dir():
+        return np.zeros(0, dtype=np.int64) if folder.is_dir() else None
+    found = []
+    for entry in os.scandir(where):
+        name = entry.name
+        if name == "zarr.json" or entry.is_dir() or not name.startswith(start):
+            continue
+        digits = name[len(start) :]
+        if not digits.isdigit():
+            return None
+        found.append(int(digits))
+    return np.asarray(sorted(found), dtype=np.int64)
+
+
+def _runs(indices: np.ndarray, gap: int = 64) -> Iterable[np.ndarray]:
+    """Sorted ``indices`` split where consecutive ones are more than ``gap`` apart or a run
+    spans more than ``FLAG_BLOCK``: each run is read as one slice (zarr's coordinate
+    selection allocates per entry of the whole array, 8 GB for 10⁹ samples)."""
+    if not len(indices):
+        return
+    breaks = np.flatnonzero(np.diff(indices) > gap) + 1
+    for run in np.split(indices, breaks):
+        for s in range(0, len(run), FLAG_BLOCK):
+            part = run[s : s + FLAG_BLOCK]
+            while part[-1] - part[0] >= FLAG_BLOCK:  # a long sparse run: halve it
+                half = np.searchsorted(part, part[0] + FLAG_BLOCK)
+                yield part[:half]
+                part = part[half:]
+            yield part
+
+
+def gather(arr, indices) -> np.ndarray:
+    """``arr[indices]`` for sorted sample indices of a 1-D per-sample array, read as slices
+    over runs of nearby indices (memory follows ``len(indices)``, not the array)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    out = np.empty(len(indices), dtype=arr.dtype)
+    pos = 0
+    for run in _runs(indices):
+        block = np.asarray(arr[int(run[0]) : int(run[-1]) + 1])
+        out[pos : pos + len(run)] = block[run - run[0]]
+        pos += len(run)
+    return out
+
+
+def _read_flags(arr, indices: np.ndarray, strict: bool = False) -> np.ndarray:
+    """Flags at sorted ``indices``; a chunk that fails to decode reads as 0 (``strict``:
+    raises :class:`StoreError` naming the sample)."""
+    out = np.zeros(len(indices), dtype=np.uint8)
+    pos = 0
+    for run in _runs(indices):
+        try:
+            out[pos : pos + len(run)] = gather(arr, run)
+        except Exception:
+            for j, i in enumerate(run):
+                try:
+                    out[pos + j] = arr[int(i)]
+                except Exception as err:
+                    if strict:
+                        raise StoreError(
+                            f"the complete flag of sample {int(i)} is damaged ({_one_line(err)})"
+                        ) from None
+                    out[pos + j] = 0
+        pos += len(run)
+    return out
+
+
+def _flag_blocks(arr, strict: bool = False) -> Iterable[tuple[int, np.ndarray]]:
+    """``(start, flags)`` of every block of ``FLAG_BLOCK`` samples (damaged chunks read 0,
+    or raise with ``strict``)."""
+    n, step = arr.shape[0], arr.chunks[0]
+    for s in range(0, n, FLAG_BLOCK):
+        e = min(s + FLAG_BLOCK, n)
+        try:
+            yield s, np.asarray(arr[s:e], dtype=np.uint8)
+        except Exception:
+            out = np.zeros(e - s, dtype=np.uint8)
+            for t in range(s, e, step):
+                try:
+                    out[t - s : t - s + step] = arr[t : min(t + step, e)]
+                except Exception as err:
+                    if strict:
+                        raise StoreError(
+                            f"the complete flag of sample {t} is damaged ({_one_line(err)})"
+                        ) from None
+                    out[t - s : t - s + step] = 0
+            yield s, out
+
+
+def complete_indices(root, strict: bool = False) -> np.ndarray:
+    """Indices of the complete samples, in order, in memory that grows with the complete
+    samples only (``simgen inspect`` of a store of 10⁹ planned samples stays small).
+
+    A damaged flag reads as 0 (the sample is recomputed on resume); with ``strict`` it
+    raises :class:`StoreError` naming the sample (readers that must not skip samples).
+    """
+    arr = root["complete"]
+    written = _written_flag_chunks(root)
+    if written is not None:
+        written = written[written < arr.shape[0]]
+        return written[_read_flags(arr, written, strict) == 1]
+    parts = [s + np.flatnonzero(flags == 1) for s, flags in _flag_blocks(arr, strict)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def complete_flags(root, strict: bool = False) -> np.ndarray:
+    """The ``complete`` flags as a uint8 array of ``n_samples``; a damaged flag reads as 0
+    (recompute the sample) instead of failing, or raises with ``strict``."""
+    out = np.zeros(root["complete"].shape[0], dtype=np.uint8)
+    out[complete_indices(root, strict)] = 1
+    return out
 
 
 def mark_incomplete(root, indices) -> None:
@@ -487,6 +594,9 @@ def _write_sample(root, index, sample, flag):
         counts[:n, elements.index(el)] = np.asarray(cols["counts"])[:, j]
     root["columns/counts"][start : start + c] = counts
     root["columns/count"][index] = n
+    offset = root["columns/offset"]
+    if offset.chunks[0] == 1:  # stores before 0.3 had it written whole by their creator
+        offset[index] = start
     params = root["params"]
     for name in root.attrs["param_names"]:
         params[name][index] = float(sample.params.get(name, np.nan))
@@ -534,11 +644,11 @@ def read_columns(root, index: int) -> dict[str, np.ndarray]:
 
 def summary(root) -> dict:
     """What ``simgen inspect`` prints: completion, class frequencies, parameter ranges."""
-    complete = complete_flags(root).astype(bool)
+    done = complete_indices(root)  # memory follows the complete samples, not n_samples
     names = root.attrs["label_scheme"]["names"]
     class_counts = np.zeros(len(names), dtype=np.int64)
     pixel_counts = np.zeros(len(names), dtype=np.int64)
-    for i in np.flatnonzero(complete):
+    for i in done:
         cols = read_columns(root, int(i))
         class_counts += np.bincount(cols["class_id"].astype(np.int64), minlength=len(names))[
             : len(names)
@@ -548,13 +658,14 @@ def summary(root) -> dict:
         ]
     params = {}
     for name in root.attrs["param_names"]:
-        values = np.asarray(root["params"][name][:])[complete]
+        values = gather(root["params"][name], done)
         values = values[np.isfinite(values)]
-        if len(values):
-            params[name] = (float(values.min()), float(values.max()))
+        lo, hi = (values.min(), values.max()) if len(values) else (np.inf, -np.inf)
+        if lo <= hi:
+            params[name] = (float(lo), float(hi))
     return {
         "n_samples": int(root.attrs["n_samples"]),
-        "completed": int(complete.sum()),
+        "completed": len(done),
         "image_shape": list(root.attrs["image_shape"]),
         "pixel_size_A": root.attrs.get("pixel_size_A"),
         "label_scheme": root.attrs["label_scheme"]["name"],
@@ -595,7 +706,7 @@ def save_calibration(key: str, data: Mapping) -> Path:
 
 
 def iter_complete(root) -> Iterable[int]:
-    yield from (int(i) for i in np.flatnonzero(complete_flags(root)))
+    yield from (int(i) for i in complete_indices(root))
 
 
 # -- writer lock ---------------------------------------------------------------------------

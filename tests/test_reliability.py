@@ -165,11 +165,18 @@ def test_check_integrity_lists_damage_exits_1_and_marks_it_for_resume(tmp_path):
     assert list(store.pending_indices(root)) == [0, 3]
 
 
-def test_offsets_are_written_in_bounded_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "OFFSET_CHUNK", 3)
-    root = store.create_store(tmp_path / "s.zarr", _layout(n=7, c=12), ATTRS)
-    assert root["columns/offset"].chunks == (3,)
-    np.testing.assert_array_equal(root["columns/offset"][:], np.arange(7) * 12)
+def test_creating_a_store_writes_nothing_per_planned_sample(tmp_path):
+    """A store planned for 10⁸ samples is created in constant time and space: the per-sample
+    offsets are written with each sample, as every other per-sample array."""
+    root = store.create_store(tmp_path / "s.zarr", _layout(n=100_000_000, c=12), ATTRS)
+    assert root["columns/offset"].chunks == (1,)
+    size = sum(f.stat().st_size for f in (tmp_path / "s.zarr").rglob("*") if f.is_file())
+    assert size < 200_000, size
+    small = store.create_store(tmp_path / "t.zarr", _layout(n=7, c=12), ATTRS)
+    for i in (0, 3, 6):
+        store.write_sample(small, i, _sample(i, n_cols=5))
+    assert [int(small["columns/offset"][i]) for i in (0, 3, 6)] == [0, 36, 72]
+    assert store.damaged_indices(tmp_path / "t.zarr", small) == {}
 
 
 # -- one error style ---------------------------------------------------------------------

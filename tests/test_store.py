@@ -168,3 +168,49 @@ def test_preview_legend_never_covers_the_images(tmp_path, scheme):
     for ax in fig.axes:
         assert not box.overlaps(ax.get_window_extent()), ax.get_title()
     assert box.y0 >= 0  # inside the figure
+
+
+def test_complete_indices_follow_written_samples_not_the_planned_size(tmp_path, monkeypatch):
+    """``inspect`` of a store planned for 10⁹ samples with 3 written reads 3 flags: the
+    chunk listing gives the written ones; the block-wise fallback agrees; a damaged flag
+    reads as not complete (resume recomputes it) or, strict, names the sample."""
+    import tracemalloc
+
+    n = 1_000_000_000
+    layout = store.StoreLayout(
+        n_samples=n,
+        image_shape=(16, 20),
+        column_capacity=12,
+        elements=("S", "Mo"),
+        param_names=("defocus_A", "lam"),
+    )
+    root = store.create_store(tmp_path / "big.zarr", layout, ATTRS)
+    for i in (5, 77, n - 1):
+        store.write_sample(root, i, _sample(i))
+    root = store.open_store(tmp_path / "big.zarr")
+    listed = store._written_flag_chunks(root)
+    assert listed is not None and len(listed) == 3
+    tracemalloc.start()
+    assert list(store.complete_indices(root)) == [5, 77, n - 1]
+    info = store.summary(root)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB to summarise 3 samples"
+    assert info["completed"] == 3 and info["params"]["lam"] == (15.0, 10.0 + n - 1)
+    # fallback over blocks (store that cannot be listed) on a smaller planned size
+    small = store.create_store(tmp_path / "s.zarr", _layout(n=300), ATTRS)
+    for i in (0, 150, 299):
+        store.write_sample(small, i, _sample(i))
+    monkeypatch.setattr(store, "FLAG_BLOCK", 64)
+    with_listing = list(store.complete_indices(small))
+    monkeypatch.setattr(store, "_written_flag_chunks", lambda root: None)
+    assert list(store.complete_indices(small)) == with_listing == [0, 150, 299]
+    monkeypatch.undo()
+    (tmp_path / "s.zarr" / "complete" / "c" / "150").write_bytes(b"garbage")
+    small = store.open_store(tmp_path / "s.zarr")
+    assert list(store.complete_indices(small)) == [0, 299]
+    assert list(store.pending_indices(small))[:3] == [1, 2, 3] and 150 in store.pending_indices(
+        small
+    )
+    with pytest.raises(store.StoreError, match="sample 150"):
+        store.complete_indices(small, strict=True)

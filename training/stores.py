@@ -179,13 +179,12 @@ def open_store(path: str | os.PathLike) -> StoreInfo:
             f"{path}: images/masks shape {root['images'].shape} does not match "
             f"n_samples={n}, image_shape={list(shape)}"
         )
+    from simgen import store as simgen_store
+
     try:
-        complete = np.asarray(root["complete"][:], dtype=np.uint8)
-    except Exception as err:  # a damaged flag chunk
-        raise StoreError(
-            f"{path}: the complete flags are damaged ({type(err).__name__}); run `simgen check "
-            f"--integrity {path}`"
-        ) from None
+        complete = simgen_store.complete_flags(root, strict=True)
+    except simgen_store.StoreError as err:  # a damaged flag chunk
+        raise StoreError(f"{path}: {err}; run `simgen check --integrity {path}`") from None
     return StoreInfo(
         path=path,
         scheme=scheme,
