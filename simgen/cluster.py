@@ -86,13 +86,49 @@ def open_client(spec: ClusterSpec) -> Iterator[object | None]:
         finally:
             client.close()
         return
-    cluster = _start_cluster(spec)
-    client = Client(cluster)
+    with _sigint_blocked() if spec.kind in ("local", "cuda") else contextlib.nullcontext():
+        cluster = _start_cluster(spec)
+        client = Client(cluster)
     try:
         yield client
     finally:
         client.close()
         cluster.close()
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """Ignore SIGINT in this process while a local cluster starts.
+
+    A Ctrl-C in a terminal goes to every process of the foreground group: to each worker
+    too, which then dies with a traceback. Worker processes started while SIGINT is ignored
+    inherit that (and Python keeps an ignored SIGINT ignored), so Ctrl-C reaches only this
+    process: one line, the cluster closed, the store resumable. Workers a nanny restarts
+    later ignore it through :func:`dask_setup`. A Ctrl-C during the start itself (a few
+    seconds) is ignored; press it again.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def dask_setup(worker) -> None:
+    """Worker preload (``preload=["simgen.cluster"]``): the worker ignores SIGINT, so only
+    the process that runs ``simgen generate`` handles Ctrl-C."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread of the worker process: nothing to do
+        pass
 
 
 def _quiet_distributed_logs() -> None:
@@ -116,8 +152,9 @@ def _start_cluster(spec: ClusterSpec):
             n_workers=n,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: never "8787 is already in use"
             silence_logs=logging.ERROR,
+            preload=["simgen.cluster"],  # workers ignore Ctrl-C (dask_setup)
         )
     if spec.kind == "cuda":
         try:

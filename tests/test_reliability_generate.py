@@ -152,3 +152,55 @@ def test_yes_goes_on_beyond_the_limits(small_cfg, tmp_path):
     assert not out.exists()
     result = runner.invoke(app, [*args, "--max-disk", "1kB", "--yes"])
     assert result.exit_code == 0 and "1 samples computed" in result.output, result.output
+
+
+def test_ctrl_c_with_the_local_cluster_is_one_line_exit_130_and_resumable(
+    small_cfg, calibration, tmp_path, cache_dir
+):
+    """A real Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends
+    it) while two local Dask workers generate: one line, exit 130, no worker traceback, no
+    process left, no lock left, and the store resumes to the uninterrupted one."""
+    n = 24
+    cfg = small_cfg.with_overrides({"dataset.n_samples": n})
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(cfg.to_yaml())
+    out = tmp_path / "s.zarr"
+    cmd = [sys.executable, "-m", "simgen", "generate", "-c", str(cfg_file), "-o", str(out)]
+    cmd += ["--cluster", "local", "--workers", "2"]
+    env = {**os.environ, "SIMGEN_CACHE": str(cache_dir)}
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    while _done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished (or failed) before the Ctrl-C: use a larger n"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "interrupted" in errors[0] and "resume" in errors[0], err
+    gone = time.monotonic() + 20  # no worker outlives the command (zombies are reaped)
+    while time.monotonic() < gone:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+    assert not store.lock_path(out).exists()
+    assert 0 < _done(out) < n
+    result = runner.invoke(
+        app, ["generate", "-c", str(cfg_file), "-o", str(out), "--cluster", "none"]
+    )
+    assert result.exit_code == 0, result.output
+    ref = tmp_path / "ref.zarr"
+    generate(cfg, ref, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
+    assert stores_identical(out, ref)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from _fakestore import write_fake_store
 from typer.testing import CliRunner
@@ -111,3 +113,52 @@ def test_training_warns_when_the_validation_part_is_incomplete(tmp_path, caplog)
     (record,) = caplog.records
     assert "part.zarr: only 0 of the 2 samples of its validation part" in record.getMessage()
     assert "no validation" in record.getMessage()
+
+
+def _train_args(train, run):
+    args = ["train", "-s", str(train), "-o", str(run), "--epochs", "1", "-q"]
+    args += ["--set", "data.crop=32", "--set", "model={depth: 1, width: 4}"]
+    return args + ["--set", "num_threads=1", "--set", "data.num_workers=0"]
+
+
+def test_train_writes_only_into_its_own_run_folder_and_one_writer_at_a_time(tmp_path):
+    from simgen.store import WriterLock
+    from training.train import RUN_MARKER
+
+    train = write_fake_store(tmp_path / "train.zarr", 4, (48, 48), seed=2)
+    user = tmp_path / "results"
+    user.mkdir()
+    (user / "config.yaml").write_text("mine")
+    result = runner.invoke(app, _train_args(train, user))
+    assert result.exit_code == 1, result.output
+    assert "did not write" in result.output and "Traceback" not in result.output
+    assert (user / "config.yaml").read_text() == "mine"
+    assert sorted(p.name for p in user.iterdir()) == ["config.yaml"]
+    run = tmp_path / "run"
+    with WriterLock(run):  # another writer (this process, alive) holds the run
+        held = runner.invoke(app, _train_args(train, run))
+    assert held.exit_code == 1, held.output
+    assert "is being written by pid" in held.output
+    assert len(held.output.strip().splitlines()) == 1, held.output
+    ok = runner.invoke(app, _train_args(train, run))
+    assert ok.exit_code == 0, ok.output
+    assert (run / RUN_MARKER).is_file() and (run / "last.pt").is_file()
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_evaluate_out_replaces_only_its_own_output(tmp_path):
+    train = write_fake_store(tmp_path / "train.zarr", 4, (48, 48), seed=2)
+    run = tmp_path / "run"
+    assert runner.invoke(app, _train_args(train, run)).exit_code == 0
+    user = tmp_path / "report"
+    user.mkdir()
+    (user / "metrics.json").write_text("{}")
+    bad = runner.invoke(app, ["evaluate", str(run), str(train), "--out", str(user), "-q"])
+    assert bad.exit_code == 1, bad.output
+    assert "did not write" in bad.output and (user / "metrics.json").read_text() == "{}"
+    out = tmp_path / "eval"
+    for _ in range(2):  # a second evaluation replaces the first one's files
+        ok = runner.invoke(app, ["evaluate", str(run), str(train), "--out", str(out), "-q"])
+        assert ok.exit_code == 0, ok.output
+    marker = json.loads((out / ".simgen-evaluate.json").read_text())
+    assert marker["finished"] is True and (out / "metrics.json").is_file()

@@ -7,14 +7,17 @@ matches them to the store's true columns and accumulates
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from training.config import EvalConfig
 from training.metrics import ColumnScores, find_columns
 from training.predict import Ensemble
-from training.report import plot_confusion, write_json
+from training.report import (
+    claim_evaluate_output,
+    finish_evaluate_output,
+    plot_confusion,
+    write_json,
+)
 from training.stores import open_stores
 from training.train import resolve_device
 
@@ -73,6 +76,8 @@ def evaluate_stores(
         A store is missing, of another schema version, or labelled with another scheme
         than the model's.
     """
+    if out_dir is not None:  # refuse a folder that is not ours before any work
+        out_dir = claim_evaluate_output(out_dir)
     ens = Ensemble.load(model_path, resolve_device(device))
     if eval_cfg is None:
         eval_cfg = EvalConfig.from_dict(ens.config.get("evaluate", {}))
@@ -133,8 +138,7 @@ def evaluate_stores(
         "mean_variance_predicted_class": var_sum / var_n if var_n else None,
     }
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(result, out / "metrics.json")
-        plot_confusion(result["confusion"]["matrix"], ens.class_names, out / "confusion.png")
+        write_json(result, out_dir / "metrics.json")
+        plot_confusion(result["confusion"]["matrix"], ens.class_names, out_dir / "confusion.png")
+        finish_evaluate_output(out_dir)
     return result

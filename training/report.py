@@ -134,3 +134,37 @@ def plot_confusion(matrix, class_names, path, *, title: str = "Columns (matched)
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+#: File an ``evaluate --out`` folder carries: a later evaluation may replace what is there
+#: only when it finds this marker (``finished`` false while the files are being written).
+EVALUATE_MARKER = ".simgen-evaluate.json"
+
+
+def claim_evaluate_output(out) -> Path:
+    """Make ``out`` the output folder of an evaluation, before any work: new, empty, or one
+    an earlier ``evaluate`` wrote (its marker); anything else is refused by name, untouched.
+
+    Raises
+    ------
+    ValueError
+        ``out`` is a file, or a folder holding files that ``evaluate`` did not write.
+    """
+    out = Path(out)
+    if out.is_file() or out.is_symlink():
+        raise ValueError(f"--out: {out} is a file; choose a folder for the metrics")
+    if out.is_dir() and any(out.iterdir()) and not (out / EVALUATE_MARKER).is_file():
+        raise ValueError(
+            f"--out: {out} already holds files that `simgen-train evaluate` did not write (no "
+            f"{EVALUATE_MARKER}); refusing to write into it: choose a new or empty folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    store_write_json({"tool": "simgen-train evaluate", "finished": False}, out / EVALUATE_MARKER)
+    return out
+
+
+def finish_evaluate_output(out) -> None:
+    """Mark the evaluation in ``out`` complete (every file written)."""
+    store_write_json(
+        {"tool": "simgen-train evaluate", "finished": True}, Path(out) / EVALUATE_MARKER
+    )

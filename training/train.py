@@ -512,21 +512,55 @@ def _class_weights(config: TrainConfig, train_ds, n_classes: int):
 
 # Kept as one function (~85 lines of code): the run's steps (resume checks, data, model,
 # weights, checkpoint metadata, the trainer) in order; each is already a helper call.
+#: File a run folder (single model or ensemble) carries from its first moment: what tells
+#: ``train`` that a non-empty folder is its own (refused otherwise, untouched).
+RUN_MARKER = ".simgen-run.json"
+
+
+def is_run_folder(path) -> bool:
+    """True when ``path`` is a folder ``train`` wrote (its marker, or for runs made before
+    the marker: ``last.pt``, ``ensemble.json`` or ``config.yaml`` with ``history.csv``)."""
+    p = Path(path)
+    return p.is_dir() and (
+        (p / RUN_MARKER).is_file()
+        or (p / "last.pt").is_file()
+        or (p / "ensemble.json").is_file()
+        or ((p / "config.yaml").is_file() and (p / "history.csv").is_file())
+    )
+
+
 @contextlib.contextmanager
-def _no_empty_run_on_bad_data(out: Path):
-    """Remove ``out`` again when this call created it and a store turns out damaged before
-    any checkpoint was written: a run folder is left only when there is a run to resume."""
+def _run_folder(out: Path):
+    """Hold ``out`` for one writer and make sure it is a run folder (new, empty or ours).
+
+    A second ``train`` into the same folder is told who holds it (pid, host, since); a folder
+    of other files is refused by name, untouched; when a store turns out damaged before any
+    checkpoint was written, a folder this call created is removed again, so a run folder is
+    left only when there is a run to resume.
+    """
+    from simgen.store import WriterLock, write_json
     from training.stores import StoreError
 
-    created = not out.exists()
-    try:
-        yield
-    except StoreError:
-        if created and out.is_dir() and not any(out.rglob("last.pt")):
-            import shutil
+    if out.is_file() or out.is_symlink():
+        raise ValueError(f"{out} is a file, not a run folder; choose another --out")
+    with WriterLock(out):
+        created = not out.exists()
+        if not created and any(out.iterdir()) and not is_run_folder(out):
+            raise ValueError(
+                f"{out} holds files that `simgen-train train` did not write (no {RUN_MARKER}); "
+                "refusing to write into it: choose a new or empty folder"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RUN_MARKER).is_file():
+            write_json({"tool": "simgen-train train"}, out / RUN_MARKER)
+        try:
+            yield
+        except StoreError:
+            if created and out.is_dir() and not any(out.rglob("last.pt")):
+                import shutil
 
-            shutil.rmtree(out)
-        raise
+                shutil.rmtree(out)
+            raise
 
 
 def train_model(
@@ -566,6 +600,14 @@ def train_model(
         config that differs from the checkpoint's, or bad stores (:class:`StoreError`).
     """
     out = Path(out_dir)
+    with _run_folder(out):
+        return _train_model(config, out, resume, stop_after)
+
+
+# Kept as one function (~85 lines of code): the run's steps (resume checks, data, model,
+# weights, checkpoint metadata, the trainer) in order; each is already a helper call.
+def _train_model(config: TrainConfig, out: Path, resume: bool, stop_after) -> RunResult:
+    """:func:`train_model` under the run folder's lock."""
     last = out / "last.pt"
     state = None
     if last.exists():
@@ -605,22 +647,20 @@ def train_model(
         "train_stores": [st.path for st in train_ds.stores],
         "normalization": NORMALIZATION,
     }
-    with _no_empty_run_on_bad_data(out):
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config.to_yaml())
-        trainer = _fit(
-            config,
-            out,
-            device,
-            state,
-            model_kwargs,
-            weights,
-            scheme,
-            meta,
-            train_ds,
-            val_ds,
-            stop_after,
-        )
+    (out / "config.yaml").write_text(config.to_yaml())
+    trainer = _fit(
+        config,
+        out,
+        device,
+        state,
+        model_kwargs,
+        weights,
+        scheme,
+        meta,
+        train_ds,
+        val_ds,
+        stop_after,
+    )
     return RunResult(
         out_dir=out,
         last=last,
@@ -721,12 +761,11 @@ def train_ensemble(
         One per member (histories are read back from the checkpoints after parallel runs).
     """
     out = Path(out_dir)
-    with _no_empty_run_on_bad_data(out):
+    with _run_folder(out):
         return _train_ensemble(config, out, resume, stop_after)
 
 
 def _train_ensemble(config, out, resume, stop_after):
-    out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(config.to_yaml())
     n = config.members
     n_gpu = torch.cuda.device_count() if config.device in ("auto", "cuda") else 0
