@@ -52,6 +52,7 @@ def _main(
 class Model(StrEnum):
     auto = "auto"
     incoherent = "incoherent"
+    pointsum = "pointsum"
     prism = "prism"
     multislice = "multislice"
 

@@ -17,7 +17,7 @@ from simgen.configbase import Config
 from simgen.distributions import Distribution
 from simgen.optics import OpticsConfig
 
-MODELS = ("auto", "incoherent", "prism", "multislice")
+MODELS = ("auto", "incoherent", "prism", "multislice", "pointsum")
 
 
 def _default_defects() -> dict:
@@ -106,7 +106,9 @@ class SimulationConfig(Config):
     """Which image model runs, where, and its numerical settings.
 
     ``model="auto"`` runs ``prism`` on a GPU and the calibrated ``incoherent`` model on a
-    CPU-only machine.
+    CPU-only machine. ``pointsum`` is the textbook Z^n point-sum model (no channelling, no
+    calibration; :func:`simgen.incoherent.pointsum_calibration`), a foreign physics for
+    robustness tests; ``pointsum_exponent`` is its n.
     """
 
     model: str = "auto"
@@ -115,8 +117,13 @@ class SimulationConfig(Config):
     frozen_phonons: int = 0
     potential_sampling_A: float = 0.05
     calibration_reference: str = "prism"
+    pointsum_exponent: float = 2.0
 
     def __post_init__(self):
+        if not 1.0 <= self.pointsum_exponent <= 3.0:
+            raise ValueError(
+                f"simulation.pointsum_exponent: expected 1..3, got {self.pointsum_exponent}"
+            )
         if self.model not in MODELS:
             raise ValueError(f"simulation.model: expected one of {MODELS}, got {self.model!r}")
         if self.device not in ("auto", "cpu", "gpu"):

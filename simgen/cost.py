@@ -15,7 +15,7 @@ from dataclasses import dataclass
 #: Bytes a worker process holds before its first sample (interpreter, NumPy, SciPy, ASE).
 WORKER_BASE_BYTES = 400 * 2**20
 #: Float64 arrays of the padded field the simulation keeps at once, per image model.
-WORKING_ARRAYS = {"incoherent": 24, "prism": 96, "multislice": 64}
+WORKING_ARRAYS = {"incoherent": 24, "pointsum": 24, "prism": 96, "multislice": 64}
 
 
 @dataclass(frozen=True)

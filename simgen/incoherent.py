@@ -45,6 +45,7 @@ __all__ = [
     "check_calibration",
     "column_peaks",
     "periodic_images",
+    "pointsum_calibration",
     "render_incoherent",
 ]
 
@@ -254,6 +255,59 @@ class Calibration:
 
 
 # -- reference cells -----------------------------------------------------------------------------
+
+
+#: Lone-atom weight [Å²] of W (Z = 74) in :func:`pointsum_calibration` (the order of the
+#: calibrated value); the other elements scale as ``(Z / 74) ** exponent``.
+POINTSUM_W_WEIGHT_A2 = 0.055
+
+
+def pointsum_calibration(
+    elements: Sequence[str],
+    optics: Mapping[str, float],
+    *,
+    exponent: float = 2.0,
+    width_A: float = 0.08,
+) -> Calibration:
+    """The textbook point-sum HAADF model as a :class:`Calibration`: every atom scatters
+    ``∝ Z^exponent`` (Rutherford-like, ``exponent`` 2), independent of its column (no
+    channelling, ``kappa = 1``), no background; no simulation behind it.
+
+    A physics deliberately different from the calibrated model, for robustness tests:
+    a network trained on one should still label images of the other.
+
+    Parameters
+    ----------
+    elements : sequence of str
+    optics : mapping
+        ``energy_kV``, ``semiangle_mrad``, ``haadf_inner_mrad``, ``haadf_outer_mrad`` (the
+        probe still comes from them).
+    exponent : float
+        Z exponent, in [1, 3].
+    width_A : float
+        Object-peak width σ [Å] (thermal smearing).
+
+    Returns
+    -------
+    Calibration
+    """
+    if not 1.0 <= float(exponent) <= 3.0:
+        raise ValueError(f"exponent: expected 1 <= n <= 3, got {exponent}")
+    if not 0.0 < float(width_A) <= MAX_WIDTH_A:
+        raise ValueError(f"width_A: expected 0 < σ <= {MAX_WIDTH_A} Å, got {width_A}")
+    els = canonical_elements(elements)
+    values = optics_values(optics, rng=0)
+    return Calibration(
+        elements=els,
+        weights_A2={
+            e: POINTSUM_W_WEIGHT_A2 * (atomic_number(e) / 74.0) ** float(exponent) for e in els
+        },
+        kappa=dict.fromkeys(els, 1.0),
+        widths_A=dict.fromkeys(els, float(width_A)),
+        background=0.0,
+        **{k: float(values[k]) for k in _OPTICS_FIELDS},
+        reference={"model": "pointsum", "exponent": float(exponent), "width_A": float(width_A)},
+    )
 
 
 def _sim_step(pixel_size_A: float, optics: Mapping[str, float]) -> tuple[float, int]:

@@ -313,8 +313,14 @@ def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
         if calibration is None:
             raise ValueError("the incoherent model needs a calibration (simgen calibrate)")
         cal = _calibration_object(json.dumps(calibration, sort_keys=True))
+    elif model == "pointsum":  # the Z^n point-sum model: the incoherent renderer, no fit
+        from simgen.incoherent import pointsum_calibration
+
+        cal = pointsum_calibration(
+            dataset_elements(cfg), optics, exponent=cfg.simulation.pointsum_exponent
+        )
     settings = SimulationSettings(
-        model=model,
+        model="incoherent" if model == "pointsum" else model,
         pixel_size_A=p,
         shape=(h + 2 * pad, w + 2 * pad),
         origin=origin,

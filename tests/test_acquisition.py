@@ -529,3 +529,77 @@ def test_read_noise_in_counts_is_not_applied_without_shot_noise():
     out = apply_acquisition(*args, rel, pad=pad, pixel_size_A=P, rng=3)
     resid = np.asarray(out.image) - np.asarray(out.noise_free)
     assert resid.std() == pytest.approx(0.05 * float(np.mean(out.noise_free)), rel=0.05)
+
+
+# -- detector response and display-contrast export (sim-to-real) -------------------------
+def _two_level_image():
+    """Bright 'metal' and dimmer 'chalcogen' peaks on a dark background."""
+    img = np.full((64, 64), 2.0)
+    img[8:56:8, 8:56:8] = 30.0  # metal columns
+    img[12:56:8, 12:56:8] = 20.0  # chalcogen columns
+    return img
+
+
+@pytest.mark.parametrize("gamma", [0.7, 1.4])
+def test_detector_gamma_moves_the_metal_chalcogen_contrast_and_keeps_the_mean(gamma):
+    img = _two_level_image()
+    params = {"detector_gain": 1.0, "detector_offset": 0.0, "detector_read_noise": 0.0}
+    linear = acq.apply_detector(img, params, rng=0)
+    bent = acq.apply_detector(img, {**params, "detector_gamma": gamma}, rng=0)
+    np.testing.assert_array_equal(linear, img.astype(np.float32))
+    ratio = bent[8, 8] / bent[12, 12]
+    assert ratio == pytest.approx(1.5**gamma, rel=1e-5)
+    assert (ratio < 1.5) == (gamma < 1)
+    assert float(np.mean(np.abs(bent))) > 0
+    m = float(np.mean(img))
+    np.testing.assert_allclose(acq.detector_response(np.full(4, m), gamma), m)
+
+
+def test_display_export_clips_the_tails_and_stretches_onto_8_bit():
+    rng = np.random.default_rng(3)
+    img = rng.normal(100.0, 10.0, (128, 128))
+    out = acq.display_export(img, 1.0, 2.0, bits=8)
+    assert out.min() == 0 and out.max() == 255
+    assert np.array_equal(out, np.rint(out))
+    assert np.mean(out == 0) == pytest.approx(0.01, abs=0.002)
+    assert np.mean(out == 255) == pytest.approx(0.02, abs=0.002)
+    order = np.argsort(img.ravel())
+    assert np.all(np.diff(out.ravel()[order]) >= 0)  # monotone: no contrast inverted
+    assert set(np.unique(acq.display_export(np.ones((4, 4)), 0, 0))) == {128.0}
+    with pytest.raises(ValueError, match="below 100"):
+        acq.display_export(img, 60, 50)
+
+
+def test_detector_export_settings_are_drawn_stored_and_validated():
+    cfg = acq.AcquisitionConfig.from_dict(
+        {
+            "detector": {
+                "gamma": {"uniform": [0.8, 1.25]},
+                "stretch_low_percent": {"uniform": [0, 1]},
+                "stretch_high_percent": {"uniform": [0, 1]},
+                "export_bits": 8,
+            }
+        }
+    )
+    names = acq.AcquisitionConfig.param_names()
+    for name in ("detector_gamma", "detector_stretch_low_percent", "detector_stretch_high_percent"):
+        assert name in names
+    # the new draws come last: every earlier parameter keeps its value
+    plain = acq.AcquisitionConfig().draw(7)
+    drawn = cfg.draw(7)
+    for name in plain:
+        if not name.startswith(("detector_gamma", "detector_stretch")):
+            assert drawn[name] == pytest.approx(plain[name], nan_ok=True), name
+    assert 0.8 <= drawn["detector_gamma"] <= 1.25
+    ideal = np.random.default_rng(0).random((80, 80)) * 0.05 + 0.01
+    out = acq.apply_acquisition(ideal, [40.0], [40.0], cfg, pad=8, pixel_size_A=0.2, rng=1)
+    assert out.image.max() <= 255 and np.array_equal(out.image, np.rint(out.image))
+    assert 0.8 <= out.params["detector_gamma"] <= 1.25  # stored with the sample
+    assert 0 <= out.params["detector_stretch_high_percent"] <= 1
+    for bad, match in (
+        ({"export_bits": 12}, "export_bits"),
+        ({"gamma": 0.0}, "gamma"),
+        ({"stretch_high_percent": 50}, "<= 49"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            acq.AcquisitionConfig.from_dict({"detector": bad})

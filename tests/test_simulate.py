@@ -347,3 +347,40 @@ def test_non_periodic_rotated_cell_matches_prism(calibration_for):
     # the border rows/columns agree as well as the interior (no wrap-around artefacts)
     for edge in (np.s_[0, :], np.s_[-1, :], np.s_[:, 0], np.s_[:, -1]):
         assert inc.image[edge].mean() == pytest.approx(ref.image[edge].mean(), rel=0.05)
+
+
+def test_pointsum_model_scales_as_z_squared_without_channelling():
+    """The foreign physics of the robustness benchmark is linear in atoms: removing one Se
+    of a column takes away half of what removing both does (no channelling), and a W atom
+    takes away (74/34)² of one Se; no background."""
+    from simgen.config import SimulationConfig
+    from simgen.incoherent import pointsum_calibration
+
+    optics = OpticsConfig().draw(0)
+    cal = pointsum_calibration(("W", "Se"), optics, exponent=2.0)
+    assert cal.weights_A2["W"] / cal.weights_A2["Se"] == pytest.approx((74 / 34) ** 2)
+    assert set(cal.kappa.values()) == {1.0} and cal.background == 0.0
+
+    def image(**vacancies):
+        atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(3, 2), **vacancies)
+        sim = simulate(atoms, columns, {"pixel_size_A": 0.1}, calibration=cal, periodic=True)
+        return sim, peak_values(sim.image, sim.rows, sim.cols)
+
+    full, at_full = image()
+    n_metal = 12  # construction order: metal sites first (3 x 2 cells, two per cell)
+    _, at_x1 = image(vac_x1=(3,))
+    _, at_x2 = image(vac_x2=(3,))
+    _, at_m = image(vac_m=(5,))
+    one_se = at_full[n_metal + 3] - at_x1[n_metal + 3]
+    both_se = at_full[n_metal + 3] - at_x2[n_metal + 3]
+    one_w = at_full[5] - at_m[5]
+    assert both_se / one_se == pytest.approx(2.0, rel=1e-4)
+    assert one_w / one_se == pytest.approx((74 / 34) ** 2, rel=1e-4)
+    assert float(full.image.min()) > 0 and cal.background == 0.0
+    n15 = pointsum_calibration(("W", "Se"), optics, exponent=1.5)
+    assert n15.weights_A2["W"] / n15.weights_A2["Se"] == pytest.approx((74 / 34) ** 1.5)
+    for bad in ({"exponent": 0.5}, {"width_A": 0.0}):
+        with pytest.raises(ValueError):
+            pointsum_calibration(("W", "Se"), optics, **bad)
+    with pytest.raises(ValueError, match="pointsum_exponent"):
+        SimulationConfig(model="pointsum", pointsum_exponent=4.0)

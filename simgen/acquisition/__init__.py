@@ -68,7 +68,7 @@ from simgen.acquisition.contamination import (
     smooth_background,
 )
 from simgen.acquisition.current import modulate_current
-from simgen.acquisition.detector import apply_detector
+from simgen.acquisition.detector import apply_detector, detector_response, display_export
 from simgen.acquisition.scan import (
     ScanMapping,
     distort_scan,
@@ -99,6 +99,8 @@ __all__ = [
     "add_shot_noise",
     "apply_acquisition",
     "apply_detector",
+    "detector_response",
+    "display_export",
     "contamination_background",
     "distort_scan",
     "frame_time_s",

@@ -168,6 +168,7 @@ def apply_acquisition(
         read_noise_mode=det.read_noise_mode,
         saturation=det.saturation,
         bits=det.bits,
+        export_bits=det.export_bits,
     )
     rows_out, cols_out, inside = map_positions(rows, cols, mapping)
 

@@ -271,11 +271,16 @@ class ShotNoiseConfig(_StageConfig):
 
 @dataclass(frozen=True)
 class DetectorConfig(_StageConfig):
-    """Detector electronics: read noise, gain, offset, saturation, quantisation.
+    """Detector electronics and the file export: read noise, response, gain, offset,
+    saturation, quantisation, display-contrast export.
 
-    The output is ``y = gain·(n + σ·N(0, 1)) + offset`` with ``n`` the shot-noise counts,
-    then clipped at ``saturation`` and, when ``bits`` is set, rounded and clipped to
-    ``[0, 2^bits − 1]``.
+    The output is ``y = gain·R(n + σ·N(0, 1)) + offset`` with ``n`` the shot-noise counts
+    and ``R(x) = m·sign(x)·|x/m|^γ`` the detector's non-linear response about the image
+    mean ``m`` (γ = 1: linear), then clipped at ``saturation`` and, when ``bits`` is set,
+    rounded and clipped to ``[0, 2^bits − 1]``. With ``export_bits`` the result is then
+    written as a microscope program exports an image with its display contrast: the
+    ``stretch_low_percent`` and ``stretch_high_percent`` tails clipped, the rest stretched
+    onto ``[0, 2^export_bits − 1]`` and rounded (an 8-bit TIFF "as displayed").
 
     Parameters
     ----------
@@ -294,13 +299,25 @@ class DetectorConfig(_StageConfig):
         Largest output value (output units), None for none.
     bits : {None, 8, 16}
         Quantise to unsigned integers of this many bits.
+    gamma : Distribution
+        Exponent γ of the detector response (1: linear; < 1 compresses bright columns,
+        lowering the metal/chalcogen contrast; > 1 raises it).
+    stretch_low_percent, stretch_high_percent : Distribution
+        Percent of the darkest and brightest pixels clipped by the export [%].
+    export_bits : {None, 8, 16}
+        Export with display contrast to unsigned integers of this many bits (None: the
+        detector output as it is).
     """
 
     _PREFIX: ClassVar[str] = "detector"
+    # new fields go last: each drawn field has its own random stream, spawned in this order
     _LIMITS: ClassVar[dict] = {
         "gain": (1e-12, None),
         "offset": (None, None),
         "read_noise": (0.0, None),
+        "gamma": (0.2, 5.0),
+        "stretch_low_percent": (0.0, 49.0),
+        "stretch_high_percent": (0.0, 49.0),
     }
 
     gain: Distribution = _fixed(1.0)
@@ -309,6 +326,10 @@ class DetectorConfig(_StageConfig):
     read_noise_mode: str = "counts"
     saturation: float | None = None
     bits: int | None = None
+    gamma: Distribution = _fixed(1.0)
+    stretch_low_percent: Distribution = _fixed(0.0)
+    stretch_high_percent: Distribution = _fixed(0.0)
+    export_bits: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -322,6 +343,8 @@ class DetectorConfig(_StageConfig):
             raise ValueError(f"saturation: must be a number > 0 or null, got {self.saturation!r}")
         if self.bits is not None and self.bits not in (8, 16):
             raise ValueError(f"bits: expected null, 8 or 16, got {self.bits!r}")
+        if self.export_bits is not None and self.export_bits not in (8, 16):
+            raise ValueError(f"export_bits: expected null, 8 or 16, got {self.export_bits!r}")
 
 
 _STAGES: tuple[tuple[str, type[_StageConfig]], ...] = (

@@ -24,8 +24,10 @@ def apply_detector(
     read_noise_mode: str = "counts",
     saturation: float | None = None,
     bits: int | None = None,
+    export_bits: int | None = None,
 ):
-    """Detector electronics: ``y = gain·(n + σ·N(0, 1)) + offset``, saturation, quantisation.
+    """Detector electronics and export: ``y = gain·R(n + σ·N(0, 1)) + offset``, saturation,
+    quantisation, display-contrast export.
 
     Parameters
     ----------
@@ -33,7 +35,9 @@ def apply_detector(
         Counts (or ideal units without shot noise).
     params : mapping
         ``detector_gain`` (output units per count), ``detector_offset``,
-        ``detector_read_noise`` (σ in counts, or relative to the image mean).
+        ``detector_read_noise`` (σ in counts, or relative to the image mean); optional
+        ``detector_gamma`` (response exponent, default 1), ``detector_stretch_low_percent``
+        and ``detector_stretch_high_percent`` (export clipping [%], default 0).
     rng : Generator, int or SeedSequence
         Drawn on the image's device.
     read_noise_mode : {"counts", "relative"}
@@ -42,6 +46,9 @@ def apply_detector(
         Output values above it are set to it.
     bits : {None, 8, 16}
         Round and clip to ``[0, 2^bits − 1]``.
+    export_bits : {None, 8, 16}
+        Clip the stretch percentiles, stretch the rest onto ``[0, 2^export_bits − 1]`` and
+        round (an image exported with its display contrast).
 
     Returns
     -------
@@ -52,8 +59,9 @@ def apply_detector(
         raise ValueError(
             f"read_noise_mode: expected one of {READ_NOISE_MODES}, got {read_noise_mode!r}"
         )
-    if bits is not None and bits not in (8, 16):
-        raise ValueError(f"bits: expected None, 8 or 16, got {bits!r}")
+    for name, value in (("bits", bits), ("export_bits", export_bits)):
+        if value is not None and value not in (8, 16):
+            raise ValueError(f"{name}: expected None, 8 or 16, got {value!r}")
     if saturation is not None and not saturation > 0:
         raise ValueError(f"saturation: must be > 0 or None, got {saturation!r}")
     xp = get_array_module(image)
@@ -62,14 +70,69 @@ def apply_detector(
         raise ValueError(f"params: detector_gain must be > 0, got {gain}")
     offset = param_value(params, "detector_offset")
     sigma = nonneg_param(params, "detector_read_noise")
+    gamma = float(params.get("detector_gamma", 1.0))
+    if not gamma > 0:
+        raise ValueError(f"params: detector_gamma must be > 0, got {gamma}")
     y = xp.asarray(image, dtype=xp.float64)
     if read_noise_mode == "relative":
         sigma = sigma * float(xp.mean(y))
     if sigma > 0:
         y = y + sigma * device_generator(xp, rng).standard_normal(y.shape)
+    if gamma != 1.0:
+        y = detector_response(y, gamma)
     y = gain * y + offset
     if saturation is not None:
         y = xp.minimum(y, float(saturation))
     if bits is not None:
         y = xp.clip(xp.rint(y), 0.0, float(2**bits - 1))
+    if export_bits is not None:
+        low = float(params.get("detector_stretch_low_percent", 0.0))
+        high = float(params.get("detector_stretch_high_percent", 0.0))
+        y = display_export(y, low, high, export_bits)
     return y.astype(xp.float32)
+
+
+def detector_response(image, gamma: float):
+    """The detector's non-linear response ``m·sign(x)·|x/m|^γ`` about the image mean ``m``
+    (the mean level maps onto itself; γ < 1 compresses bright columns).
+
+    Parameters
+    ----------
+    image : ndarray (NumPy or CuPy)
+    gamma : float
+        Exponent (> 0; 1 returns the image unchanged).
+    """
+    xp = get_array_module(image)
+    m = float(xp.mean(xp.abs(image)))
+    if m == 0.0 or gamma == 1.0:
+        return image
+    return m * xp.sign(image) * xp.abs(image / m) ** gamma
+
+
+def display_export(image, low_percent: float, high_percent: float, bits: int = 8):
+    """An image exported with its display contrast: the darkest ``low_percent`` and
+    brightest ``high_percent`` of the pixels clipped, the range between stretched onto
+    ``[0, 2^bits − 1]`` and rounded.
+
+    Parameters
+    ----------
+    image : ndarray (NumPy or CuPy), shape (H, W)
+    low_percent, high_percent : float
+        Clipped tails [%] (0: the image's minimum and maximum).
+    bits : {8, 16}
+
+    Returns
+    -------
+    ndarray of float64, integer values in ``[0, 2^bits − 1]``
+    """
+    if not (0.0 <= low_percent and 0.0 <= high_percent and low_percent + high_percent < 100.0):
+        raise ValueError(
+            f"stretch percents: expected >= 0 with a sum below 100, got {low_percent}, "
+            f"{high_percent}"
+        )
+    xp = get_array_module(image)
+    lo, hi = (float(v) for v in xp.percentile(image, [low_percent, 100.0 - high_percent]))
+    top = float(2**bits - 1)
+    if not hi > lo:  # a flat image exports as mid-grey
+        return xp.full(image.shape, float(round(top / 2)))
+    return xp.rint(xp.clip((image - lo) / (hi - lo), 0.0, 1.0) * top)
