@@ -472,6 +472,59 @@ def label(
         raise typer.Exit(1)
 
 
+# -- review ------------------------------------------------------------------------------
+@app.command(
+    help="Review and correct a label output folder in the browser (a local web app)."
+    "\n\nServes LABELLED (made by `simgen-train label`) at http://HOST:PORT/ until Ctrl-C. "
+    "Saving writes corrections.csv, columns_corrected.csv and summary_corrected.json beside "
+    "each image's originals (never over them) and LABELLED/summary_corrected.csv; opening the "
+    "folder again resumes from corrections.csv."
+)
+@_clean_errors
+def review(
+    labelled: Annotated[
+        Path, typer.Argument(help="Output folder of `simgen-train label`.", show_default=False)
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8765,
+    open_browser: Annotated[
+        bool, typer.Option("--open/--no-open", help="Open the page in the default browser.")
+    ] = False,
+):
+    """Serve the review app over a label folder (``experiments.review_app``)."""
+    from training.experiments.review_app import PortInUse, create_app, make_server
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port: expected 0..65535, got {port}")
+    app_ = create_app(labelled)
+    try:
+        server = make_server(app_, host, port)
+    except PortInUse:
+        raise ValueError(
+            f"--port {port}: already in use on {host}; choose another (--port 0 takes any free one)"
+        ) from None
+    url = f"http://{host}:{server.socket.getsockname()[1]}/"
+    n = len(app_.config["REVIEWS"])
+    typer.echo(f"reviewing {n} image(s) of {labelled} at {url} (Ctrl-C to stop)")
+    sys.stdout.flush()
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # the way to stop a server: not an error
+        unsaved = [name for name, rv in app_.config["REVIEWS"].items() if rv.dirty]
+        typer.echo(
+            f"stopped; unsaved edits lost in {', '.join(unsaved)}" if unsaved else "stopped",
+            err=True,
+        )
+    finally:
+        server.server_close()
+
+
 def main() -> None:  # pragma: no cover - console entry convenience
     """Run the app (``python -m training.cli``)."""
     app(prog_name="simgen-train")
