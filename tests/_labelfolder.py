@@ -39,9 +39,13 @@ PIXEL_A = 0.2
 A_A = 3.32
 
 
-def write_label_folder(root, n_images=2, shape=(96, 96), seed=0):
+def write_label_folder(root, n_images=2, shape=(96, 96), seed=0, *, fake_names=False,
+                       pixel_size_A=PIXEL_A):  # fmt: skip
     """Write ``root/img<k>/{columns.csv, summary.json}``, the images under
-    ``root/../sources/``, ``root/summary.csv`` and ``root/.simgen-label.json``.
+    ``root/../<root>_sources/``, ``root/summary.csv`` and ``root/.simgen-label.json``.
+
+    ``fake_names``: classes named as in ``_fakestore.SCHEME`` (``M``, ``X2``, ...) instead of
+    the ``defects`` scheme, to match a network trained on a fake store.
 
     Returns
     -------
@@ -55,33 +59,41 @@ def write_label_folder(root, n_images=2, shape=(96, 96), seed=0):
     sources.mkdir(parents=True, exist_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     names, rows, truth = [], [], []
+    scheme = SCHEME
+    if fake_names:
+        from _fakestore import SCHEME as FAKE
+
+        scheme = {"ids": [0, *FAKE["ids"]], "names": ["background", *FAKE["names"]]}
+    class_names = scheme_names(scheme)
     for k in range(n_images):
         rng = np.random.default_rng([seed, k])
-        x, y, kinds = lattice_columns(shape, PIXEL_A, A_A, rng, defect_rate=0.1)
+        x, y, kinds = lattice_columns(shape, pixel_size_A, A_A, rng, defect_rate=0.1)
         cls = [KIND_CLASS[kd] for kd in kinds]
+        if fake_names:
+            cls = [(kd, site, det) for kd, (_, site, det) in zip(kinds, cls, strict=True)]
         weights = np.array([{"M": 1.0, "X2": 0.6, "vac_X1": 0.3}.get(kd, 0.0) for kd in kinds])
-        image = render(shape, x, y, weights, 0.4 / PIXEL_A) + 0.05
+        image = render(shape, x, y, weights, 0.4 / pixel_size_A) + 0.05
         image = rng.poisson(image * 50).astype(np.float32)
         src = sources / f"img{k}.npy"
         np.save(src, image)
-        cid = np.array([NAMES.index(c[0]) for c in cls])
+        cid = np.array([class_names.index(c[0]) for c in cls])
         prob = rng.uniform(0.4, 1.0, len(cid))
         cat = build_catalogue(
             np.column_stack([x, y]),
             cid,
-            SCHEME,
-            PIXEL_A,
+            scheme,
+            pixel_size_A,
             site=np.array([c[1] for c in cls]),
             probability=prob,
             variance=rng.uniform(0, 0.01, len(cid)),
             detected=np.array([c[2] for c in cls]),
         )
-        summary = summarize(cat, SCHEME, shape, PIXEL_A, lattice_constant_A=A_A)
+        summary = summarize(cat, scheme, shape, pixel_size_A, lattice_constant_A=A_A)
         summary.update(
             {
                 "source": str(src),
                 "frame": None,
-                "model": {"members": 1, "class_names": list(NAMES)},
+                "model": {"members": 1, "class_names": list(class_names)},
                 "lattice": {"lattice_constant_table_A": A_A, "material": "WSe2"},
                 "quality": {"verdict": "ok"},
             }

@@ -52,6 +52,12 @@ class DataConfig(Config):
         0,
     )
     num_workers: int = described("DataLoader worker processes (0 = load in the main process).", 0)
+    store_weights: tuple[float, ...] | None = described(
+        "Share of the training draws from each training store (same order; normalised); "
+        "null: every training sample equally likely. Mixes real (human-labelled) and "
+        "simulated batches at a chosen ratio.",
+        None,
+    )
 
     def __post_init__(self):
         for name in ("train_stores", "val_stores"):
@@ -66,6 +72,17 @@ class DataConfig(Config):
         check_range("batch_size", self.batch_size, 1)
         check_range("samples_per_epoch", self.samples_per_epoch, 0)
         check_range("num_workers", self.num_workers, 0)
+        if self.store_weights is not None:
+            w = self.store_weights
+            if not all(isinstance(v, int | float) and v >= 0 for v in w) or sum(w) <= 0:
+                raise ValueError(
+                    f"store_weights: expected weights >= 0 with a positive sum, got {w}"
+                )
+            if self.train_stores and len(w) != len(self.train_stores):
+                raise ValueError(
+                    f"store_weights: {len(w)} weight(s) for {len(self.train_stores)} training "
+                    "store(s)"
+                )
 
 
 @dataclass(frozen=True)
@@ -214,9 +231,16 @@ class TrainConfig(Config):
     evaluate: EvalConfig = described(
         "Column finding and matching (validation, evaluate).", factory=EvalConfig
     )
+    init_from: tuple[str, ...] = described(
+        "Checkpoints whose weights start training (finetune); member k of an ensemble starts "
+        "from entry k mod their number. Empty: random initialisation.",
+        factory=tuple,
+    )
 
     def __post_init__(self):
         check_range("epochs", self.epochs, 1)
+        if not all(isinstance(p, str) and p for p in self.init_from):
+            raise ValueError("init_from: expected a list of checkpoint paths")
         check_range("val_every", self.val_every, 1)
         if self.monitor not in MONITORS:
             raise ValueError(f"monitor: expected one of {MONITORS}, got {self.monitor!r}")

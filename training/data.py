@@ -30,6 +30,7 @@ __all__ = [
     "build_datasets",
     "class_frequencies",
     "collate",
+    "item_weights",
     "make_loaders",
     "normalize_image",
 ]
@@ -152,15 +153,24 @@ class EpochSampler(Sampler):
         it exceeds ``n_items``.
     seed : int
         Shuffling of epoch ``e`` uses ``default_rng([seed, 2, e])``.
+    weights : array_like, shape (n_items,), optional
+        Probability of each item per draw (normalised); the epoch then draws items
+        independently with these probabilities instead of shuffled passes.
     """
 
-    def __init__(self, n_items: int, samples_per_epoch: int = 0, seed: int = 0):
+    def __init__(self, n_items: int, samples_per_epoch: int = 0, seed: int = 0, weights=None):
         if n_items < 1:
             raise ValueError("n_items: the dataset is empty")
         self.n_items = n_items
         self.samples_per_epoch = samples_per_epoch or n_items
         self.seed = seed
         self.epoch = 0
+        self.weights = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (n_items,) or np.any(w < 0) or not w.sum() > 0:
+                raise ValueError(f"weights: expected {n_items} weights >= 0 with a positive sum")
+            self.weights = w / w.sum()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration draws."""
@@ -171,8 +181,11 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, 2, self.epoch])
-        passes = math.ceil(self.samples_per_epoch / self.n_items)
-        order = np.concatenate([rng.permutation(self.n_items) for _ in range(passes)])
+        if self.weights is not None:
+            order = rng.choice(self.n_items, size=self.samples_per_epoch, p=self.weights)
+        else:
+            passes = math.ceil(self.samples_per_epoch / self.n_items)
+            order = np.concatenate([rng.permutation(self.n_items) for _ in range(passes)])
         for draw, item in enumerate(order[: self.samples_per_epoch]):
             yield (int(item), self.epoch, draw)
 
@@ -305,7 +318,7 @@ def make_loaders(
             "batch_size 1"
         )
     workers = data.num_workers
-    sampler = EpochSampler(len(train), data.samples_per_epoch, seed)
+    sampler = EpochSampler(len(train), data.samples_per_epoch, seed, item_weights(train, data))
     # Loaders draw a worker base seed from their generator at every iter(); a private
     # generator keeps that from consuming the global torch RNG (which dropout uses), so
     # results do not depend on how often a loader is iterated (progress bars, resumes).
@@ -333,6 +346,27 @@ def make_loaders(
             generator=torch.Generator().manual_seed(seed),
         )
     return train_loader, val_loader
+
+
+def item_weights(train: SegmentationDataset, data: DataConfig):
+    """Draw probability of each training item from ``data.store_weights`` (None: uniform).
+
+    A store's weight is shared equally by its items, so a store of 3 real images with weight
+    0.5 gives half the draws whatever the size of the simulated stores.
+    """
+    if data.store_weights is None:
+        return None
+    if len(data.store_weights) != len(train.stores):
+        raise ValueError(
+            f"data.store_weights: {len(data.store_weights)} weight(s) for "
+            f"{len(train.stores)} training store(s)"
+        )
+    stores = np.array([s for s, _ in train.items])
+    counts = np.bincount(stores, minlength=len(train.stores))
+    w = np.asarray(data.store_weights, dtype=np.float64)
+    if not np.any(w[counts > 0] > 0):
+        raise ValueError("data.store_weights: every store with training samples has weight 0")
+    return w[stores] / counts[stores]
 
 
 def class_frequencies(dataset: SegmentationDataset, n_classes: int, max_samples: int = 64):

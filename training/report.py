@@ -134,3 +134,44 @@ def plot_confusion(matrix, class_names, path, *, title: str = "Columns (matched)
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+def plot_reliability(reliability: dict, path, *, title: str = "Reliability") -> Path:
+    """Save a reliability diagram: class error rate of matched columns against their
+    uncertainty, in bins of equal count (:func:`training.metrics.reliability_bins`).
+
+    Parameters
+    ----------
+    reliability : dict
+        ``mean_uncertainty``, ``error_rate``, ``count`` per bin and ``uncertainty`` (what it is).
+    path : path-like
+        Output PNG.
+    title : str
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    u = np.asarray(reliability["mean_uncertainty"], dtype=np.float64)
+    e = np.asarray(reliability["error_rate"], dtype=np.float64)
+    n = np.asarray(reliability["count"], dtype=np.int64)
+    fig = Figure(figsize=(4.8, 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(u, e, "o-", color="C3")
+    for ui, ei, ni in zip(u, e, n, strict=True):
+        ax.annotate(str(ni), (ui, ei), textcoords="offset points", xytext=(0, 5), fontsize=7,
+                    ha="center")  # fmt: skip
+    ax.set_xlabel(reliability.get("uncertainty", "uncertainty"), fontsize=8)
+    ax.set_ylabel("class error rate of matched columns")
+    rho = reliability.get("spearman")
+    ax.set_title(title + (f" (Spearman {rho:.2f})" if rho is not None else ""))
+    ax.set_ylim(-0.02, max(0.1, float(e.max()) * 1.15) if len(e) else 1.0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    return out
