@@ -184,9 +184,18 @@ def train(
     real_fraction: Annotated[
         float, typer.Option(help="Share of training draws from --real (0..1).")
     ] = 0.5,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            help="Preprocess images (stored with the model): plane,lines=median|polyN,"
+            "gauss=σÅ,clahe[=clip]; runs in that order."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
     """Train a network (or an ensemble) on stores; writes checkpoints and history.csv."""
+    from training.preprocess import parse_preprocess
+
     cfg = load_train_config(
         config,
         set_,
@@ -197,6 +206,7 @@ def train(
             "members": members,
             "device": device,
             "progress": False if quiet else None,
+            **{f"preprocess.{k}": v for k, v in parse_preprocess(preprocess).items()},
         },
     )
     from training.train import train_ensemble, train_model
@@ -276,12 +286,20 @@ def finetune(
         list[str] | None,
         typer.Option("--set", help="Override a config key: dotted.key=value (repeat)."),
     ] = None,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            help="Change the run's preprocessing: plane,lines=median|polyN,gauss=σÅ,clahe[=clip] "
+            "(`none`: off)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
     """Continue a trained model on human-corrected labels mixed with simulated stores."""
     from simgen.configbase import parse_overrides
     from training.finetune import finetune as run_finetune
+    from training.preprocess import parse_preprocess
 
     overrides = parse_overrides(set_ or [])
     overrides.update(
@@ -290,6 +308,7 @@ def finetune(
             "optim.lr": lr,
             "device": device,
             "progress": False if quiet else None,
+            **{f"preprocess.{k}": v for k, v in parse_preprocess(preprocess).items()},
         }
     )
     results = run_finetune(
@@ -554,6 +573,13 @@ def label(
     background_sigma: Annotated[
         float, typer.Option(help="σ of the background blur in Å (with --background).")
     ] = 3.0,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            help="Preprocessing instead of the model's (default: the model's own, as trained): "
+            "plane,lines=median|polyN,gauss=σÅ,clahe[=clip]."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
@@ -576,6 +602,7 @@ def label(
         tta=tta,
         background_removal=background,
         background_sigma_A=background_sigma,
+        preprocess=preprocess,
     )
     typer.echo(
         f"labelled {len(run.labelled)} image(s), {run.n_columns} columns; "

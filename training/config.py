@@ -130,6 +130,38 @@ class ModelConfig(Config):
 
 
 @dataclass(frozen=True)
+class PreprocessConfig(Config):
+    """Image preprocessing before the normalisation (see ``training.preprocess``); the steps
+    run in the order plane, lines, gaussian, clahe. Stored with the model: labelling and
+    evaluation repeat it."""
+
+    plane: bool = described("Subtract the least-squares plane a + b·x + c·y.", False)
+    lines: str = described(
+        "Flatten each scan line (row): none, median (subtract its median) or poly "
+        "(subtract a polynomial of degree line_degree).",
+        "none",
+    )
+    line_degree: int = described("Degree of the per-line polynomial (lines: poly).", 1)
+    gaussian_sigma_A: float = described("σ of a Gaussian smoothing [Å]; 0 = none.", 0.0)
+    clahe: bool = described("Contrast-limited adaptive histogram equalisation (skimage).", False)
+    clahe_clip: float = described("CLAHE clip limit (0..1).", 0.01)
+    clahe_kernel_A: float = described("CLAHE tile size [Å].", 20.0)
+
+    def __post_init__(self):
+        if self.lines not in ("none", "median", "poly"):
+            raise ValueError(f"lines: expected none, median or poly, got {self.lines!r}")
+        check_range("line_degree", self.line_degree, 0, 5)
+        check_range("gaussian_sigma_A", self.gaussian_sigma_A, 0.0, 10.0)
+        check_range("clahe_clip", self.clahe_clip, 0.0, 1.0, low_open=True)
+        check_range("clahe_kernel_A", self.clahe_kernel_A, 0.0, low_open=True)
+
+    @property
+    def active(self) -> bool:
+        """Whether any step is on."""
+        return self.plane or self.lines != "none" or self.gaussian_sigma_A > 0 or self.clahe
+
+
+@dataclass(frozen=True)
 class LossConfig(Config):
     """Cross-entropy with class weights plus soft Dice."""
 
@@ -225,6 +257,10 @@ class TrainConfig(Config):
     progress: bool = described("Show tqdm progress bars.", True)
     data: DataConfig = described("Stores, split and batches.", factory=DataConfig)
     augment: AugmentConfig = described("Training augmentations.", factory=AugmentConfig)
+    preprocess: PreprocessConfig = described(
+        "Image preprocessing before normalisation (STM: plane, lines, gaussian, clahe).",
+        factory=PreprocessConfig,
+    )
     model: ModelConfig = described("Network.", factory=ModelConfig)
     loss: LossConfig = described("Loss.", factory=LossConfig)
     optim: OptimConfig = described("Optimiser and schedule.", factory=OptimConfig)

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from structures.columns import LabelScheme
 from training.augment import augment, normalize_image, random_crop
-from training.config import AugmentConfig, DataConfig
+from training.config import AugmentConfig, DataConfig, PreprocessConfig
+from training.preprocess import preprocess_image
 from training.stores import StoreError, StoreInfo, open_stores, split_indices
 
 __all__ = [
@@ -53,6 +54,9 @@ class SegmentationDataset(Dataset):
         Seed of crops and augmentations.
     with_columns : bool
         Also return the true columns of each (whole) image, for column-level metrics.
+    preprocess : PreprocessConfig, optional
+        Applied to each whole image before the normalisation
+        (:func:`training.preprocess.preprocess_image`).
 
     Notes
     -----
@@ -72,6 +76,7 @@ class SegmentationDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         with_columns: bool = False,
+        preprocess: PreprocessConfig | None = None,
     ):
         if len(stores) != len(indices):
             raise ValueError("indices: expected one index array per store")
@@ -83,6 +88,7 @@ class SegmentationDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.with_columns = with_columns
+        self.preprocess = preprocess if preprocess is not None and preprocess.active else None
         if self.crop > 0:
             for st in self.stores:
                 if self.crop > min(st.image_shape):
@@ -115,7 +121,10 @@ class SegmentationDataset(Dataset):
             rng = np.random.default_rng([self.seed, 0, item])
         s, i = self.items[item]
         store = self.stores[s]
-        image = normalize_image(store.image(i))
+        image = store.image(i)
+        if self.preprocess is not None:
+            image = preprocess_image(image, self.preprocess, store.pixel_size_A)
+        image = normalize_image(image)
         mask = store.mask(i)
         image, mask = random_crop(image, mask, self.crop, rng)
         if self.augment is not None:
@@ -205,7 +214,10 @@ def collate(batch: list[dict]) -> dict:
 
 
 def build_datasets(
-    data: DataConfig, augment_cfg: AugmentConfig | None, seed: int
+    data: DataConfig,
+    augment_cfg: AugmentConfig | None,
+    seed: int,
+    preprocess: PreprocessConfig | None = None,
 ) -> tuple[SegmentationDataset, SegmentationDataset | None]:
     """Open the configured stores, split them, and build training and validation sets.
 
@@ -217,6 +229,8 @@ def build_datasets(
         Training augmentations.
     seed : int
         Seed of crops and augmentations.
+    preprocess : PreprocessConfig, optional
+        Image preprocessing of both sets.
 
     Returns
     -------
@@ -256,12 +270,15 @@ def build_datasets(
     if sum(len(t) for t in train_idx) == 0:
         raise StoreError("no complete training sample in the chosen range of the stores")
     train = SegmentationDataset(
-        train_stores, train_idx, crop=data.crop, augment=augment_cfg, seed=seed
-    )
+        train_stores, train_idx, crop=data.crop, augment=augment_cfg, seed=seed,
+        preprocess=preprocess,
+    )  # fmt: skip
     _warn_incomplete_validation(data, val_stores if separate_val else train_stores, val_idx)
     if sum(len(v) for v in val_idx) == 0:
         return train, None
-    val = SegmentationDataset(val_stores, val_idx, crop=0, augment=None, with_columns=True)
+    val = SegmentationDataset(
+        val_stores, val_idx, crop=0, augment=None, with_columns=True, preprocess=preprocess
+    )
     return train, val
 
 

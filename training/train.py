@@ -583,7 +583,7 @@ def train_model(
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    train_ds, val_ds = build_datasets(config.data, config.augment, config.seed)
+    train_ds, val_ds = build_datasets(config.data, config.augment, config.seed, config.preprocess)
     scheme = train_ds.scheme
     n_classes = scheme.n_classes
     weights = _class_weights(config, train_ds, n_classes)
