@@ -186,7 +186,7 @@ def macro_defect(result: dict) -> dict:
     return {"classes": present, "f1": mean("f1"), "ap": mean("ap"), "auroc": mean("auroc")}
 
 
-def run(work: Path) -> dict:
+def run(work: Path, epochs: int = 10) -> dict:
     import torch
     import zarr
 
@@ -198,11 +198,18 @@ def run(work: Path) -> dict:
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     base_cfg = load_config().with_overrides(SIM)
+    # a work folder of an earlier run keeps its stores and base model (generate resumes)
     train = _generate(base_cfg.with_overrides({"dataset.n_samples": 48}), work / "train.zarr")
     exp = _generate(base_cfg.with_overrides(EXPERIMENT), work / "exp.zarr")
     t_gen = time.perf_counter() - t0
-    base = _train_base(train, work / "base")
+    base = work / "base"
+    if not (base / "best.pt").is_file():
+        base = _train_base(train, base)
     t_base = time.perf_counter() - t0 - t_gen
+    import shutil
+
+    for name in ("raw", "labelled", "finetuned", "control"):
+        shutil.rmtree(work / name, ignore_errors=True)
     root = zarr.open_group(str(exp), mode="r")
     scheme_names = list(root.attrs["label_scheme"]["names"])
     ids = list(root.attrs["label_scheme"]["ids"])
@@ -223,7 +230,7 @@ def run(work: Path) -> dict:
     edits = review_through_api(labelled, truths, radius_px=0.7 / 0.2)
     t_review = time.perf_counter() - t0 - t_gen - t_base
     split = {
-        "epochs": 10,
+        "epochs": epochs,
         "val_every": 5,
         "optim.lr": 0.003,
         "data.train_range": [0, 43],
@@ -256,10 +263,10 @@ def run(work: Path) -> dict:
     }
 
 
-def main(work: str | None = None) -> dict:
+def main(work: str | None = None, epochs: int = 10) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        out = run(Path(work) if work else Path(tmp))
-    print("\n== finetune from 3 corrected images: 10 held-out experiments (CPU)")
+        out = run(Path(work) if work else Path(tmp), epochs)
+    print(f"\n== finetune from 3 corrected images ({epochs} epochs): 10 held-out experiments (CPU)")
     print(f"labelled {out['labelled']} images; reviewer's edits through the API: {out['edits']}")
     for name, s in out["scores"].items():
         m = s["macro"]
@@ -276,6 +283,9 @@ def main(work: str | None = None) -> dict:
 if __name__ == "__main__":
     import sys
 
-    result = main(sys.argv[1] if len(sys.argv) > 1 else None)
-    if len(sys.argv) > 2:
-        Path(sys.argv[2]).write_text(json.dumps(result, indent=2, default=str))
+    # python -m benchmarks.bench_finetune [WORK_DIR [EPOCHS [RESULT.json]]]
+    result = main(
+        sys.argv[1] if len(sys.argv) > 1 else None, int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    )
+    if len(sys.argv) > 3:
+        Path(sys.argv[3]).write_text(json.dumps(result, indent=2, default=str))

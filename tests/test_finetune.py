@@ -8,6 +8,8 @@ library, then turned into a store of human labels and mixed into training.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -172,6 +174,16 @@ def test_finetune_cli_starts_from_the_run_and_mixes_the_corrections(reviewed, tm
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert zarr.open_group(str(out2 / HUMAN_STORE), mode="r")["images"].shape[0] == 2
+    # evaluate prints and writes AP and AUROC per class and the reliability diagram
+    rep = tmp_path / "rep"
+    result = runner.invoke(app, ["evaluate", str(base), str(store), "-o", str(rep), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "AP " in result.stdout and "AUROC " in result.stdout
+    metrics = json.loads((rep / "metrics.json").read_text())
+    m = metrics["classes"]["M"]
+    assert 0.0 <= m["ap"] <= 1.0 and 0.0 <= m["auroc"] <= 1.0
+    assert (rep / "reliability.png").stat().st_size > 0
+    assert sum(metrics["reliability"]["count"]) > 0
     # bad input: a folder without reviewed images, one line
     bare = tmp_path / "bare"
     write_label_folder(bare, n_images=1, shape=(64, 64), fake_names=True, pixel_size_A=0.3)

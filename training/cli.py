@@ -639,6 +639,8 @@ def review(
     """Serve the review app over a label folder (``experiments.review_app``)."""
     from training.experiments.review_app import PortInUse, create_app, make_server
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+
     if not 0 <= port <= 65535:
         raise ValueError(f"--port: expected 0..65535, got {port}")
     app_ = create_app(labelled)

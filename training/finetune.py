@@ -395,6 +395,9 @@ def finetune(
     from training.predict import resolve_checkpoints
     from training.train import load_checkpoint_dict, train_ensemble, train_model
 
+    target = Path(out)
+    if (target / "last.pt").exists() or (target / "ensemble.json").exists():
+        raise ValueError(f"--out: {target} already holds a run; choose another directory")
     checkpoints = [str(p) for p in resolve_checkpoints(run)]
     info = load_checkpoint_dict(checkpoints[0])
     base = TrainConfig.from_dict(info["config"])

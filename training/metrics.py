@@ -273,7 +273,7 @@ def average_precision(y_true, y_score) -> float | None:
     tp_b, n_b = tp[last], last + 1
     precision = tp_b / n_b
     recall_gain = np.diff(np.r_[0, tp_b]) / n_pos
-    return float(np.sum(precision * recall_gain))
+    return float(min(1.0, np.sum(precision * recall_gain)))  # no 1 + 1e-16 from rounding
 
 
 def auroc(y_true, y_score) -> float | None:
@@ -286,7 +286,7 @@ def auroc(y_true, y_score) -> float | None:
     if n_pos == 0 or n_neg == 0:
         return None
     ranks = rankdata(np.asarray(y_score, dtype=np.float64))
-    return float((ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(min(1.0, (ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
 
 
 def reliability_bins(uncertainty, error, n_bins: int = 10) -> dict:

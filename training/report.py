@@ -162,13 +162,14 @@ def plot_reliability(reliability: dict, path, *, title: str = "Reliability") -> 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot(u, e, "o-", color="C3")
-    for ui, ei, ni in zip(u, e, n, strict=True):
-        ax.annotate(str(ni), (ui, ei), textcoords="offset points", xytext=(0, 5), fontsize=7,
-                    ha="center")  # fmt: skip
+    if len(u) and np.all(u > 0) and u.max() / u.min() > 10:
+        ax.set_xscale("log")
     ax.set_xlabel(reliability.get("uncertainty", "uncertainty"), fontsize=8)
     ax.set_ylabel("class error rate of matched columns")
     rho = reliability.get("spearman")
-    ax.set_title(title + (f" (Spearman {rho:.2f})" if rho is not None else ""))
+    per_bin = f"{int(np.median(n))} columns per bin" if len(n) else "no columns"
+    spearman = f", Spearman {rho:.2f}" if rho is not None else ""
+    ax.set_title(f"{title} ({per_bin}{spearman})", fontsize=9)
     ax.set_ylim(-0.02, max(0.1, float(e.max()) * 1.15) if len(e) else 1.0)
     ax.grid(alpha=0.3)
     fig.tight_layout()
