@@ -173,9 +173,29 @@ def train(
     stop_after: Annotated[
         int | None, typer.Option(help="Stop after this many epochs (resume later).")
     ] = None,
+    real: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--real",
+            help="Human labels to mix in (repeat): a label folder corrected with `review`, or "
+            "images with NAME.csv points / NAME_mask.* masks.",
+        ),
+    ] = None,
+    real_fraction: Annotated[
+        float, typer.Option(help="Share of training draws from --real (0..1).")
+    ] = 0.5,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            help="Preprocess images (stored with the model): plane,lines=median|polyN,"
+            "gauss=σÅ,clahe[=clip]; runs in that order."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
     """Train a network (or an ensemble) on stores; writes checkpoints and history.csv."""
+    from training.preprocess import parse_preprocess
+
     cfg = load_train_config(
         config,
         set_,
@@ -186,10 +206,21 @@ def train(
             "members": members,
             "device": device,
             "progress": False if quiet else None,
+            **{f"preprocess.{k}": v for k, v in parse_preprocess(preprocess).items()},
         },
     )
     from training.train import train_ensemble, train_model
 
+    if real:
+        from training.finetune import HUMAN_STORE, human_store_for, mix_config
+
+        if resume and (out / HUMAN_STORE).exists():
+            human = out / HUMAN_STORE
+        else:
+            if not cfg.data.train_stores:
+                raise ValueError("--real: give the simulated stores too (--store)")
+            human = human_store_for(real, out, cfg.data.train_stores)
+        cfg = mix_config(cfg, human, real_fraction)
     if cfg.members > 1:
         results = train_ensemble(cfg, out, resume=resume, stop_after=stop_after)
     else:
@@ -203,6 +234,95 @@ def train(
             if last.get(k) is not None
         )
         typer.echo(f"{r.out_dir}: {state}; epoch {len(r.history)}; {score}")
+
+
+def _report_runs(results) -> None:
+    for r in results:
+        last = r.history[-1] if r.history else {}
+        state = "done" if r.finished else "stopped (resume with --resume)"
+        score = ", ".join(
+            f"{k} {last[k]:.4f}"
+            for k in ("train_loss", "val_loss", "val_f1", "val_macro_f1")
+            if last.get(k) is not None
+        )
+        typer.echo(f"{r.out_dir}: {state}; epoch {len(r.history)}; {score}")
+
+
+# -- finetune ----------------------------------------------------------------------------
+@app.command()
+@_clean_errors
+def finetune(
+    run: Annotated[Path, typer.Argument(help="Checkpoint, run directory or ensemble to continue.")],
+    corrected: Annotated[
+        list[Path],
+        typer.Option(
+            "--corrected",
+            help="Human labels (repeat): a label folder corrected with `review` (its reviewed "
+            "images), or images with NAME.csv points / NAME_mask.* masks.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New run directory.")],
+    store: Annotated[
+        list[str] | None,
+        typer.Option("--store", "-s", help="Simulated stores to mix in (default: the run's)."),
+    ] = None,
+    real_fraction: Annotated[
+        float, typer.Option(help="Share of training draws from the human labels (0..1).")
+    ] = 0.5,
+    members: Annotated[
+        int | None, typer.Option(help="Ensemble size (default: the run's members).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default: the run's).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate (default: the run's).")] = None,
+    all_images: Annotated[
+        bool,
+        typer.Option("--all-images", help="Also take images of the label folder not reviewed."),
+    ] = False,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option("--pixel-size", help="[Å/px] of images labelled elsewhere without one."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: dotted.key=value (repeat)."),
+    ] = None,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            help="Change the run's preprocessing: plane,lines=median|polyN,gauss=σÅ,clahe[=clip] "
+            "(`none`: off)."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+):
+    """Continue a trained model on human-corrected labels mixed with simulated stores."""
+    from simgen.configbase import parse_overrides
+    from training.finetune import finetune as run_finetune
+    from training.preprocess import parse_preprocess
+
+    overrides = parse_overrides(set_ or [])
+    overrides.update(
+        {
+            "epochs": epochs,
+            "optim.lr": lr,
+            "device": device,
+            "progress": False if quiet else None,
+            **{f"preprocess.{k}": v for k, v in parse_preprocess(preprocess).items()},
+        }
+    )
+    results = run_finetune(
+        run,
+        corrected,
+        out,
+        stores=store or None,
+        real_fraction=real_fraction,
+        members=members,
+        overrides=overrides,
+        reviewed_only=not all_images,
+        pixel_size_A=pixel_size,
+    )
+    _report_runs(results)
 
 
 # -- evaluate ----------------------------------------------------------------------------
@@ -248,14 +368,29 @@ def evaluate(
         f"{result['n_images']} images: detection precision {det['precision'] or 0:.4f} "
         f"recall {det['recall'] or 0:.4f} F1 {det['f1'] or 0:.4f}"
     )
+
+    def num(v):
+        return "  n/a" if v is None else f"{v:.3f}"
+
     for name, c in result["classes"].items():
         if c["support"] or c["fp"]:
             typer.echo(
-                f"  {name:>14}: support {c['support']:6d}  precision {c['precision'] or 0:.3f}"
-                f"  recall {c['recall'] or 0:.3f}  F1 {c['f1'] or 0:.3f}"
+                f"  {name:>14}: support {c['support']:6d}  precision {num(c['precision'])}"
+                f"  recall {num(c['recall'])}  F1 {num(c['f1'])}  AP {num(c.get('ap'))}"
+                f"  AUROC {num(c.get('auroc'))}"
             )
+    if result.get("mean_ap") is not None:
+        typer.echo(f"  mAP (classes present) {result['mean_ap']:.4f}")
+    rel = result.get("reliability")
+    if rel and rel.get("spearman") is not None:
+        typer.echo(
+            f"  reliability: class error rate {rel['error_rate'][0]:.3f} in the least and "
+            f"{rel['error_rate'][-1]:.3f} in the most uncertain tenth of matched columns "
+            f"(Spearman {rel['spearman']:.2f}; {rel['uncertainty']})"
+        )
     if out is not None:
-        typer.echo(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'}")
+        names = ("metrics.json", "confusion.png", "reliability.png")
+        typer.echo("wrote " + ", ".join(str(out / n) for n in names if (out / n).exists()))
 
 
 # -- predict -----------------------------------------------------------------------------
@@ -438,6 +573,13 @@ def label(
     background_sigma: Annotated[
         float, typer.Option(help="σ of the background blur in Å (with --background).")
     ] = 3.0,
+    preprocess: Annotated[
+        str | None,
+        typer.Option(
+            help="Preprocessing instead of the model's (default: the model's own, as trained): "
+            "plane,lines=median|polyN,gauss=σÅ,clahe[=clip]."
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
@@ -460,6 +602,7 @@ def label(
         tta=tta,
         background_removal=background,
         background_sigma_A=background_sigma,
+        preprocess=preprocess,
     )
     typer.echo(
         f"labelled {len(run.labelled)} image(s), {run.n_columns} columns; "
@@ -470,6 +613,61 @@ def label(
             f"error: {len(run.failures)} input(s) failed, see {out / 'failures.txt'}", err=True
         )
         raise typer.Exit(1)
+
+
+# -- review ------------------------------------------------------------------------------
+@app.command(
+    help="Review and correct a label output folder in the browser (a local web app)."
+    "\n\nServes LABELLED (made by `simgen-train label`) at http://HOST:PORT/ until Ctrl-C. "
+    "Saving writes corrections.csv, columns_corrected.csv and summary_corrected.json beside "
+    "each image's originals (never over them) and LABELLED/summary_corrected.csv; opening the "
+    "folder again resumes from corrections.csv."
+)
+@_clean_errors
+def review(
+    labelled: Annotated[
+        Path, typer.Argument(help="Output folder of `simgen-train label`.", show_default=False)
+    ],
+    host: Annotated[
+        str, typer.Option(help="Address to bind (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8765,
+    open_browser: Annotated[
+        bool, typer.Option("--open/--no-open", help="Open the page in the default browser.")
+    ] = False,
+):
+    """Serve the review app over a label folder (``experiments.review_app``)."""
+    from training.experiments.review_app import PortInUse, create_app, make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port: expected 0..65535, got {port}")
+    app_ = create_app(labelled)
+    try:
+        server = make_server(app_, host, port)
+    except PortInUse:
+        raise ValueError(
+            f"--port {port}: already in use on {host}; choose another (--port 0 takes any free one)"
+        ) from None
+    url = f"http://{host}:{server.socket.getsockname()[1]}/"
+    n = len(app_.config["REVIEWS"])
+    typer.echo(f"reviewing {n} image(s) of {labelled} at {url} (Ctrl-C to stop)")
+    sys.stdout.flush()
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:  # the way to stop a server: not an error
+        unsaved = [name for name, rv in app_.config["REVIEWS"].items() if rv.dirty]
+        typer.echo(
+            f"stopped; unsaved edits lost in {', '.join(unsaved)}" if unsaved else "stopped",
+            err=True,
+        )
+    finally:
+        server.server_close()
 
 
 def main() -> None:  # pragma: no cover - console entry convenience

@@ -52,6 +52,12 @@ class DataConfig(Config):
         0,
     )
     num_workers: int = described("DataLoader worker processes (0 = load in the main process).", 0)
+    store_weights: tuple[float, ...] | None = described(
+        "Share of the training draws from each training store (same order; normalised); "
+        "null: every training sample equally likely. Mixes real (human-labelled) and "
+        "simulated batches at a chosen ratio.",
+        None,
+    )
 
     def __post_init__(self):
         for name in ("train_stores", "val_stores"):
@@ -66,6 +72,17 @@ class DataConfig(Config):
         check_range("batch_size", self.batch_size, 1)
         check_range("samples_per_epoch", self.samples_per_epoch, 0)
         check_range("num_workers", self.num_workers, 0)
+        if self.store_weights is not None:
+            w = self.store_weights
+            if not all(isinstance(v, int | float) and v >= 0 for v in w) or sum(w) <= 0:
+                raise ValueError(
+                    f"store_weights: expected weights >= 0 with a positive sum, got {w}"
+                )
+            if self.train_stores and len(w) != len(self.train_stores):
+                raise ValueError(
+                    f"store_weights: {len(w)} weight(s) for {len(self.train_stores)} training "
+                    "store(s)"
+                )
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,38 @@ class ModelConfig(Config):
         if self.norm not in ("batch", "group", "none"):
             raise ValueError(f"norm: expected batch, group or none, got {self.norm!r}")
         check_range("dropout", self.dropout, 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig(Config):
+    """Image preprocessing before the normalisation (see ``training.preprocess``); the steps
+    run in the order plane, lines, gaussian, clahe. Stored with the model: labelling and
+    evaluation repeat it."""
+
+    plane: bool = described("Subtract the least-squares plane a + b·x + c·y.", False)
+    lines: str = described(
+        "Flatten each scan line (row): none, median (subtract its median) or poly "
+        "(subtract a polynomial of degree line_degree).",
+        "none",
+    )
+    line_degree: int = described("Degree of the per-line polynomial (lines: poly).", 1)
+    gaussian_sigma_A: float = described("σ of a Gaussian smoothing [Å]; 0 = none.", 0.0)
+    clahe: bool = described("Contrast-limited adaptive histogram equalisation (skimage).", False)
+    clahe_clip: float = described("CLAHE clip limit (0..1).", 0.01)
+    clahe_kernel_A: float = described("CLAHE tile size [Å].", 20.0)
+
+    def __post_init__(self):
+        if self.lines not in ("none", "median", "poly"):
+            raise ValueError(f"lines: expected none, median or poly, got {self.lines!r}")
+        check_range("line_degree", self.line_degree, 0, 5)
+        check_range("gaussian_sigma_A", self.gaussian_sigma_A, 0.0, 10.0)
+        check_range("clahe_clip", self.clahe_clip, 0.0, 1.0, low_open=True)
+        check_range("clahe_kernel_A", self.clahe_kernel_A, 0.0, low_open=True)
+
+    @property
+    def active(self) -> bool:
+        """Whether any step is on."""
+        return self.plane or self.lines != "none" or self.gaussian_sigma_A > 0 or self.clahe
 
 
 @dataclass(frozen=True)
@@ -208,15 +257,26 @@ class TrainConfig(Config):
     progress: bool = described("Show tqdm progress bars.", True)
     data: DataConfig = described("Stores, split and batches.", factory=DataConfig)
     augment: AugmentConfig = described("Training augmentations.", factory=AugmentConfig)
+    preprocess: PreprocessConfig = described(
+        "Image preprocessing before normalisation (STM: plane, lines, gaussian, clahe).",
+        factory=PreprocessConfig,
+    )
     model: ModelConfig = described("Network.", factory=ModelConfig)
     loss: LossConfig = described("Loss.", factory=LossConfig)
     optim: OptimConfig = described("Optimiser and schedule.", factory=OptimConfig)
     evaluate: EvalConfig = described(
         "Column finding and matching (validation, evaluate).", factory=EvalConfig
     )
+    init_from: tuple[str, ...] = described(
+        "Checkpoints whose weights start training (finetune); member k of an ensemble starts "
+        "from entry k mod their number. Empty: random initialisation.",
+        factory=tuple,
+    )
 
     def __post_init__(self):
         check_range("epochs", self.epochs, 1)
+        if not all(isinstance(p, str) and p for p in self.init_from):
+            raise ValueError("init_from: expected a list of checkpoint paths")
         check_range("val_every", self.val_every, 1)
         if self.monitor not in MONITORS:
             raise ValueError(f"monitor: expected one of {MONITORS}, got {self.monitor!r}")

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from structures.columns import LabelScheme
 from training.augment import augment, normalize_image, random_crop
-from training.config import AugmentConfig, DataConfig
+from training.config import AugmentConfig, DataConfig, PreprocessConfig
+from training.preprocess import preprocess_image
 from training.stores import StoreError, StoreInfo, open_stores, split_indices
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "build_datasets",
     "class_frequencies",
     "collate",
+    "item_weights",
     "make_loaders",
     "normalize_image",
 ]
@@ -52,6 +54,9 @@ class SegmentationDataset(Dataset):
         Seed of crops and augmentations.
     with_columns : bool
         Also return the true columns of each (whole) image, for column-level metrics.
+    preprocess : PreprocessConfig, optional
+        Applied to each whole image before the normalisation
+        (:func:`training.preprocess.preprocess_image`).
 
     Notes
     -----
@@ -71,6 +76,7 @@ class SegmentationDataset(Dataset):
         augment: AugmentConfig | None = None,
         seed: int = 0,
         with_columns: bool = False,
+        preprocess: PreprocessConfig | None = None,
     ):
         if len(stores) != len(indices):
             raise ValueError("indices: expected one index array per store")
@@ -82,6 +88,7 @@ class SegmentationDataset(Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.with_columns = with_columns
+        self.preprocess = preprocess if preprocess is not None and preprocess.active else None
         if self.crop > 0:
             for st in self.stores:
                 if self.crop > min(st.image_shape):
@@ -114,7 +121,10 @@ class SegmentationDataset(Dataset):
             rng = np.random.default_rng([self.seed, 0, item])
         s, i = self.items[item]
         store = self.stores[s]
-        image = normalize_image(store.image(i))
+        image = store.image(i)
+        if self.preprocess is not None:
+            image = preprocess_image(image, self.preprocess, store.pixel_size_A)
+        image = normalize_image(image)
         mask = store.mask(i)
         image, mask = random_crop(image, mask, self.crop, rng)
         if self.augment is not None:
@@ -152,15 +162,24 @@ class EpochSampler(Sampler):
         it exceeds ``n_items``.
     seed : int
         Shuffling of epoch ``e`` uses ``default_rng([seed, 2, e])``.
+    weights : array_like, shape (n_items,), optional
+        Probability of each item per draw (normalised); the epoch then draws items
+        independently with these probabilities instead of shuffled passes.
     """
 
-    def __init__(self, n_items: int, samples_per_epoch: int = 0, seed: int = 0):
+    def __init__(self, n_items: int, samples_per_epoch: int = 0, seed: int = 0, weights=None):
         if n_items < 1:
             raise ValueError("n_items: the dataset is empty")
         self.n_items = n_items
         self.samples_per_epoch = samples_per_epoch or n_items
         self.seed = seed
         self.epoch = 0
+        self.weights = None
+        if weights is not None:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != (n_items,) or np.any(w < 0) or not w.sum() > 0:
+                raise ValueError(f"weights: expected {n_items} weights >= 0 with a positive sum")
+            self.weights = w / w.sum()
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next iteration draws."""
@@ -171,8 +190,11 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, 2, self.epoch])
-        passes = math.ceil(self.samples_per_epoch / self.n_items)
-        order = np.concatenate([rng.permutation(self.n_items) for _ in range(passes)])
+        if self.weights is not None:
+            order = rng.choice(self.n_items, size=self.samples_per_epoch, p=self.weights)
+        else:
+            passes = math.ceil(self.samples_per_epoch / self.n_items)
+            order = np.concatenate([rng.permutation(self.n_items) for _ in range(passes)])
         for draw, item in enumerate(order[: self.samples_per_epoch]):
             yield (int(item), self.epoch, draw)
 
@@ -192,7 +214,10 @@ def collate(batch: list[dict]) -> dict:
 
 
 def build_datasets(
-    data: DataConfig, augment_cfg: AugmentConfig | None, seed: int
+    data: DataConfig,
+    augment_cfg: AugmentConfig | None,
+    seed: int,
+    preprocess: PreprocessConfig | None = None,
 ) -> tuple[SegmentationDataset, SegmentationDataset | None]:
     """Open the configured stores, split them, and build training and validation sets.
 
@@ -204,6 +229,8 @@ def build_datasets(
         Training augmentations.
     seed : int
         Seed of crops and augmentations.
+    preprocess : PreprocessConfig, optional
+        Image preprocessing of both sets.
 
     Returns
     -------
@@ -243,12 +270,15 @@ def build_datasets(
     if sum(len(t) for t in train_idx) == 0:
         raise StoreError("no complete training sample in the chosen range of the stores")
     train = SegmentationDataset(
-        train_stores, train_idx, crop=data.crop, augment=augment_cfg, seed=seed
-    )
+        train_stores, train_idx, crop=data.crop, augment=augment_cfg, seed=seed,
+        preprocess=preprocess,
+    )  # fmt: skip
     _warn_incomplete_validation(data, val_stores if separate_val else train_stores, val_idx)
     if sum(len(v) for v in val_idx) == 0:
         return train, None
-    val = SegmentationDataset(val_stores, val_idx, crop=0, augment=None, with_columns=True)
+    val = SegmentationDataset(
+        val_stores, val_idx, crop=0, augment=None, with_columns=True, preprocess=preprocess
+    )
     return train, val
 
 
@@ -305,7 +335,7 @@ def make_loaders(
             "batch_size 1"
         )
     workers = data.num_workers
-    sampler = EpochSampler(len(train), data.samples_per_epoch, seed)
+    sampler = EpochSampler(len(train), data.samples_per_epoch, seed, item_weights(train, data))
     # Loaders draw a worker base seed from their generator at every iter(); a private
     # generator keeps that from consuming the global torch RNG (which dropout uses), so
     # results do not depend on how often a loader is iterated (progress bars, resumes).
@@ -333,6 +363,27 @@ def make_loaders(
             generator=torch.Generator().manual_seed(seed),
         )
     return train_loader, val_loader
+
+
+def item_weights(train: SegmentationDataset, data: DataConfig):
+    """Draw probability of each training item from ``data.store_weights`` (None: uniform).
+
+    A store's weight is shared equally by its items, so a store of 3 real images with weight
+    0.5 gives half the draws whatever the size of the simulated stores.
+    """
+    if data.store_weights is None:
+        return None
+    if len(data.store_weights) != len(train.stores):
+        raise ValueError(
+            f"data.store_weights: {len(data.store_weights)} weight(s) for "
+            f"{len(train.stores)} training store(s)"
+        )
+    stores = np.array([s for s, _ in train.items])
+    counts = np.bincount(stores, minlength=len(train.stores))
+    w = np.asarray(data.store_weights, dtype=np.float64)
+    if not np.any(w[counts > 0] > 0):
+        raise ValueError("data.store_weights: every store with training samples has weight 0")
+    return w[stores] / counts[stores]
 
 
 def class_frequencies(dataset: SegmentationDataset, n_classes: int, max_samples: int = 64):

@@ -2,7 +2,11 @@
 
 Predicts each complete sample (:class:`training.predict.Ensemble`), finds columns,
 matches them to the store's true columns and accumulates
-:class:`training.metrics.ColumnScores`; writes ``metrics.json`` and ``confusion.png``.
+:class:`training.metrics.ColumnScores`; writes ``metrics.json``, ``confusion.png`` and
+``reliability.png``. Each detected column's class probabilities are the ensemble mean
+averaged over a disk of half the matching radius (renormalised), which gives every class's
+average precision and AUROC; its uncertainty (ensemble variance of its class, or
+1 − its probability for one network) against class errors gives the reliability diagram.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 import numpy as np
 
 from training.config import EvalConfig
+from training.experiments.label import sample_disks
 from training.metrics import ColumnScores, find_columns
 from training.predict import Ensemble
 from training.report import (
     claim_evaluate_output,
     finish_evaluate_output,
     plot_confusion,
+    plot_reliability,
     write_json,
 )
 from training.stores import open_stores
@@ -111,6 +117,15 @@ def evaluate_stores(
             min_area_px=eval_cfg.min_area_A2 / p**2,
             min_distance_px=eval_cfg.min_separation_A / p or None,
         )
+        xy = np.column_stack([cols["x"], cols["y"]])
+        r_px = max(eval_cfg.radius_A / p / 2, 0.5)  # a disk well inside the column
+        col_probs = sample_disks(mean, xy, r_px)
+        cols["probs"] = col_probs / np.maximum(col_probs.sum(1, keepdims=True), 1e-12)
+        picked = np.clip(cols["class_id"], 0, col_probs.shape[1] - 1)
+        if len(ens) > 1:
+            cols["uncertainty"] = sample_disks(var, xy, r_px)[np.arange(len(xy)), picked]
+        else:
+            cols["uncertainty"] = 1.0 - cols["probs"][np.arange(len(xy)), picked]
         scores.add_columns(
             cols,
             st.columns(i),
@@ -137,8 +152,15 @@ def evaluate_stores(
     result["uncertainty"] = {
         "mean_variance_predicted_class": var_sum / var_n if var_n else None,
     }
+    if "reliability" in result:
+        result["reliability"]["uncertainty"] = (
+            "ensemble variance of the predicted class" if len(ens) > 1
+            else "1 - probability of the predicted class (one network: no variance)"
+        )  # fmt: skip
     if out_dir is not None:
         write_json(result, out_dir / "metrics.json")
         plot_confusion(result["confusion"]["matrix"], ens.class_names, out_dir / "confusion.png")
+        if "reliability" in result:
+            plot_reliability(result["reliability"], out_dir / "reliability.png")
         finish_evaluate_output(out_dir)
     return result

@@ -254,6 +254,77 @@ def prf(tp: int, fp: int, fn: int) -> dict:
     return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
 
 
+def average_precision(y_true, y_score) -> float | None:
+    """Area under the precision–recall curve as the mean precision at each positive.
+
+    Ties in ``y_score`` are ranked together (the precision of a tied block is that at its
+    end), as ``sklearn.metrics.average_precision_score`` does. ``None`` without positives.
+    """
+    t = np.asarray(y_true, dtype=bool)
+    s = np.asarray(y_score, dtype=np.float64)
+    n_pos = int(t.sum())
+    if n_pos == 0:
+        return None
+    order = np.argsort(-s, kind="mergesort")
+    t, s = t[order], s[order]
+    tp = np.cumsum(t)
+    # the end of each block of equal scores
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
+    tp_b, n_b = tp[last], last + 1
+    precision = tp_b / n_b
+    recall_gain = np.diff(np.r_[0, tp_b]) / n_pos
+    return float(min(1.0, np.sum(precision * recall_gain)))  # no 1 + 1e-16 from rounding
+
+
+def auroc(y_true, y_score) -> float | None:
+    """Area under the ROC curve (Mann–Whitney U with mid-ranks for ties); ``None`` unless
+    there are positives and negatives."""
+    from scipy.stats import rankdata
+
+    t = np.asarray(y_true, dtype=bool)
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(np.asarray(y_score, dtype=np.float64))
+    return float(min(1.0, (ranks[t].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
+
+
+def reliability_bins(uncertainty, error, n_bins: int = 10) -> dict:
+    """Error rate against uncertainty in bins of equal count (a reliability diagram).
+
+    Parameters
+    ----------
+    uncertainty : array_like, shape (N,)
+        E.g. the ensemble variance of each column's predicted class.
+    error : array_like of bool, shape (N,)
+        Whether the column's class is wrong.
+    n_bins : int
+
+    Returns
+    -------
+    dict
+        ``mean_uncertainty``, ``error_rate``, ``count`` per bin (JSON-ready), and the
+        Spearman correlation ``spearman`` of uncertainty and error (``None`` if undefined).
+    """
+    from scipy.stats import spearmanr
+
+    u = np.asarray(uncertainty, dtype=np.float64)
+    e = np.asarray(error, dtype=bool)
+    ok = np.isfinite(u)
+    u, e = u[ok], e[ok]
+    out = {"mean_uncertainty": [], "error_rate": [], "count": [], "spearman": None}
+    if len(u) == 0:
+        return out
+    order = np.argsort(u, kind="mergesort")
+    for part in np.array_split(order, min(n_bins, len(u))):
+        out["mean_uncertainty"].append(float(u[part].mean()))
+        out["error_rate"].append(float(e[part].mean()))
+        out["count"].append(int(len(part)))
+    if np.ptp(u) > 0 and 0 < e.sum() < len(e):
+        out["spearman"] = float(spearmanr(u, e).statistic)
+    return out
+
+
 def _select(cols: dict, keep: np.ndarray) -> dict:
     return {k: np.asarray(v)[keep] for k, v in cols.items()}
 
@@ -288,6 +359,10 @@ class ColumnScores:
         self.true_total = 0
         self.dist_sum = 0.0
         self.n_images = 0
+        self._rank_true: list[np.ndarray] = []  # per scored row: true class (0: none)
+        self._rank_probs: list[np.ndarray] = []  # ... and the class probabilities [n, K]
+        self._uncertainty: list[np.ndarray] = []  # matched columns: uncertainty, error
+        self._error: list[np.ndarray] = []
 
     def add_columns(
         self,
@@ -305,7 +380,10 @@ class ColumnScores:
         ----------
         pred, true : dict of ndarray
             Columns with ``x``, ``y`` [px] and ``class_id``; true columns of class 0 (not
-            labelled in the masks) and ids beyond the class list are ignored.
+            labelled in the masks) and ids beyond the class list are ignored. ``pred`` may
+            also hold ``probs`` (``[N, K]`` class probabilities of each detection) and
+            ``uncertainty`` (``[N]``, e.g. the ensemble variance of its class): then
+            average precision, AUROC and the reliability diagram are computed too.
         radius_px : float
             Matching radius [px].
         shape : (int, int), optional
@@ -351,7 +429,27 @@ class ColumnScores:
         self.true_total += len(tc)
         self.dist_sum += float(d.sum())
         self.n_images += 1
+        if "probs" in p:
+            self._add_ranking(p, tc, pc, pi, ti, k)
         return {"pred_idx": pi, "true_idx": ti, "pred": p, "true": t}
+
+    def _add_ranking(self, p, tc, pc, pi, ti, k) -> None:
+        """Rows for AP/AUROC: matched detections (their true class), unmatched detections
+        (true class 0) and missed true columns (probability 0 for every class)."""
+        probs = np.asarray(p["probs"], np.float64).reshape(len(pc), -1)
+        if probs.shape[1] != k:
+            raise ValueError(f"add_columns: pred probs have {probs.shape[1]} classes, not {k}")
+        unmatched_p = np.setdiff1d(np.arange(len(pc)), pi)
+        missed_t = np.setdiff1d(np.arange(len(tc)), ti)
+        self._rank_true.append(
+            np.concatenate([tc[ti], np.zeros(len(unmatched_p), np.int64), tc[missed_t]])
+        )
+        self._rank_probs.append(
+            np.concatenate([probs[pi], probs[unmatched_p], np.zeros((len(missed_t), k))])
+        )
+        if "uncertainty" in p:
+            self._uncertainty.append(np.asarray(p["uncertainty"], np.float64)[pi])
+            self._error.append(tc[ti] != pc[pi])
 
     def add_pixels(self, pred_map, true_map) -> None:
         """Add one image's pixel confusion (class maps of equal shape)."""
@@ -382,7 +480,12 @@ class ColumnScores:
             recall, F1, support, and ``detected`` = fraction of its true columns matched by
             a column of any class), ``confusion`` (true × predicted over matched columns,
             with ``class_names``), ``pixel`` (IoU per class, mean IoU over foreground
-            classes present, pixel accuracy), ``n_images``.
+            classes present, pixel accuracy), ``n_images``. With detection probabilities
+            (see :meth:`add_columns`) each class also has ``ap`` (average precision of
+            ranking all scored columns by that class's probability; missed true columns
+            rank last) and ``auroc``, and ``reliability`` holds
+            :func:`reliability_bins` of the uncertainty against class errors of matched
+            columns.
         """
         k = len(self.class_names)
         det = prf(self.matched, self.pred_total - self.matched, self.true_total - self.matched)
@@ -394,11 +497,27 @@ class ColumnScores:
             entry = prf(tp, int(self.n_pred[c] - tp), int(self.n_true[c] - tp))
             entry["support"] = int(self.n_true[c])
             entry["detected"] = float(matched_true[c] / self.n_true[c]) if self.n_true[c] else None
+            if self._rank_true:
+                y = np.concatenate(self._rank_true) == c
+                score = np.concatenate(self._rank_probs)[:, c]
+                entry["ap"] = average_precision(y, score)
+                entry["auroc"] = auroc(y, score)
             classes[self.class_names[c]] = entry
         iou = self.iou()
         fg = iou[1:][~np.isnan(iou[1:])]
         total = self.pixels.sum()
-        return {
+        extra = {}
+        if self._rank_true:
+            present = [
+                e for name, e in classes.items()
+                if e["support"] and e.get("ap") is not None
+            ]  # fmt: skip
+            extra["mean_ap"] = float(np.mean([e["ap"] for e in present])) if present else None
+        if self._uncertainty:
+            extra["reliability"] = reliability_bins(
+                np.concatenate(self._uncertainty), np.concatenate(self._error)
+            )
+        return extra | {
             "n_images": self.n_images,
             "detection": det,
             "classes": classes,

@@ -235,12 +235,37 @@ class Ensemble:
         """Training config of the first member (plain dict)."""
         return self.infos[0]["config"]
 
-    def predict(self, image, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def preprocess(self):
+        """The preprocessing the members were trained with (``PreprocessConfig``)."""
+        from training.config import PreprocessConfig
+
+        return PreprocessConfig.from_dict(self.config.get("preprocess") or {})
+
+    @property
+    def pixel_size_A(self) -> float | None:
+        """Pixel size of the first member's training stores [Å/px] (geometric midpoint of
+        several), or None when not recorded."""
+        sizes = [float(v) for v in np.atleast_1d(self.infos[0].get("pixel_size_A") or [])]
+        sizes = [v for v in sizes if v > 0]
+        return float(np.sqrt(min(sizes) * max(sizes))) if sizes else None
+
+    def predict(
+        self, image, *, preprocess=None, pixel_size_A: float | None = None, **kwargs
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Per-pixel class-probability mean and variance over the members.
+
+        The image is first preprocessed as the members were in training
+        (:attr:`preprocess`, :func:`training.preprocess.preprocess_image`).
 
         Parameters
         ----------
         image : array_like, shape (H, W)
+        preprocess : PreprocessConfig or dict, optional
+            Preprocessing to use instead of the model's.
+        pixel_size_A : float, optional
+            [Å/px] of ``image`` for the preprocessing's lengths (default: the model's
+            training pixel size, which is what labelling resamples to).
         **kwargs
             Passed to :func:`predict_probabilities` (``tile``, ``overlap``, ``tta``...).
 
@@ -249,6 +274,17 @@ class Ensemble:
         mean, var : ndarray of float32, shape (K, H, W)
             ``var`` is the population variance (exactly 0 for identical members).
         """
+        from training.config import PreprocessConfig
+        from training.preprocess import preprocess_image
+
+        cfg = self.preprocess if preprocess is None else preprocess
+        if isinstance(cfg, dict):
+            cfg = PreprocessConfig.from_dict(cfg)
+        if cfg.active and kwargs.get("normalize", True):
+            pixel = pixel_size_A or self.pixel_size_A
+            if pixel is None:
+                raise ValueError("pixel_size_A: needed for the preprocessing (not recorded)")
+            image = preprocess_image(image, cfg, pixel)
         mean = m2 = None
         for n, model in enumerate(self.models, start=1):
             p = predict_probabilities(model, image, **kwargs).astype(np.float64)

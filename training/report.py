@@ -168,3 +168,45 @@ def finish_evaluate_output(out) -> None:
     store_write_json(
         {"tool": "simgen-train evaluate", "finished": True}, Path(out) / EVALUATE_MARKER
     )
+
+
+def plot_reliability(reliability: dict, path, *, title: str = "Reliability") -> Path:
+    """Save a reliability diagram: class error rate of matched columns against their
+    uncertainty, in bins of equal count (:func:`training.metrics.reliability_bins`).
+
+    Parameters
+    ----------
+    reliability : dict
+        ``mean_uncertainty``, ``error_rate``, ``count`` per bin and ``uncertainty`` (what it is).
+    path : path-like
+        Output PNG.
+    title : str
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    u = np.asarray(reliability["mean_uncertainty"], dtype=np.float64)
+    e = np.asarray(reliability["error_rate"], dtype=np.float64)
+    n = np.asarray(reliability["count"], dtype=np.int64)
+    fig = Figure(figsize=(4.8, 3.6), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(u, e, "o-", color="C3")
+    if len(u) and np.all(u > 0) and u.max() / u.min() > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel(reliability.get("uncertainty", "uncertainty"), fontsize=8)
+    ax.set_ylabel("class error rate of matched columns")
+    rho = reliability.get("spearman")
+    per_bin = f"{int(np.median(n))} columns per bin" if len(n) else "no columns"
+    spearman = f", Spearman {rho:.2f}" if rho is not None else ""
+    ax.set_title(f"{title} ({per_bin}{spearman})", fontsize=9)
+    ax.set_ylim(-0.02, max(0.1, float(e.max()) * 1.15) if len(e) else 1.0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    return out

@@ -625,7 +625,7 @@ def _train_model(config: TrainConfig, out: Path, resume: bool, stop_after) -> Ru
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    train_ds, val_ds = build_datasets(config.data, config.augment, config.seed)
+    train_ds, val_ds = build_datasets(config.data, config.augment, config.seed, config.preprocess)
     scheme = train_ds.scheme
     n_classes = scheme.n_classes
     weights = _class_weights(config, train_ds, n_classes)
@@ -678,6 +678,15 @@ def _fit(
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(config.seed)
         model = build_model(config.model.name, **model_kwargs)
+        if config.init_from and state is None:  # finetune: start from trained weights
+            start = load_checkpoint_dict(config.init_from[0])
+            try:
+                model.load_state_dict(start["model_state"])
+            except (KeyError, RuntimeError) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else "no weights"
+                raise ValueError(
+                    f"init_from: {config.init_from[0]} does not fit this network ({first})"
+                ) from None
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
         )
@@ -714,8 +723,11 @@ def _fit(
 
 
 def member_config(config: TrainConfig, k: int, device: str | None = None) -> TrainConfig:
-    """Config of ensemble member ``k``: seed ``config.seed + k``, ``members = 1``."""
+    """Config of ensemble member ``k``: seed ``config.seed + k``, ``members = 1``, and the
+    ``k``-th (mod their number) of the ``init_from`` checkpoints."""
     changes = {"seed": config.seed + k, "members": 1}
+    if config.init_from:
+        changes["init_from"] = (config.init_from[k % len(config.init_from)],)
     if device is not None:
         changes["device"] = device
     return config.replace(**changes)

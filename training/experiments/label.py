@@ -362,6 +362,9 @@ class LabelSettings:
         When the image carries an FFT lattice calibration with scan anisotropy or shear,
         resample it onto an undistorted square grid before labelling (positions are still
         reported in the file's pixels).
+    preprocess : str or None
+        Preprocessing instead of the model's (``plane,lines=median,gauss=0.5,clahe``, see
+        :func:`training.preprocess.parse_preprocess`); None: the model's own, as trained.
     """
 
     tile: int = 512
@@ -375,8 +378,14 @@ class LabelSettings:
     vacancy_min_prob: float = 0.05
     min_metal_margin: float = 0.2
     correct_distortion: bool = True
+    preprocess: str | None = None
 
     def __post_init__(self):
+        if self.preprocess is not None:
+            from training.config import PreprocessConfig
+            from training.preprocess import parse_preprocess
+
+            PreprocessConfig.from_dict(parse_preprocess(self.preprocess))  # validates
         if not isinstance(self.tile, int) or self.tile < 16:
             raise ValueError(f"tile: expected an integer >= 16 px, got {self.tile!r}")
         if not isinstance(self.overlap, int) or not 0 <= self.overlap < self.tile:
@@ -590,9 +599,14 @@ def label_image(
         raise ValueError(f"{source}: image of {data.shape} px after resampling is too small")
     clock["prepare"] = time.perf_counter()
 
+    extra = {}
+    if settings.preprocess is not None:
+        from training.preprocess import parse_preprocess
+
+        extra = {"preprocess": parse_preprocess(settings.preprocess)}
     mean, var = ensemble.predict(
         data, tile=settings.tile, overlap=settings.overlap, tta=settings.tta,
-        batch_size=settings.batch_size, normalize=True,
+        batch_size=settings.batch_size, normalize=True, **extra,
     )  # fmt: skip
     names = scheme_names(scheme_d)
     if mean.shape[0] != len(names):
