@@ -328,9 +328,11 @@ def human_store_for(paths, out_dir, stores, *, reviewed_only=True, pixel_size_A=
         paths, scheme_names(ref.scheme.to_dict()), reviewed_only=reviewed_only,
         pixel_size_A=pixel_size_A,
     )  # fmt: skip
+    from training.train import claim_run_folder
+
     cfg = dict(ref.root.attrs.get("config") or {})
     radius = float((cfg.get("labels") or {}).get("disk_radius_A", 0.7))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out_dir)  # the human store goes inside the run folder: claim it first
     return write_human_store(
         samples,
         Path(out_dir) / HUMAN_STORE,

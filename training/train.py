@@ -529,6 +529,31 @@ def is_run_folder(path) -> bool:
     )
 
 
+def claim_run_folder(out) -> Path:
+    """Make ``out`` a run folder before anything is written into it: new, empty or one
+    ``train`` wrote (else refused by name, untouched); writes :data:`RUN_MARKER`.
+
+    Raises
+    ------
+    ValueError
+        ``out`` is a file, or a folder holding files that ``train`` did not write.
+    """
+    from simgen.store import write_json
+
+    out = Path(out)
+    if out.is_file() or out.is_symlink():
+        raise ValueError(f"{out} is a file, not a run folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
+        raise ValueError(
+            f"{out} holds files that `simgen-train train` did not write (no {RUN_MARKER}); "
+            "refusing to write into it: choose a new or empty folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RUN_MARKER).is_file():
+        write_json({"tool": "simgen-train train"}, out / RUN_MARKER)
+    return out
+
+
 @contextlib.contextmanager
 def _run_folder(out: Path):
     """Hold ``out`` for one writer and make sure it is a run folder (new, empty or ours).
@@ -538,21 +563,14 @@ def _run_folder(out: Path):
     checkpoint was written, a folder this call created is removed again, so a run folder is
     left only when there is a run to resume.
     """
-    from simgen.store import WriterLock, write_json
+    from simgen.store import WriterLock
     from training.stores import StoreError
 
     if out.is_file() or out.is_symlink():
         raise ValueError(f"{out} is a file, not a run folder; choose another --out")
     with WriterLock(out):
         created = not out.exists()
-        if not created and any(out.iterdir()) and not is_run_folder(out):
-            raise ValueError(
-                f"{out} holds files that `simgen-train train` did not write (no {RUN_MARKER}); "
-                "refusing to write into it: choose a new or empty folder"
-            )
-        out.mkdir(parents=True, exist_ok=True)
-        if not (out / RUN_MARKER).is_file():
-            write_json({"tool": "simgen-train train"}, out / RUN_MARKER)
+        claim_run_folder(out)
         try:
             yield
         except StoreError:
