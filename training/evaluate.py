@@ -34,6 +34,7 @@ def evaluate_stores(
     tta: bool = False,
     method: str = "hungarian",
     progress: bool = False,
+    per_image: bool = False,
 ) -> dict:
     """Score a model on labelled stores at column and pixel level.
 
@@ -59,13 +60,17 @@ def evaluate_stores(
         Matching (:func:`training.metrics.match_columns`).
     progress : bool
         tqdm bar over samples.
+    per_image : bool
+        Also return every image's column counts (``per_image``: ``samples`` as
+        ``[store index, sample index]`` pairs and ``counts`` rows of
+        :meth:`ColumnScores.image_counts`), for bootstrap intervals over images.
 
     Returns
     -------
     dict
         :meth:`ColumnScores.summary` plus ``stores``, ``checkpoints``, ``settings`` and
         ``uncertainty`` (per-pixel ensemble variance of the predicted class, averaged over
-        all pixels; ``None`` for a single model).
+        all pixels; ``None`` for a single model); ``per_image`` when asked.
 
     Raises
     ------
@@ -132,6 +137,11 @@ def evaluate_stores(
     result["uncertainty"] = {
         "mean_variance_predicted_class": var_sum / var_n if var_n else None,
     }
+    if per_image:
+        result["per_image"] = {
+            "samples": [[s, i] for s, i in jobs],
+            "counts": scores.image_counts().tolist(),
+        }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
