@@ -362,8 +362,8 @@ def sweep(
     target_ci: Annotated[
         float | None,
         typer.Option(
-            help="Size each store (instead of --n) for this 95 % interval half-width of the "
-            "macro defect F1, from the defect columns per image"
+            help="Size each store for this 95 % interval half-width of the macro defect F1, "
+            "from the defect columns per image (--n then caps it)"
         ),
     ] = None,
     planning_f1: Annotated[
@@ -385,8 +385,6 @@ def sweep(
 
     if noise_lambda is None and gaussian_sigma is None:
         fail("give --noise-lambda and/or --gaussian-sigma")
-    if target_ci is not None and n is not None:
-        fail("--target-ci: sizes the stores itself; give it or --n, not both", code=EXIT_USAGE)
     base = build_config(
         config,
         overrides,
@@ -409,7 +407,7 @@ def sweep(
     except ValueError as err:
         fail(str(err))
     if target_ci is not None:
-        plan = _size_for_interval(plan, base, target_ci, planning_f1)
+        plan = _size_for_interval(plan, base, target_ci, planning_f1, cap=n)
     output.mkdir(parents=True, exist_ok=True)
     calibration = _calibration_for(base)
     for entry in plan:
@@ -428,8 +426,9 @@ def sweep(
     typer.echo(f"sweep of {len(plan)} stores in {output} (manifest: {output / 'sweep.json'})")
 
 
-def _size_for_interval(plan, base, half_width: float, planning_f1: float):
-    """The sweep's entries with ``dataset.n_samples`` set by :func:`images_for_interval`."""
+def _size_for_interval(plan, base, half_width: float, planning_f1: float, cap=None):
+    """The sweep's entries with ``dataset.n_samples`` set by :func:`images_for_interval`
+    (at most ``cap`` images, when given: ``--n`` with ``--target-ci`` is a budget)."""
     from simgen.sweep import images_for_interval, scored_columns_per_image
     from structures import defect_classes, get_scheme
 
@@ -441,10 +440,14 @@ def _size_for_interval(plan, base, half_width: float, planning_f1: float):
     except ValueError as err:
         fail(str(err), code=EXIT_USAGE)
     counts = ", ".join(f"{m:.2f} {c}" for c, m in rates.items())
-    typer.echo(
+    text = (
         f"--target-ci {half_width:g}: {counts} per image (32 pilot structures); at F1 "
         f"{planning_f1:g} one image gives ±{one:.3f}, so {n_images} images per store"
     )
+    if cap is not None and cap < n_images:
+        n_images = cap
+        text += f"; capped by --n at {cap} (about ±{one / cap**0.5:.3f})"
+    typer.echo(text)
     return [
         replace(e, config=e.config.with_overrides({"dataset.n_samples": n_images})) for e in plan
     ]

@@ -369,7 +369,7 @@ def noise_study(
         return
     if out is None:
         raise ValueError("--out: give the study directory")
-    result = run_noise_study(cfg, out, log=typer.echo)
+    result = run_noise_study(cfg, out)  # steps go to the "training" logger (stderr)
     typer.echo(
         f"{len(result.trained)} model(s) trained, {len(result.reused_models)} reused; "
         f"{len(result.evaluated)} evaluation(s) computed, {len(result.reused_evaluations)} reused"
