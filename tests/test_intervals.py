@@ -64,6 +64,8 @@ def test_f1s_from_summed_image_counts_equal_the_scores_summary():
     none[[0, 1, 3 + 1, 3 + 3 + 1]] = [3, 3, 3, 3]  # class 1 found perfectly
     m = f1_metrics(none, ["bg", "a", "b"], ["a", "b"])
     assert m["f1_a"] == 1.0 and np.isnan(m["f1_b"]) and m["macro_defect_f1"] == 0.5
+    zero = f1_metrics(none, ["bg", "a", "b"], ["a", "b"], undefined_as_zero=True)
+    assert zero["f1_b"] == 0.0 and zero["macro_defect_f1"] == 0.5  # what repeats average
 
 
 def test_bootstrap_interval_shrinks_with_the_number_of_images():

@@ -44,7 +44,9 @@ def _ratio(num, den):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
 
 
-def f1_metrics(totals, class_names, defect_classes) -> dict[str, np.ndarray]:
+def f1_metrics(
+    totals, class_names, defect_classes, *, undefined_as_zero: bool = False
+) -> dict[str, np.ndarray]:
     """F1s from summed column counts (any leading shape, e.g. one row per resample).
 
     The definitions are those of ``results.csv`` (``docs/noise_study.md``): F1 =
@@ -59,6 +61,10 @@ def f1_metrics(totals, class_names, defect_classes) -> dict[str, np.ndarray]:
         Class names by id (0 = background).
     defect_classes : sequence of str
         Classes of the macro defect F1.
+    undefined_as_zero : bool
+        A class with true columns but no detection gets F1 0 instead of NaN (the macro
+        F1's rule; used when averaging repeats, so that a model that never predicts a
+        class pulls the mean down instead of dropping out of it).
 
     Returns
     -------
@@ -72,7 +78,7 @@ def f1_metrics(totals, class_names, defect_classes) -> dict[str, np.ndarray]:
     out = {"detection_f1": np.where((d > 0) & (n > 0), _ratio(2 * m, d + n), np.nan)}
     tp, pred, sup = t[..., lay["tp"]], t[..., lay["pred"]], t[..., lay["support"]]
     f1_or_zero = _ratio(2 * tp, pred + sup)  # 0 where there are true columns but no TP
-    f1 = np.where((pred > 0) & (sup > 0), f1_or_zero, np.nan)
+    f1 = np.where(((pred > 0) | undefined_as_zero) & (sup > 0), f1_or_zero, np.nan)
     has = sup > 0
 
     def macro(ids):
@@ -115,7 +121,9 @@ def resample_weights(n_items: int, n_resamples: int, rng) -> np.ndarray:
     )
 
 
-def resampled_metrics(counts, weights, class_names, defect_classes) -> dict[str, np.ndarray]:
+def resampled_metrics(
+    counts, weights, class_names, defect_classes, *, undefined_as_zero: bool = False
+) -> dict[str, np.ndarray]:
     """Every F1 of each resample of one model on one test set.
 
     Parameters
@@ -124,13 +132,15 @@ def resampled_metrics(counts, weights, class_names, defect_classes) -> dict[str,
         Per-image counts.
     weights : ndarray, shape (B, n_images)
         :func:`resample_weights` of that test set (share it between models: paired).
+    undefined_as_zero : bool
+        See :func:`f1_metrics`.
 
     Returns
     -------
     dict of ndarray, each shape (B,)
     """
     c = np.asarray(counts, np.int64)
-    return f1_metrics(weights @ c, class_names, defect_classes)
+    return f1_metrics(weights @ c, class_names, defect_classes, undefined_as_zero=undefined_as_zero)
 
 
 def percentile_interval(values, confidence: float = 0.95) -> tuple[float, float]:

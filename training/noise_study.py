@@ -1058,7 +1058,13 @@ def study_intervals(result: StudyResult, config: NoiseStudyConfig) -> StudyInter
                         "(a store changed during the study?); run the study again"
                     )
                 per_repeat.append(
-                    resampled_metrics(counts, weights, plan.class_names, plan.defect_classes)
+                    resampled_metrics(
+                        counts,
+                        weights,
+                        plan.class_names,
+                        plan.defect_classes,
+                        undefined_as_zero=config.repeats > 1,
+                    )
                 )
             values[(b.name, t.name)] = {m: np.stack([v[m] for v in per_repeat]) for m in metrics}
     return StudyIntervals(rep.bootstrap, rep.confidence, values, draws)
@@ -1076,7 +1082,10 @@ def summarise_repeats(result: StudyResult, config: NoiseStudyConfig) -> list[dic
     """The rows of ``results.csv``: per training bin × test set, the mean over repeats.
 
     Every metric of :func:`result_row` is averaged over the repeats whose value is defined;
-    ``n_repeats`` says how many models there are, and every F1 of
+    with several repeats, a per-class F1 left undefined because a model made no detection
+    of a class that has true columns counts 0 (the macro F1's rule), so a model that never
+    predicts a class pulls the mean down instead of dropping out of it. ``n_repeats`` says
+    how many models there are, and every F1 of
     :func:`interval_metrics` gets ``<F1>_sd`` (standard deviation over repeats, empty with
     one) and ``<F1>_ci_low``/``<F1>_ci_high`` (bootstrap interval over test images of the
     mean over repeats; empty when ``report.bootstrap`` is 0). With one repeat the metrics
@@ -1087,8 +1096,16 @@ def summarise_repeats(result: StudyResult, config: NoiseStudyConfig) -> list[dic
     for row in result.repeat_rows:
         groups.setdefault((row["train_bin"], row["test_bin"]), []).append(row)
     f1s = interval_metrics(plan)
+    layout_support = 3 + 2 * len(plan.class_names)  # first support column of the counts
     out = []
     for (b, t), rows in groups.items():
+        if len(rows) > 1:
+            rows = [dict(r) for r in rows]
+            for r in rows:
+                support = result.counts[(b, r["repeat"], t)][1].sum(0)[layout_support:]
+                for c, name in enumerate(plan.class_names):
+                    if c and r.get(f"f1_{name}") is None and support[c] > 0:
+                        r[f"f1_{name}"] = 0.0
         first = rows[0]
         metric_keys = list(first)[list(first).index("n_images") + 1 : list(first).index("repeat")]
         row = {k: first[k] for k in list(first)[: list(first).index("n_images") + 1]}
@@ -1382,8 +1399,9 @@ def best_bins(rows, plan: StudyPlan, select_by: str, intervals=None) -> list[dic
         ``test`` (label), ``best`` (label), ``metric`` (used), ``value``, ``value_ci``
         (interval over test images, or ``None``), ``detection_f1``, ``runner_up`` (label
         or ``None``), ``runner_up_value``, ``margin`` (best − runner-up),
-        ``margin_ci`` (paired interval of the difference, or ``None``) and ``separated``
-        (bool, or ``None`` without intervals or runner-up).
+        ``margin_ci`` (paired interval of the difference, repeats resampled too, or
+        ``None``), ``margin_ci_images`` (the same over test images only) and
+        ``separated`` (``margin_ci`` above 0; ``None`` without intervals or runner-up).
     """
     det = metric_matrix(rows, plan, "detection_f1")
     sel = metric_matrix(rows, plan, select_by)
@@ -1421,6 +1439,7 @@ def best_bins(rows, plan: StudyPlan, select_by: str, intervals=None) -> list[dic
             "runner_up_value": float(s[j]) if j is not None else None,
             "margin": float(s[i] - s[j]) if j is not None else None,
             "margin_ci": None,
+            "margin_ci_images": None,
             "separated": None,
         }
         if intervals is not None:
@@ -1436,6 +1455,8 @@ def best_bins(rows, plan: StudyPlan, select_by: str, intervals=None) -> list[dic
                 lo, hi = intervals.interval(diff)
                 entry["margin_ci"] = (lo, hi)
                 entry["separated"] = bool(lo > 0)
+                images = resampled(i, intervals.over_images) - resampled(j, intervals.over_images)
+                entry["margin_ci_images"] = intervals.interval(images)
         out.append(entry)
     return out
 
@@ -1668,6 +1689,12 @@ def _summary_markdown(result, config, files) -> str:
             "from the runner-up (same image resamples for both"
             + (", each bin's repeats resampled too" if config.repeats > 1 else "")
             + ") lies above 0; otherwise: no clear winner"
+            + (
+                "; *over images only* keeps the repeats fixed: the part of the uncertainty "
+                "that more test images would shrink"
+                if config.repeats > 1
+                else ""
+            )
         )
     else:
         lines.append("- no intervals (`report.bootstrap: 0`)")
@@ -1684,8 +1711,8 @@ def _summary_markdown(result, config, files) -> str:
         lines += [f"**Over the test sweep: {verdict(mean)}.**", ""]
     lines += [
         "| test set | best training bin | score [interval] | runner-up | difference [paired "
-        "interval] | verdict |",
-        "|---|---|---|---|---|---|",
+        "interval] | over images only | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for b in entries:
         score = f"{b['value']:.3f}"
@@ -1696,9 +1723,12 @@ def _summary_markdown(result, config, files) -> str:
         if b["margin_ci"] is not None:
             diff += f" [{b['margin_ci'][0]:+.3f}, {b['margin_ci'][1]:+.3f}]"
         word = {True: "separated", False: "no clear winner", None: "–"}[b["separated"]]
+        images = "–"
+        if b["margin_ci_images"] is not None:
+            images = f"[{b['margin_ci_images'][0]:+.3f}, {b['margin_ci_images'][1]:+.3f}]"
         lines.append(
             f"| {b['test']} | **{b['best']}** | {score} ({METRIC_NAMES[b['metric']]}) | "
-            f"{runner} | {diff} | {word} |"
+            f"{runner} | {diff} | {images} | {word} |"
         )
     lines += ["", "## Detection F1 (best per column in bold)", ""]
     lines += [*_table(rows, plan, "detection_f1"), ""]
