@@ -167,17 +167,13 @@ def scored_columns_per_image(cfg, *, n_pilot: int = 32, border_A: float = 1.0) -
     dict
         Class name -> mean columns per image (classes never seen are left out).
     """
-    from simgen.pipeline import _build_structure, sample_streams
+    from simgen.pipeline import structure_columns
     from structures import get_scheme
 
     scheme = get_scheme(cfg.labels.scheme)
-    h, w = cfg.dataset.image_size
     totals = np.zeros(len(scheme.names), np.float64)
     for i in range(n_pilot):
-        streams = sample_streams(cfg.dataset.seed, i)
-        p = float(cfg.optics.draw(streams["optics"])["pixel_size_A"])
-        fov = (w * p, h * p)
-        _, table, origin, _ = _build_structure(cfg, streams, fov, scheme)
+        table, origin, fov = structure_columns(cfg, i)
         x = np.asarray(table.x) - origin[0]
         y = np.asarray(table.y) - origin[1]
         keep = (
