@@ -144,3 +144,22 @@ def test_images_for_interval_gives_the_wanted_spread_of_simulated_f1s():
     lo, hi = np.quantile(macros, [0.025, 0.975])
     # with precision fixed at 1, F1 = 2r/(1+r) moves ~0.55x as much as the recall r
     assert 0.5 * 0.05 < (hi - lo) / 2 < 0.05 * 1.05
+
+
+def test_sweep_target_ci_refuses_bad_input_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from simgen.cli import app
+
+    out = tmp_path / "sweep"
+    base = ["sweep", "--noise-lambda", "5-20", "--size", "64", "-o", str(out)]
+    for extra, message in (
+        (["--target-ci", "0.05", "--set", "structure.defects={}"], "no defect columns"),
+        (["--target-ci", "2"], "expected a half-width between 0 and 1"),
+        (["--target-ci", "0.05", "--planning-f1", "1"], "--planning-f1"),
+    ):
+        result = CliRunner().invoke(app, [*base, *extra])
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists()
