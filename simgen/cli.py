@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
@@ -351,8 +352,24 @@ def sweep(
     bins: Annotated[
         str | None, typer.Option(help="Bins, e.g. 0,5-20,20-40,40-80 (uniform within a bin)")
     ] = None,
+    sigma_points: Annotated[
+        int | None, typer.Option(help="σ levels of a λ × σ grid: K evenly spaced values")
+    ] = None,
+    sigma_bins: Annotated[
+        str | None, typer.Option(help="σ bins of a λ × σ grid, e.g. 0,0.02-0.05,0.05-0.1")
+    ] = None,
     config: ConfigOpt = None,
     n: Annotated[int | None, typer.Option("--n", help="Samples per store")] = None,
+    target_ci: Annotated[
+        float | None,
+        typer.Option(
+            help="Size each store for this 95 % interval half-width of the macro defect F1, "
+            "from the defect columns per image (--n then caps it)"
+        ),
+    ] = None,
+    planning_f1: Annotated[
+        float, typer.Option(help="F1 assumed by --target-ci (the spread is largest at 0.5)")
+    ] = 0.9,
     seed: Annotated[int | None, typer.Option(help="Dataset seed (shared: paired design)")] = None,
     size: Annotated[int | None, typer.Option(help="Image size in px (square)")] = None,
     overrides: SetOpt = None,
@@ -385,9 +402,13 @@ def sweep(
             gaussian_sigma=gaussian_sigma,
             points=points,
             bins=bins,
+            sigma_points=sigma_points,
+            sigma_bins=sigma_bins,
         )
     except ValueError as err:
         fail(str(err))
+    if target_ci is not None:
+        plan = _size_for_interval(plan, base, target_ci, planning_f1, cap=n)
     output.mkdir(parents=True, exist_ok=True)
     calibration = _calibration_for(base)
     for entry in plan:
@@ -404,6 +425,33 @@ def sweep(
         )
     write_manifest(output, plan)
     typer.echo(f"sweep of {len(plan)} stores in {output} (manifest: {output / 'sweep.json'})")
+
+
+def _size_for_interval(plan, base, half_width: float, planning_f1: float, cap=None):
+    """The sweep's entries with ``dataset.n_samples`` set by :func:`images_for_interval`
+    (at most ``cap`` images, when given: ``--n`` with ``--target-ci`` is a budget)."""
+    from simgen.sweep import images_for_interval, scored_columns_per_image
+    from structures import defect_classes, get_scheme
+
+    try:
+        per_image = scored_columns_per_image(base)
+        defects = defect_classes(get_scheme(base.labels.scheme).names)
+        rates = {c: m for c, m in per_image.items() if c in defects}
+        n_images, one = images_for_interval(half_width, rates, f1=planning_f1)
+    except ValueError as err:
+        fail(str(err), code=EXIT_USAGE)
+    counts = ", ".join(f"{m:.2f} {c}" for c, m in rates.items())
+    text = (
+        f"--target-ci {half_width:g}: {counts} per image (32 pilot structures); at F1 "
+        f"{planning_f1:g} one image gives ±{one:.3f}, so {n_images} images per store"
+    )
+    if cap is not None and cap < n_images:
+        n_images = cap
+        text += f"; capped by --n at {cap} (about ±{one / cap**0.5:.3f})"
+    typer.echo(text)
+    return [
+        replace(e, config=e.config.with_overrides({"dataset.n_samples": n_images})) for e in plan
+    ]
 
 
 @app.command()

@@ -264,6 +264,33 @@ def _build_structure(cfg, streams, fov_A, scheme):
     return ml.atoms, column_table(ml, scheme), ml.fov_origin, drawn
 
 
+def structure_columns(cfg, index: int):
+    """Column table of sample ``index``'s structure over the image's field of view.
+
+    Builds the structure only (no simulation, no acquisition distortions): for counting
+    what a dataset's images hold, e.g. its defect columns per image.
+
+    Parameters
+    ----------
+    cfg : SimgenConfig
+    index : int
+
+    Returns
+    -------
+    (ColumnTable, tuple of float, tuple of float)
+        The table, the field of view's origin [Å] in its coordinates and the field of
+        view (width, height) [Å] at the sample's pixel size.
+    """
+    from structures import get_scheme
+
+    streams = sample_streams(cfg.dataset.seed, index)
+    p = float(cfg.optics.draw(streams["optics"])["pixel_size_A"])
+    h, w = cfg.dataset.image_size
+    fov_A = (w * p, h * p)
+    _, table, origin, _ = _build_structure(cfg, streams, fov_A, get_scheme(cfg.labels.scheme))
+    return table, origin, fov_A
+
+
 def _tile_cell(atoms, fov_A, margin):
     """Repeat a user's (periodic) cell to cover the field of view plus margin."""
     import abtem

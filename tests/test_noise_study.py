@@ -320,3 +320,169 @@ def test_gaussian_sweep_with_ensembles(tmp_path, toy_calibration, one_thread):
     rows = read_results_csv(out / "results.csv")
     assert len(rows) == 6 and rows[0]["train_sigma_high"] == 0.0
     assert run_noise_study(cfg, out).evaluated == []
+
+
+def test_repeats_intervals_and_the_same_results_twice(sweeps, tmp_path, one_thread):
+    """Two repeats per bin: different seeds, mean ± sd and intervals per cell, a verdict
+    on the best bin; the same study run again elsewhere writes byte-identical CSVs."""
+    args = [str(sweeps["train"]), "--test", str(sweeps["test"]), "--repeats", "2", "-q"]
+    args += ["--set", "test_bins=[lambda0, lambda40-80]", "--set", "report.bootstrap=200"]
+    for item in TINY:
+        args += ["--set", item]
+    outputs = []
+    for name in ("a", "b"):
+        result = runner.invoke(app, ["noise-study", *args, "-o", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        outputs.append(tmp_path / name)
+    a, b = outputs
+    assert "4 model(s) trained, 0 reused; 8 evaluation(s) computed" in result.output
+    for name in ("results.csv", "repeats.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert sorted(p.relative_to(a).as_posix() for p in a.glob("models/*/*/best.pt")) == [
+        f"models/{b_}/repeat_{k:02d}/best.pt" for b_ in ("lambda0", "lambda20-40") for k in (0, 1)
+    ]
+    per_model = read_results_csv(a / "repeats.csv")
+    assert len(per_model) == 8
+    assert {(r["train_bin"], r["seed"]) for r in per_model} == {
+        (b_, s) for b_ in ("lambda0", "lambda20-40") for s in (0.0, 1.0)
+    }
+    rows = read_results_csv(a / "results.csv")
+    assert len(rows) == 4 and all(r["n_repeats"] == 2 for r in rows)
+    for row in rows:
+        reps = [
+            r
+            for r in per_model
+            if (r["train_bin"], r["test_bin"]) == (row["train_bin"], row["test_bin"])
+        ]
+        values = [r["detection_f1"] for r in reps]
+        assert row["detection_f1"] == pytest.approx(sum(values) / 2)
+        assert row["detection_f1_sd"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+        lo, hi = row["detection_f1_ci_low"], row["detection_f1_ci_high"]
+        assert 0 <= lo <= hi <= 1
+        assert lo - 1e-9 <= row["detection_f1"] <= hi + 1e-9 or lo == hi
+    summary = (a / "summary.md").read_text()
+    assert "**Over the test sweep: " in summary
+    assert ("separated from" in summary) or ("no clear winner" in summary)
+    assert " ± " in summary and "paired" in summary
+
+
+def test_a_damaged_test_store_is_one_line_naming_store_and_sample(study, sweeps, tmp_path):
+    """Store reads of the study go through the integrity-checked readers."""
+    test = tmp_path / "test"
+    shutil.copytree(sweeps["test"], test)
+    out = tmp_path / "study"
+    shutil.copytree(study["out"], out)
+    shutil.rmtree(out / "evaluations")  # a moved store keeps its fingerprint: rescore
+    args = [a if a != str(study["out"]) else str(out) for a in study["args"]]
+    args = [a if a != str(sweeps["test"]) else str(test) for a in args]
+    chunk = test / "lambda5-20.zarr" / "images" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(b"\x00" * len(chunk.read_bytes()))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # a clean exit, not a codec error
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ")
+    assert "lambda5-20.zarr: sample 1 is damaged (images" in lines[-1], lines[-1]
+    # damaged completion flags: refused before any work, naming the store
+    flags = test / "lambda40-80.zarr" / "complete" / "c" / "0"
+    flags.write_bytes(b"garbage" * 3)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "lambda40-80.zarr: the complete flags are damaged" in lines[0]
+
+
+def test_store_fingerprint_reads_through_the_checked_reader(sweeps, tmp_path):
+    from training.noise_study import store_fingerprint
+    from training.stores import StoreError
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(sweeps["test"] / "lambda0.zarr", store)
+    before = store_fingerprint(store)
+    assert before == store_fingerprint(sweeps["test"] / "lambda0.zarr")  # moved: same
+    (store / "complete" / "c" / "0").write_bytes(b"not a chunk")
+    with pytest.raises(StoreError, match=r"s\.zarr: the complete flags are damaged"):
+        store_fingerprint(store)
+
+
+def test_sweep_plans_a_lambda_sigma_grid():
+    from simgen.config import load_config
+    from simgen.sweep import plan_sweep
+
+    base = load_config().with_overrides(SMALL)
+    plan = plan_sweep(
+        base,
+        noise_lambda="5-40",
+        gaussian_sigma="0-0.1",
+        bins="5-20,20-40",
+        sigma_bins="0,0.05-0.1",
+    )
+    assert [e.name for e in plan] == [
+        "lambda5-20_sigma0",
+        "lambda5-20_sigma0.05-0.1",
+        "lambda20-40_sigma0",
+        "lambda20-40_sigma0.05-0.1",
+    ]
+    assert plan[1].levels == {"lambda": [5.0, 20.0], "sigma": [0.05, 0.1]}
+    acq = plan[1].config.acquisition
+    assert acq.detector.read_noise_mode == "relative"
+    assert plan[1].config.dataset.seed == plan[2].config.dataset.seed  # paired
+    with pytest.raises(ValueError, match="--sigma-bins"):
+        plan_sweep(base, gaussian_sigma="0-0.1", sigma_bins="0,0.1")
+
+
+def _grid_bins(prefix=""):
+    from training.noise_study import NoiseBin
+
+    return [
+        NoiseBin(f"{prefix}l{lam}_s{sig}", (), {"lambda": [lam, lam], "sigma": [sig, sig]})
+        for lam in (10.0, 30.0)
+        for sig in (0.0, 0.1)
+    ]
+
+
+def test_grid_report_has_per_axis_heatmaps_and_a_2d_map(tmp_path):
+    """Report of a λ × σ study from made-up scores: the per-axis matrices average the other
+    axis, the 2-D map holds each training bin's mean over the test sweep."""
+    from training.noise_study import (
+        StudyPlan,
+        StudyResult,
+        axis_matrix,
+        grid_matrix,
+        write_report,
+    )
+
+    train, test = _grid_bins(), _grid_bins("t")
+    plan = StudyPlan(train, test, ["background", "metal", "vac_M"], ["vac_M"], {})
+
+    def score(b, t):  # better when the training noise matches the test noise
+        return (
+            1.0
+            - abs(b.levels["lambda"][0] - t.levels["lambda"][0]) / 100
+            - abs(b.levels["sigma"][0] - t.levels["sigma"][0])
+        )
+
+    rows = [
+        {"train_bin": b.name, "test_bin": t.name, "test_kind": "sweep", "n_images": 4,
+         "detection_f1": score(b, t), "macro_defect_f1": score(b, t) - 0.1}
+        for b in train
+        for t in test
+    ]  # fmt: skip
+    m, rl, cl = axis_matrix(rows, plan, "detection_f1", "lambda")
+    assert rl == cl == ["λ 10", "λ 30"]
+    # training λ 10 on test λ 30: mean over training σ {0, 0.1} × test σ {0, 0.1}
+    assert m[0, 1] == pytest.approx(1.0 - 0.2 - (0 + 0.1 + 0.1 + 0) / 4)
+    g, lo, hi, lam, sig = grid_matrix(rows, plan, "macro_defect_f1")
+    assert lam == ["λ 10", "λ 30"] and sig == ["σ 0", "σ 0.1"]
+    assert g[1, 0] == pytest.approx(sum(score(train[2], t) - 0.1 for t in test) / 4)
+    out = tmp_path / "report"
+    out.mkdir()
+    cfg = NoiseStudyConfig(train_sweep="a", test_sweep="b")
+    files = write_report(StudyResult(out, plan, rows=rows), cfg)
+    for key in (
+        "heatmap_lambda_detection_f1",
+        "heatmap_sigma_macro_defect_f1",
+        "map_lambda_sigma_macro_defect_f1",
+    ):
+        assert files[key].read_bytes()[:4] == b"\x89PNG", key
+    assert "map_lambda_sigma_macro_defect_f1.png" in (out / "summary.md").read_text()

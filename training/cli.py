@@ -471,6 +471,10 @@ def noise_study(
         list[str] | None,
         typer.Option("--set", help="Override a study key: dotted.key=value, e.g. train.epochs=10."),
     ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(help="Models per training bin (training seeds differ); mean ± sd reported."),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     write_config: Annotated[
         Path | None,
@@ -478,7 +482,8 @@ def noise_study(
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
-    """Noise study: one model per training-noise bin, scored on a paired test sweep."""
+    """Noise study: models per training-noise bin, scored on a paired test sweep, with
+    bootstrap intervals."""
     from training.noise_study import load_study_config, run_noise_study, study_yaml
 
     cfg = load_study_config(
@@ -488,6 +493,7 @@ def noise_study(
             "train_sweep": str(train_sweep) if train_sweep is not None else None,
             "test_sweep": str(test_sweep) if test_sweep is not None else None,
             "extra_stores": extra_store or None,
+            "repeats": repeats,
             "train.device": device,
             "train.progress": False if quiet else None,
         },
@@ -498,7 +504,7 @@ def noise_study(
         return
     if out is None:
         raise ValueError("--out: give the study directory")
-    result = run_noise_study(cfg, out, log=typer.echo)
+    result = run_noise_study(cfg, out)  # steps go to the "training" logger (stderr)
     typer.echo(
         f"{len(result.trained)} model(s) trained, {len(result.reused_models)} reused; "
         f"{len(result.evaluated)} evaluation(s) computed, {len(result.reused_evaluations)} reused"

@@ -43,6 +43,7 @@ def evaluate_stores(
     tta: bool = False,
     method: str = "hungarian",
     progress: bool = False,
+    per_image: bool = False,
 ) -> dict:
     """Score a model on labelled stores at column and pixel level.
 
@@ -68,13 +69,17 @@ def evaluate_stores(
         Matching (:func:`training.metrics.match_columns`).
     progress : bool
         tqdm bar over samples.
+    per_image : bool
+        Also return every image's column counts (``per_image``: ``samples`` as
+        ``[store index, sample index]`` pairs and ``counts`` rows of
+        :meth:`ColumnScores.image_counts`), for bootstrap intervals over images.
 
     Returns
     -------
     dict
         :meth:`ColumnScores.summary` plus ``stores``, ``checkpoints``, ``settings`` and
         ``uncertainty`` (per-pixel ensemble variance of the predicted class, averaged over
-        all pixels; ``None`` for a single model).
+        all pixels; ``None`` for a single model); ``per_image`` when asked.
 
     Raises
     ------
@@ -157,6 +162,11 @@ def evaluate_stores(
             "ensemble variance of the predicted class" if len(ens) > 1
             else "1 - probability of the predicted class (one network: no variance)"
         )  # fmt: skip
+    if per_image:
+        result["per_image"] = {
+            "samples": [[s, i] for s, i in jobs],
+            "counts": scores.image_counts().tolist(),
+        }
     if out_dir is not None:
         write_json(result, out_dir / "metrics.json")
         plot_confusion(result["confusion"]["matrix"], ens.class_names, out_dir / "confusion.png")

@@ -363,6 +363,7 @@ class ColumnScores:
         self._rank_probs: list[np.ndarray] = []  # ... and the class probabilities [n, K]
         self._uncertainty: list[np.ndarray] = []  # matched columns: uncertainty, error
         self._error: list[np.ndarray] = []
+        self._image_counts: list[np.ndarray] = []
 
     def add_columns(
         self,
@@ -421,9 +422,16 @@ class ColumnScores:
             t, p = _select(t, count_t), _select(p, count_p)
         tc = np.asarray(t["class_id"], np.int64)
         pc = np.clip(np.asarray(p["class_id"], np.int64), 0, k - 1)
-        np.add.at(self.confusion, (tc[ti], pc[pi]), 1)
-        self.n_true += np.bincount(tc, minlength=k)[:k]
-        self.n_pred += np.bincount(pc, minlength=k)[:k]
+        confusion = np.zeros((k, k), np.int64)
+        np.add.at(confusion, (tc[ti], pc[pi]), 1)
+        n_true = np.bincount(tc, minlength=k)[:k]
+        n_pred = np.bincount(pc, minlength=k)[:k]
+        self.confusion += confusion
+        self.n_true += n_true
+        self.n_pred += n_pred
+        self._image_counts.append(
+            np.concatenate([[len(pi), len(pc), len(tc)], np.diag(confusion), n_pred, n_true])
+        )
         self.matched += len(pi)
         self.pred_total += len(pc)
         self.true_total += len(tc)
@@ -450,6 +458,21 @@ class ColumnScores:
         if "uncertainty" in p:
             self._uncertainty.append(np.asarray(p["uncertainty"], np.float64)[pi])
             self._error.append(tc[ti] != pc[pi])
+
+    def image_counts(self) -> np.ndarray:
+        """Column counts of every image added, for resampling images (bootstrap).
+
+        Returns
+        -------
+        ndarray of int64, shape (n_images, 3 + 3 K)
+            Per image: matched, detected and true columns (classes ignored), then per class
+            id ``0..K-1`` the correctly classified matches, the detections and the true
+            columns. Summing rows gives the totals :meth:`summary` scores.
+        """
+        k = len(self.class_names)
+        if not self._image_counts:
+            return np.zeros((0, 3 + 3 * k), np.int64)
+        return np.stack(self._image_counts).astype(np.int64)
 
     def add_pixels(self, pred_map, true_map) -> None:
         """Add one image's pixel confusion (class maps of equal shape)."""

@@ -103,8 +103,19 @@ class ReportConfig(Config):
         "macro_defect_f1",
     )
     dpi: int = described("Resolution of the PNG figures [dots per inch].", 100)
+    bootstrap: int = described(
+        "Bootstrap resamples of the test images for every interval (0 = no intervals).", 1000
+    )
+    confidence: float = described("Coverage of the intervals.", 0.95)
+    bootstrap_seed: int = described("Seed of the resamples (same seed, same intervals).", 0)
 
     def __post_init__(self):
+        check_range("bootstrap", self.bootstrap, 0)
+        if self.bootstrap and self.bootstrap < 100:
+            raise ValueError(
+                f"bootstrap: expected 0 or at least 100 resamples, got {self.bootstrap}"
+            )
+        check_range("confidence", self.confidence, 0.5, 0.999)
         if self.defect_classes is not None and not all(
             isinstance(c, str) and c for c in self.defect_classes
         ):
@@ -140,6 +151,11 @@ class NoiseStudyConfig(Config):
         "Allow test stores with the training stores' dataset seed (same structures: a leak).",
         False,
     )
+    repeats: int = described(
+        "Models per training bin, on the same store, with seeds train.seed + k * train.members "
+        "(k = 0..repeats-1); the report gives their mean and standard deviation.",
+        1,
+    )
     train: TrainConfig = described(
         "Training config of every model; data.train_stores is set per bin by the study.",
         factory=TrainConfig,
@@ -148,6 +164,7 @@ class NoiseStudyConfig(Config):
     report: ReportConfig = described("Report settings.", factory=ReportConfig)
 
     def __post_init__(self):
+        check_range("repeats", self.repeats, 1)
         for name in ("train_sweep", "test_sweep"):
             value = getattr(self, name)
             if value is not None and not value:
@@ -375,9 +392,9 @@ def extra_set(path, taken=()) -> NoiseBin:
 
 
 def _dataset_seed(path: str):
-    import zarr
+    from training.stores import open_store
 
-    config = zarr.open_group(path, mode="r").attrs.get("config")
+    config = open_store(path).root.attrs.get("config")
     dataset = config.get("dataset") if isinstance(config, dict) else None
     return dataset.get("seed") if isinstance(dataset, dict) else None
 
@@ -548,13 +565,16 @@ def store_fingerprint(path) -> str:
     The attributes hold the full dataset config, the creation time and the calibration,
     so a regenerated, continued or different store gets another fingerprint; a store
     moved elsewhere keeps its own.
-    """
-    import zarr
 
-    root = zarr.open_group(str(path), mode="r")
+    The store is read through :func:`training.stores.open_store` (schema checked, damaged
+    completion flags reported as one :class:`~training.stores.StoreError` naming the store).
+    """
+    from training.stores import open_store
+
+    st = open_store(path)
     h = hashlib.sha256()
-    h.update(json.dumps(dict(root.attrs), sort_keys=True, default=str).encode())
-    h.update(np.asarray(root["complete"][:], dtype=np.uint8).tobytes())
+    h.update(json.dumps(dict(st.root.attrs), sort_keys=True, default=str).encode())
+    h.update(np.asarray(st.complete, dtype=np.uint8).tobytes())
     return h.hexdigest()
 
 
@@ -568,9 +588,55 @@ def evaluation_key(checkpoint_hashes, store_fingerprints, settings: dict) -> str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def bin_train_config(train: TrainConfig, b: NoiseBin) -> TrainConfig:
-    """The training config of the model of bin ``b``: its store is the only training store."""
-    return train.replace(data={**train.data.to_dict(), "train_stores": list(b.stores)})
+def bin_train_config(train: TrainConfig, b: NoiseBin, repeat: int = 0) -> TrainConfig:
+    """The training config of repeat ``repeat`` of bin ``b``'s model.
+
+    The bin's store is the only training store; repeat ``k`` has seed
+    ``train.seed + k * train.members`` (so no two repeats share an ensemble member's seed).
+    """
+    data = {**train.data.to_dict(), "train_stores": list(b.stores)}
+    return train.replace(data=data, seed=train.seed + repeat * train.members)
+
+
+@dataclass(frozen=True)
+class ModelUnit:
+    """One trained model (or ensemble) of a study: bin, repeat, config and folders.
+
+    ``run_dir`` is ``models/<bin>/`` and ``eval_dir`` ``evaluations/<bin>/`` for a study of
+    one repeat; ``.../repeat_KK/`` below them otherwise.
+    """
+
+    bin: NoiseBin
+    repeat: int
+    config: TrainConfig
+    run_dir: Path
+    eval_dir: Path
+
+    @property
+    def name(self) -> str:
+        """``<bin>`` or ``<bin>/repeat_KK``."""
+        if self.run_dir.name == self.bin.name:
+            return self.bin.name
+        return f"{self.bin.name}/{self.run_dir.name}"
+
+
+def model_units(config: NoiseStudyConfig, plan: StudyPlan, out) -> list[ModelUnit]:
+    """Every model of a study, bin by bin, repeat by repeat."""
+    out = Path(out)
+    units = []
+    for b in plan.train_bins:
+        for k in range(config.repeats):
+            sub = () if config.repeats == 1 else (f"repeat_{k:02d}",)
+            units.append(
+                ModelUnit(
+                    b,
+                    k,
+                    bin_train_config(config.train, b, k),
+                    out.joinpath("models", b.name, *sub),
+                    out.joinpath("evaluations", b.name, *sub),
+                )
+            )
+    return units
 
 
 def _member_dirs(config: TrainConfig, run_dir: Path):
@@ -652,13 +718,23 @@ class StudyResult:
     out_dir : pathlib.Path
     plan : StudyPlan
     rows : list of dict
-        The lines of ``results.csv`` (:func:`result_row`).
+        The lines of ``results.csv``: per training bin × test set, the mean over repeats of
+        :func:`result_row` with ``n_repeats``, ``<F1>_sd``, ``<F1>_ci_low`` and
+        ``<F1>_ci_high`` (:func:`summarise_repeats`).
+    repeat_rows : list of dict
+        One :func:`result_row` per model (bin, repeat) and test set, with ``repeat`` and
+        ``seed`` (``repeats.csv``).
+    counts : dict
+        ``(bin, repeat, test) -> (samples, per-image column counts)`` of every evaluation.
+    intervals : StudyIntervals or None
+        The bootstrap resamples behind the intervals (``None`` when ``report.bootstrap``
+        is 0).
     trained : list of str
-        Bins whose model was trained or resumed in this call.
+        Models (``<bin>`` or ``<bin>/repeat_KK``) trained or resumed in this call.
     reused_models : list of str
-        Bins whose finished model was reused.
+        Models whose finished run was reused.
     evaluated, reused_evaluations : list of (str, str)
-        ``(train bin, test set)`` scored in this call / read from the cache.
+        ``(model, test set)`` scored in this call / read from the cache.
     seconds : dict
         Wall time of ``train``, ``evaluate``, ``report`` and ``total``.
     files : dict
@@ -668,6 +744,9 @@ class StudyResult:
     out_dir: Path
     plan: StudyPlan
     rows: list = field(default_factory=list)
+    repeat_rows: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)
+    intervals: object = None
     trained: list = field(default_factory=list)
     reused_models: list = field(default_factory=list)
     evaluated: list = field(default_factory=list)
@@ -694,7 +773,7 @@ def run_noise_study(
     *,
     log: Callable[[str], None] | None = None,
 ) -> StudyResult:
-    """Train one model per training bin, score all on all test sets, write the report.
+    """Train ``repeats`` models per training bin, score all on all test sets, write the report.
 
     Re-running with the same config does only missing work: a finished model (its
     ``last.pt`` at the last epoch, same config) is not retrained, an interrupted one is
@@ -706,8 +785,8 @@ def run_noise_study(
     config : NoiseStudyConfig
     out_dir : path-like
         Study directory: ``study.yaml``, ``study.log``, ``models/<bin>/``,
-        ``evaluations/<bin>/<test>.json``, and the report (``results.csv``,
-        ``summary.md``, ``heatmap_detection_f1.png``, ``heatmap_macro_defect_f1.png``,
+        ``evaluations/<bin>/<test>.json`` (``.../repeat_KK/`` with repeats), and the
+        report (``results.csv``, ``repeats.csv``, ``summary.md``, the heatmaps,
         ``f1_vs_<variable>.png``, ``study.json``).
     log : callable, optional
         Receives one line per step (also appended to ``study.log``).
@@ -719,7 +798,8 @@ def run_noise_study(
     Raises
     ------
     ValueError
-        Bad sweeps or stores (:func:`plan_study`), a model directory trained with another
+        Bad sweeps or stores (:func:`plan_study`), a damaged store
+        (:class:`~training.stores.StoreError`), a model directory trained with another
         config, bad training settings.
     """
     t_start = time.perf_counter()
@@ -736,16 +816,21 @@ def run_noise_study(
         if log is not None:
             log(text)
 
-    say(f"study: {len(plan.train_bins)} training bins x {len(plan.test_bins)} test sets in {out}")
-    configs = {b.name: bin_train_config(config.train, b) for b in plan.train_bins}
+    units = model_units(config, plan, out)
+    say(
+        f"study: {len(plan.train_bins)} training bins x {config.repeats} repeat(s) x "
+        f"{len(plan.test_bins)} test sets in {out}"
+    )
     t0 = time.perf_counter()
-    _train_models(plan, configs, out, say, result)
+    _train_models(units, say, result)
     result.seconds["train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    _evaluate_models(config, plan, configs, out, say, result)
+    _evaluate_models(config, plan, units, say, result)
     say(f"evaluations: {len(result.evaluated)} computed, {len(result.reused_evaluations)} reused")
     result.seconds["evaluate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    result.intervals = study_intervals(result, config)
+    result.rows = summarise_repeats(result, config)
     result.files = write_report(result, config)
     result.seconds["report"] = time.perf_counter() - t0
     result.seconds["total"] = time.perf_counter() - t_start
@@ -754,49 +839,50 @@ def run_noise_study(
     return result
 
 
-def _train_models(plan, configs, out: Path, say, result: StudyResult) -> None:
-    """Train (or resume, or reuse) the model of every training bin."""
+def _train_models(units, say, result: StudyResult) -> None:
+    """Train (or resume, or reuse) every model of the study."""
     from training.train import train_ensemble, train_model
 
     # refuse a model directory of another config before training anything
-    states = {
-        b.name: model_state(configs[b.name], out / "models" / b.name) for b in plan.train_bins
-    }
-    for k, b in enumerate(plan.train_bins, 1):
-        cfg, run_dir = configs[b.name], out / "models" / b.name
-        if states[b.name] == "done":
-            say(f"model {k}/{len(plan.train_bins)} {b.name}: done, reused")
-            result.reused_models.append(b.name)
+    states = {u.name: model_state(u.config, u.run_dir) for u in units}
+    for k, u in enumerate(units, 1):
+        cfg = u.config
+        if states[u.name] == "done":
+            say(f"model {k}/{len(units)} {u.name}: done, reused")
+            result.reused_models.append(u.name)
             continue
-        verb = "resuming" if states[b.name] == "partial" else "training"
-        say(f"model {k}/{len(plan.train_bins)} {b.name}: {verb} ({cfg.epochs} epochs)")
+        verb = "resuming" if states[u.name] == "partial" else "training"
+        say(f"model {k}/{len(units)} {u.name}: {verb} ({cfg.epochs} epochs, seed {cfg.seed})")
         t1 = time.perf_counter()
         if cfg.members > 1:
-            train_ensemble(cfg, run_dir, resume=True)
+            train_ensemble(cfg, u.run_dir, resume=True)
         else:
-            train_model(cfg, run_dir, resume=True)
-        say(f"model {b.name}: trained in {time.perf_counter() - t1:.1f} s")
-        result.trained.append(b.name)
+            train_model(cfg, u.run_dir, resume=True)
+        say(f"model {u.name}: trained in {time.perf_counter() - t1:.1f} s")
+        result.trained.append(u.name)
 
 
-def _evaluate_models(config, plan, configs, out: Path, say, result: StudyResult) -> None:
-    """Score every model on every test set (cached evaluations reused); one row each."""
+def _evaluate_models(config, plan, units, say, result: StudyResult) -> None:
+    """Score every model on every test set (cached evaluations reused)."""
     ev = config.evaluate
     settings = {k: v for k, v in ev.to_dict().items() if k != "checkpoint"}
+    settings["per_image"] = True  # older caches lack the per-image counts: recompute
     fingerprints = {t.name: [store_fingerprint(p) for p in t.stores] for t in plan.test_bins}
-    for b in plan.train_bins:
-        ckpts = model_checkpoints(configs[b.name], out / "models" / b.name, ev.checkpoint)
+    for u in units:
+        ckpts = model_checkpoints(u.config, u.run_dir, ev.checkpoint)
         hashes = [file_sha256(p) for p in ckpts]
         for t in plan.test_bins:
             key = evaluation_key(hashes, fingerprints[t.name], settings)
-            path = out / "evaluations" / b.name / f"{t.name}.json"
+            path = u.eval_dir / f"{t.name}.json"
             scores = _read_cached(path, key)
-            if scores is not None:
-                result.reused_evaluations.append((b.name, t.name))
+            if scores is not None and "per_image" in scores:
+                result.reused_evaluations.append((u.name, t.name))
             else:
                 record = {
                     "key": key,
-                    "train_bin": b.name,
+                    "train_bin": u.bin.name,
+                    "repeat": u.repeat,
+                    "seed": u.config.seed,
                     "test_set": t.name,
                     "checkpoints": [str(p) for p in ckpts],
                     "checkpoint_sha256": hashes,
@@ -804,12 +890,18 @@ def _evaluate_models(config, plan, configs, out: Path, say, result: StudyResult)
                     "store_fingerprints": fingerprints[t.name],
                     "settings": settings,
                 }
-                scores = _evaluate_one(config, ckpts, t, record, path, say)
-                result.evaluated.append((b.name, t.name))
-            result.rows.append(result_row(b, t, scores, plan))
+                scores = _evaluate_one(config, ckpts, t, record, path, u.name, say)
+                result.evaluated.append((u.name, t.name))
+            row = result_row(u.bin, t, scores, plan)
+            result.repeat_rows.append({**row, "repeat": u.repeat, "seed": u.config.seed})
+            per = scores["per_image"]
+            result.counts[(u.bin.name, u.repeat, t.name)] = (
+                [tuple(v) for v in per["samples"]],
+                np.asarray(per["counts"], np.int64).reshape(len(per["samples"]), -1),
+            )
 
 
-def _evaluate_one(config, ckpts, test, record: dict, path: Path, say) -> dict:
+def _evaluate_one(config, ckpts, test, record: dict, path: Path, name: str, say) -> dict:
     """Evaluate one model on one test set and cache the scores with ``record``."""
     from training.evaluate import evaluate_stores
     from training.report import write_json
@@ -826,12 +918,13 @@ def _evaluate_one(config, ckpts, test, record: dict, path: Path, say) -> dict:
         overlap=ev.overlap,
         tta=ev.tta,
         method=ev.method,
+        per_image=True,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json({**record, "result": scores}, path)
     det = scores["detection"]["f1"]
     say(
-        f"evaluated {record['train_bin']} on {test.name}: {scores['n_images']} images, "
+        f"evaluated {name} on {test.name}: {scores['n_images']} images, "
         f"detection F1 {det or 0:.4f} ({time.perf_counter() - t1:.1f} s)"
     )
     return scores
@@ -859,6 +952,175 @@ def _write_study_json(result: StudyResult, path: Path) -> None:
         },
         path,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# repeats and intervals
+# ---------------------------------------------------------------------------------------
+def interval_metrics(plan: StudyPlan) -> list[str]:
+    """The F1s given an interval: detection, macro, macro defect and every class's."""
+    return ["detection_f1", "macro_f1", "macro_defect_f1"] + [
+        f"f1_{c}" for c in plan.class_names[1:]
+    ]
+
+
+@dataclass
+class StudyIntervals:
+    """Bootstrap values of every F1 of every model on every test set.
+
+    Each test set's images are resampled ``n_resamples`` times (the same resamples for
+    every model: paired); each bin's repeats are also resampled, independently per bin,
+    for the comparisons of :meth:`between_seeds`.
+
+    Attributes
+    ----------
+    n_resamples : int
+    confidence : float
+    values : dict
+        ``(bin, test) -> {metric: ndarray (repeats, n_resamples)}``.
+    repeat_draws : dict
+        ``bin -> ndarray (n_resamples, repeats)`` of repeat indices.
+    """
+
+    n_resamples: int
+    confidence: float
+    values: dict
+    repeat_draws: dict
+
+    def over_images(self, bin_name: str, test: str, metric: str) -> np.ndarray:
+        """Mean over the repeats of each image resample, shape ``(n_resamples,)``."""
+        v = self.values[(bin_name, test)][metric]
+        return _nanmean(v, axis=0)
+
+    def between_seeds(self, bin_name: str, test: str, metric: str) -> np.ndarray:
+        """Mean over *resampled* repeats of each image resample, shape ``(n_resamples,)``.
+
+        Adds the spread between training seeds to the spread over test images; with one
+        repeat it equals :meth:`over_images`.
+        """
+        v = self.values[(bin_name, test)][metric]  # (K, B)
+        draws = self.repeat_draws[bin_name]  # (B, K)
+        picked = v[draws.T, np.arange(v.shape[1])[None, :]]
+        return _nanmean(picked, axis=0)
+
+    def interval(self, values) -> tuple[float, float]:
+        """Percentile interval of bootstrap values."""
+        from training.intervals import percentile_interval
+
+        return percentile_interval(values, self.confidence)
+
+
+def _nanmean(values, axis):
+    with warnings.catch_warnings():  # all-NaN slices: "Mean of empty slice" -> NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=axis)
+
+
+def study_intervals(result: StudyResult, config: NoiseStudyConfig) -> StudyIntervals | None:
+    """Resample the test images of every evaluation of ``result`` (``result.counts``).
+
+    Returns
+    -------
+    StudyIntervals or None
+        ``None`` when ``report.bootstrap`` is 0.
+
+    Raises
+    ------
+    ValueError
+        When two models of the study were scored on different images of one test set
+        (the resamples could not be paired).
+    """
+    from training.intervals import resample_weights, resampled_metrics, stream
+
+    rep = config.report
+    if not rep.bootstrap:
+        return None
+    plan = result.plan
+    metrics = interval_metrics(plan)
+    values, draws = {}, {}
+    for b in plan.train_bins:
+        rng = stream(rep.bootstrap_seed, f"repeats/{b.name}")
+        draws[b.name] = rng.integers(0, config.repeats, size=(rep.bootstrap, config.repeats))
+    for t in plan.test_bins:
+        samples = None
+        weights = None
+        for b in plan.train_bins:
+            per_repeat = []
+            for k in range(config.repeats):
+                got, counts = result.counts[(b.name, k, t.name)]
+                if samples is None:
+                    samples = got
+                    rng = stream(rep.bootstrap_seed, f"images/{t.name}")
+                    weights = resample_weights(len(samples), rep.bootstrap, rng)
+                elif got != samples:
+                    raise ValueError(
+                        f"test set {t.name}: the models were scored on different samples "
+                        "(a store changed during the study?); run the study again"
+                    )
+                per_repeat.append(
+                    resampled_metrics(
+                        counts,
+                        weights,
+                        plan.class_names,
+                        plan.defect_classes,
+                        undefined_as_zero=config.repeats > 1,
+                    )
+                )
+            values[(b.name, t.name)] = {m: np.stack([v[m] for v in per_repeat]) for m in metrics}
+    return StudyIntervals(rep.bootstrap, rep.confidence, values, draws)
+
+
+def _mean_sd(values) -> tuple[float | None, float | None]:
+    v = [float(x) for x in values if x is not None and not math.isnan(float(x))]
+    if not v:
+        return None, None
+    mean = float(np.mean(v)) if len(v) > 1 else v[0]
+    return mean, (float(np.std(v, ddof=1)) if len(v) > 1 else None)
+
+
+def summarise_repeats(result: StudyResult, config: NoiseStudyConfig) -> list[dict]:
+    """The rows of ``results.csv``: per training bin × test set, the mean over repeats.
+
+    Every metric of :func:`result_row` is averaged over the repeats whose value is defined;
+    with several repeats, a per-class F1 left undefined because a model made no detection
+    of a class that has true columns counts 0 (the macro F1's rule), so a model that never
+    predicts a class pulls the mean down instead of dropping out of it. ``n_repeats`` says
+    how many models there are, and every F1 of
+    :func:`interval_metrics` gets ``<F1>_sd`` (standard deviation over repeats, empty with
+    one) and ``<F1>_ci_low``/``<F1>_ci_high`` (bootstrap interval over test images of the
+    mean over repeats; empty when ``report.bootstrap`` is 0). With one repeat the metrics
+    are those of the single model.
+    """
+    plan, boot = result.plan, result.intervals
+    groups: dict = {}
+    for row in result.repeat_rows:
+        groups.setdefault((row["train_bin"], row["test_bin"]), []).append(row)
+    f1s = interval_metrics(plan)
+    layout_support = 3 + 2 * len(plan.class_names)  # first support column of the counts
+    out = []
+    for (b, t), rows in groups.items():
+        if len(rows) > 1:
+            rows = [dict(r) for r in rows]
+            for r in rows:
+                support = result.counts[(b, r["repeat"], t)][1].sum(0)[layout_support:]
+                for c, name in enumerate(plan.class_names):
+                    if c and r.get(f"f1_{name}") is None and support[c] > 0:
+                        r[f"f1_{name}"] = 0.0
+        first = rows[0]
+        metric_keys = list(first)[list(first).index("n_images") + 1 : list(first).index("repeat")]
+        row = {k: first[k] for k in list(first)[: list(first).index("n_images") + 1]}
+        row["n_repeats"] = len(rows)
+        for k in metric_keys:
+            row[k] = _mean_sd(r[k] for r in rows)[0]
+        for m in f1s:
+            row[f"{m}_sd"] = _mean_sd(r[m] for r in rows)[1]
+            lo, hi = (None, None)
+            if boot is not None:
+                lo, hi = boot.interval(boot.over_images(b, t, m))
+            row[f"{m}_ci_low"] = None if lo is None or math.isnan(lo) else lo
+            row[f"{m}_ci_high"] = None if hi is None or math.isnan(hi) else hi
+        out.append(row)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -921,7 +1183,19 @@ def _figure(width: float, height: float, dpi: int):
 
 
 def plot_heatmap(
-    matrix, row_labels, col_labels, path, *, title: str, dpi: int = 100, n_sweep=None
+    matrix,
+    row_labels,
+    col_labels,
+    path,
+    *,
+    title: str,
+    dpi: int = 100,
+    n_sweep=None,
+    low=None,
+    high=None,
+    xlabel: str = "test set",
+    ylabel: str = "training bin",
+    outline: bool = True,
 ) -> Path:
     """Annotated heatmap of a metric over training bins (rows) × test sets (columns).
 
@@ -938,6 +1212,11 @@ def plot_heatmap(
     dpi : int
     n_sweep : int, optional
         Number of test-sweep columns; a line separates them from the extra sets after.
+    low, high : array_like, optional
+        Interval bounds of every cell, printed under the value.
+    xlabel, ylabel : str
+    outline : bool
+        Outline the highest cell of each column.
 
     Returns
     -------
@@ -947,16 +1226,21 @@ def plot_heatmap(
 
     m = np.asarray(matrix, dtype=np.float64)
     n_rows, n_cols = m.shape
-    fig = _figure(2.2 + 1.05 * n_cols, 1.5 + 0.5 * n_rows, dpi)
+    ci = low is not None and high is not None
+    lo = np.asarray(low, dtype=np.float64) if ci else None
+    hi = np.asarray(high, dtype=np.float64) if ci else None
+    fig = _figure(2.2 + 1.2 * n_cols, 1.5 + (0.75 if ci else 0.5) * n_rows, dpi)
     ax = fig.add_subplot()
     im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for i in range(n_rows):
         for j in range(n_cols):
             v = m[i, j]
             text = "–" if np.isnan(v) else f"{v:.2f}"
+            if ci and np.isfinite(v) and np.isfinite(lo[i, j]) and np.isfinite(hi[i, j]):
+                text += f"\n[{lo[i, j]:.2f}, {hi[i, j]:.2f}]"
             colour = "black" if np.isnan(v) or v > 0.6 else "white"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9, color=colour)
-    for j in range(n_cols):
+            ax.text(j, i, text, ha="center", va="center", fontsize=8 if ci else 9, color=colour)
+    for j in range(n_cols if outline else 0):
         col = m[:, j]
         if np.isfinite(col).any():
             i = int(np.nanargmax(col))
@@ -967,8 +1251,8 @@ def plot_heatmap(
         ax.axvline(n_sweep - 0.5, color="white", linewidth=3)
     ax.set_xticks(range(n_cols), col_labels, rotation=30, ha="right")
     ax.set_yticks(range(n_rows), row_labels)
-    ax.set_xlabel("test set")
-    ax.set_ylabel("training bin")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
     fig.tight_layout()
@@ -1060,7 +1344,22 @@ def _fmt(v) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
-def _table(matrix, plan: StudyPlan) -> list[str]:
+def _cell_text(row: dict | None, metric: str) -> str:
+    """``0.953 ± 0.012 [0.931, 0.970]``: mean over repeats, sd, interval over images."""
+    if row is None or row.get(metric) is None:
+        return "–"
+    text = f"{row[metric]:.3f}"
+    if row.get(f"{metric}_sd") is not None:
+        text += f" ± {row[f'{metric}_sd']:.3f}"
+    lo, hi = row.get(f"{metric}_ci_low"), row.get(f"{metric}_ci_high")
+    if lo is not None and hi is not None:
+        text += f" [{lo:.3f}, {hi:.3f}]"
+    return text
+
+
+def _table(rows, plan: StudyPlan, metric: str) -> list[str]:
+    index = {(r["train_bin"], r["test_bin"]): r for r in rows}
+    matrix = metric_matrix(rows, plan, metric)
     head = "| training bin \\ test | " + " | ".join(t.label for t in plan.test_bins) + " |"
     lines = [head, "|---" * (len(plan.test_bins) + 1) + "|"]
     best = [
@@ -1069,42 +1368,56 @@ def _table(matrix, plan: StudyPlan) -> list[str]:
     ]
     for i, b in enumerate(plan.train_bins):
         cells = []
-        for j in range(matrix.shape[1]):
-            text = _fmt(float(matrix[i, j]))
+        for j, t in enumerate(plan.test_bins):
+            text = _cell_text(index.get((b.name, t.name)), metric)
             cells.append(f"**{text}**" if best[j] == i else text)
         lines.append(f"| {b.label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def best_bins(rows, plan: StudyPlan, select_by: str) -> list[dict]:
+def best_bins(rows, plan: StudyPlan, select_by: str, intervals=None) -> list[dict]:
     """Best training bin per test set (and over the mean of the test sweep's bins).
 
-    The bin with the highest ``select_by`` wins, ties broken by detection F1; when
-    ``select_by`` is undefined for a test set (no defect class with true columns), its
-    detection F1 decides.
+    The bin with the highest ``select_by`` (mean over repeats) wins, ties broken by
+    detection F1; when ``select_by`` is undefined for a test set (no defect class with
+    true columns), its detection F1 decides. With ``intervals``, the winner is compared
+    with the runner-up by a paired bootstrap: the same image resamples for both, each
+    bin's repeats resampled too (:meth:`StudyIntervals.between_seeds`); the winner is
+    *separated* when the interval of the difference lies above 0.
+
+    Parameters
+    ----------
+    rows : list of dict
+        ``results.csv`` rows.
+    plan : StudyPlan
+    select_by : str
+    intervals : StudyIntervals, optional
 
     Returns
     -------
     list of dict
-        ``test`` (label), ``best`` (label), ``metric`` (used), ``value``, ``detection_f1``,
-        ``runner_up`` (label or ``None``) and ``margin`` (best − runner-up).
+        ``test`` (label), ``best`` (label), ``metric`` (used), ``value``, ``value_ci``
+        (interval over test images, or ``None``), ``detection_f1``, ``runner_up`` (label
+        or ``None``), ``runner_up_value``, ``margin`` (best − runner-up),
+        ``margin_ci`` (paired interval of the difference, repeats resampled too, or
+        ``None``), ``margin_ci_images`` (the same over test images only) and
+        ``separated`` (``margin_ci`` above 0; ``None`` without intervals or runner-up).
     """
     det = metric_matrix(rows, plan, "detection_f1")
     sel = metric_matrix(rows, plan, select_by)
-    columns = [(t.label, sel[:, j], det[:, j]) for j, t in enumerate(plan.test_bins)]
+    columns = [(t.label, [j], sel[:, j], det[:, j]) for j, t in enumerate(plan.test_bins)]
     sweep = [j for j, t in enumerate(plan.test_bins) if t.kind == "sweep"]
     if len(sweep) > 1:
-        with warnings.catch_warnings():  # all-NaN rows: "Mean of empty slice" -> NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            columns.append(
-                (
-                    "mean over the test sweep",
-                    np.nanmean(sel[:, sweep], axis=1),
-                    np.nanmean(det[:, sweep], axis=1),
-                )
+        columns.append(
+            (
+                "mean over the test sweep",
+                sweep,
+                _nanmean(sel[:, sweep], axis=1),
+                _nanmean(det[:, sweep], axis=1),
             )
+        )
     out = []
-    for label, s, d in columns:
+    for label, cols, s, d in columns:
         metric = select_by
         if not np.isfinite(s).any():
             s, metric = d, "detection_f1"
@@ -1115,82 +1428,236 @@ def best_bins(rows, plan: StudyPlan, select_by: str) -> list[dict]:
         order = np.lexsort((-tie, -score))
         i = int(order[0])
         j = int(order[1]) if len(order) > 1 and np.isfinite(score[order[1]]) else None
-        out.append(
-            {
-                "test": label,
-                "best": plan.train_bins[i].label,
-                "metric": metric,
-                "value": float(s[i]),
-                "detection_f1": float(d[i]) if np.isfinite(d[i]) else None,
-                "runner_up": plan.train_bins[j].label if j is not None else None,
-                "margin": float(s[i] - s[j]) if j is not None else None,
-            }
-        )
+        entry = {
+            "test": label,
+            "best": plan.train_bins[i].label,
+            "metric": metric,
+            "value": float(s[i]),
+            "value_ci": None,
+            "detection_f1": float(d[i]) if np.isfinite(d[i]) else None,
+            "runner_up": plan.train_bins[j].label if j is not None else None,
+            "runner_up_value": float(s[j]) if j is not None else None,
+            "margin": float(s[i] - s[j]) if j is not None else None,
+            "margin_ci": None,
+            "margin_ci_images": None,
+            "separated": None,
+        }
+        if intervals is not None:
+            tests = [plan.test_bins[c].name for c in cols]
+
+            def resampled(b, how, tests=tests, metric=metric):
+                name = plan.train_bins[b].name
+                return _nanmean(np.stack([how(name, t, metric) for t in tests]), axis=0)
+
+            entry["value_ci"] = intervals.interval(resampled(i, intervals.over_images))
+            if j is not None:
+                diff = resampled(i, intervals.between_seeds) - resampled(j, intervals.between_seeds)
+                lo, hi = intervals.interval(diff)
+                entry["margin_ci"] = (lo, hi)
+                entry["separated"] = bool(lo > 0)
+                images = resampled(i, intervals.over_images) - resampled(j, intervals.over_images)
+                entry["margin_ci_images"] = intervals.interval(images)
+        out.append(entry)
     return out
 
 
+def verdict(entry: dict) -> str:
+    """One sentence on a :func:`best_bins` entry: separated or "no clear winner"."""
+    if entry["runner_up"] is None:
+        return f"{entry['best']} (the only training bin)"
+    lo_hi = entry["margin_ci"]
+    diff = f"{entry['margin']:+.3f}"
+    if lo_hi is not None:
+        diff += f" [{lo_hi[0]:+.3f}, {lo_hi[1]:+.3f}]"
+    if entry["separated"] is None:
+        return f"{entry['best']}, ahead of {entry['runner_up']} by {diff} (no interval computed)"
+    if entry["separated"]:
+        return f"{entry['best']}, separated from {entry['runner_up']} (difference {diff})"
+    return (
+        f"no clear winner: {entry['best']} and {entry['runner_up']} are within the interval "
+        f"(difference {diff})"
+    )
+
+
+def _level_key(b: NoiseBin, variable: str):
+    return tuple(b.levels[variable]) if variable in b.levels else None
+
+
+def _level_label(level, variable: str) -> str:
+    lo, hi = level
+    if variable == "lambda" and hi == 0:
+        return "λ 0 (none)"
+    symbol = VARIABLES[variable]
+    return f"{symbol} {lo:g}" if lo == hi else f"{symbol} {lo:g}–{hi:g}"
+
+
+def axis_matrix(rows, plan: StudyPlan, metric: str, variable: str):
+    """A metric over training levels × test levels of one noise variable.
+
+    Cells average (over repeats already, then) over the bins sharing a level: a training
+    λ level averages the training bins of that λ at every σ, a test λ level the test
+    bins of that λ at every σ. A training sweep that does not vary ``variable`` keeps
+    one row per bin.
+
+    Returns
+    -------
+    (ndarray, list of str, list of str)
+        Matrix ``[train levels, test levels]`` and the row and column labels; ``None``
+        when the test sweep does not vary ``variable``.
+    """
+    tests = [t for t in plan.test_bins if t.kind == "sweep" and variable in t.levels]
+    if not tests:
+        return None
+    full = metric_matrix(rows, plan, metric)
+    test_levels = list(dict.fromkeys(_level_key(t, variable) for t in tests))
+    by_train = all(variable in b.levels for b in plan.train_bins)
+    train_keys = [_level_key(b, variable) if by_train else b.name for b in plan.train_bins]
+    train_levels = list(dict.fromkeys(train_keys))
+    m = np.full((len(train_levels), len(test_levels)), np.nan)
+    for a, tl in enumerate(train_levels):
+        ri = [i for i, k in enumerate(train_keys) if k == tl]
+        for c, sl in enumerate(test_levels):
+            cj = [
+                j
+                for j, t in enumerate(plan.test_bins)
+                if t in tests and _level_key(t, variable) == sl
+            ]
+            m[a, c] = _nanmean(full[np.ix_(ri, cj)].ravel(), axis=0)
+    row_labels = [
+        _level_label(k, variable) if by_train else plan.train_bins[train_keys.index(k)].label
+        for k in train_levels
+    ]
+    return m, row_labels, [_level_label(k, variable) for k in test_levels]
+
+
+def grid_matrix(rows, plan: StudyPlan, metric: str, intervals=None):
+    """Each training bin's metric (mean over the test sweep) on the training λ × σ grid.
+
+    Returns
+    -------
+    (ndarray, ndarray, ndarray, list of str, list of str) or None
+        Values, interval bounds (NaN without ``intervals``), λ labels (rows), σ labels
+        (columns); ``None`` unless every training bin has both a λ and a σ level.
+    """
+    if not all("lambda" in b.levels and "sigma" in b.levels for b in plan.train_bins):
+        return None
+    lams = list(dict.fromkeys(_level_key(b, "lambda") for b in plan.train_bins))
+    sigs = list(dict.fromkeys(_level_key(b, "sigma") for b in plan.train_bins))
+    full = metric_matrix(rows, plan, metric)
+    sweep = [j for j, t in enumerate(plan.test_bins) if t.kind == "sweep"]
+    m, lo, hi = (np.full((len(lams), len(sigs)), np.nan) for _ in range(3))
+    for i, b in enumerate(plan.train_bins):
+        r, c = lams.index(_level_key(b, "lambda")), sigs.index(_level_key(b, "sigma"))
+        m[r, c] = _nanmean(full[i, sweep], axis=0)
+        if intervals is not None:
+            per = [intervals.over_images(b.name, plan.test_bins[j].name, metric) for j in sweep]
+            lo[r, c], hi[r, c] = intervals.interval(_nanmean(np.stack(per), axis=0))
+    return (
+        m,
+        lo,
+        hi,
+        [_level_label(k, "lambda") for k in lams],
+        [_level_label(k, "sigma") for k in sigs],
+    )
+
+
 def write_report(result: StudyResult, config: NoiseStudyConfig) -> dict:
-    """``results.csv``, the heatmaps, the line plot and ``summary.md`` of a study.
+    """``results.csv``, ``repeats.csv``, the heatmaps, the line plot and ``summary.md``.
 
     Parameters
     ----------
     result : StudyResult
-        With ``plan`` and ``rows`` filled in.
+        With ``plan``, ``rows`` and ``repeat_rows`` filled in (``intervals`` optional).
     config : NoiseStudyConfig
 
     Returns
     -------
     dict
-        Paths by name: ``results``, ``summary``, ``heatmap_detection_f1``,
-        ``heatmap_macro_defect_f1`` (when the scheme has defect classes) and ``lines``
-        (when the test sweep has noise levels).
+        Paths by name: ``results``, ``repeats``, ``summary``, ``heatmap_detection_f1``,
+        ``heatmap_macro_defect_f1`` (when the scheme has defect classes), ``lines`` (when
+        the test sweep has noise levels), ``heatmap_<variable>_<metric>`` per noise
+        variable when the test sweep varies both λ and σ, and ``map_lambda_sigma_<metric>``
+        when the training bins form a λ × σ grid.
     """
     plan, rows, out = result.plan, result.rows, result.out_dir
     dpi = config.report.dpi
     files = {"results": write_results_csv(rows, out / "results.csv")}
+    if result.repeat_rows:
+        files["repeats"] = write_results_csv(result.repeat_rows, out / "repeats.csv")
     n_sweep = sum(t.kind == "sweep" for t in plan.test_bins)
     row_labels = [b.label for b in plan.train_bins]
     col_labels = [t.label for t in plan.test_bins]
-    det = metric_matrix(rows, plan, "detection_f1")
-    files["heatmap_detection_f1"] = plot_heatmap(
-        det,
-        row_labels,
-        col_labels,
-        out / "heatmap_detection_f1.png",
-        title="Column detection F1 (best training bin per test set outlined)",
-        dpi=dpi,
-        n_sweep=n_sweep,
-    )
-    mdf = metric_matrix(rows, plan, "macro_defect_f1")
+    metrics = [("detection_f1", "Column detection F1")]
     if plan.defect_classes:
-        files["heatmap_macro_defect_f1"] = plot_heatmap(
-            mdf,
+        metrics.append(("macro_defect_f1", "Macro defect F1 (mean F1 over defect classes present)"))
+    for metric, title in metrics:
+        files[f"heatmap_{metric}"] = plot_heatmap(
+            metric_matrix(rows, plan, metric),
             row_labels,
             col_labels,
-            out / "heatmap_macro_defect_f1.png",
-            title="Macro defect F1 (mean F1 over defect classes present)",
+            out / f"heatmap_{metric}.png",
+            title=f"{title}; best training bin per test set outlined",
             dpi=dpi,
             n_sweep=n_sweep,
+            low=metric_matrix(rows, plan, f"{metric}_ci_low"),
+            high=metric_matrix(rows, plan, f"{metric}_ci_high"),
         )
-    variable = noise_variable([t for t in plan.test_bins if t.kind == "sweep"])
+    sweep_tests = [t for t in plan.test_bins if t.kind == "sweep"]
+    variable = noise_variable(sweep_tests)
     if variable is not None:
         files["lines"] = plot_lines(
             rows, plan, out / f"f1_vs_{variable}.png", variable=variable, dpi=dpi
         )
+    both = all(any(k in t.levels for t in sweep_tests) for k in VARIABLES)
+    for key in VARIABLES if both else ():
+        for metric, title in metrics:
+            got = axis_matrix(rows, plan, metric, key)
+            if got is None:
+                continue
+            m, rl, cl = got
+            files[f"heatmap_{key}_{metric}"] = plot_heatmap(
+                m,
+                rl,
+                cl,
+                out / f"heatmap_{key}_{metric}.png",
+                title=f"{title} by {VARIABLES[key]} (other axis averaged)",
+                dpi=dpi,
+                xlabel=f"test {VARIABLES[key]}",
+                ylabel=f"training {VARIABLES[key]}",
+            )
+    for metric, title in metrics:
+        got = grid_matrix(rows, plan, metric, result.intervals)
+        if got is None:
+            continue
+        m, lo, hi, rl, cl = got
+        files[f"map_lambda_sigma_{metric}"] = plot_heatmap(
+            m,
+            rl,
+            cl,
+            out / f"map_lambda_sigma_{metric}.png",
+            title=f"{title}: mean over the test sweep per training λ × σ bin",
+            dpi=dpi,
+            low=lo,
+            high=hi,
+            xlabel="training σ",
+            ylabel="training λ",
+            outline=False,
+        )
     summary = out / "summary.md"
-    summary.write_text(_summary_markdown(result, config, det, mdf, files))
+    summary.write_text(_summary_markdown(result, config, files))
     files["summary"] = summary
     return files
 
 
-def _summary_markdown(result, config, det, mdf, files) -> str:
+def _summary_markdown(result, config, files) -> str:
     """``summary.md``: what was run, the best training bin per test set, the F1 tables."""
     plan, rows = result.plan, result.rows
     select_by = config.report.select_by if plan.defect_classes else "detection_f1"
+    rep = config.report
     lines = [
         "# Noise study",
         "",
-        f"- training sweep: `{config.train_sweep}` — one model per bin: "
+        f"- training sweep: `{config.train_sweep}` — {config.repeats} model(s) per bin: "
         + ", ".join(f"`{b.name}`" for b in plan.train_bins),
         f"- test sweep: `{config.test_sweep}` — "
         + ", ".join(f"`{t.name}`" for t in plan.test_bins if t.kind == "sweep"),
@@ -1199,44 +1666,90 @@ def _summary_markdown(result, config, det, mdf, files) -> str:
         if t.kind == "extra":
             lines.append(f"- extra test set `{t.name}`: " + ", ".join(f"`{s}`" for s in t.stores))
     n_images = sorted({int(r["n_images"]) for r in rows})
+    seeds = [config.train.seed + k * config.train.members for k in range(config.repeats)]
     lines += [
-        f"- models: `models/<bin>/`, {config.train.epochs} epochs each, scored with "
-        f"`{config.evaluate.checkpoint}.pt`; test images per set: "
+        f"- models: `models/<bin>/`, {config.train.epochs} epochs each, training seeds "
+        + ", ".join(str(v) for v in seeds)
+        + f", scored with `{config.evaluate.checkpoint}.pt`; test images per set: "
         + ", ".join(str(n) for n in n_images),
         "- macro defect F1: mean column F1 over "
         + (", ".join(f"`{c}`" for c in plan.defect_classes) or "(no defect class)")
         + ", over the classes with true columns in the test set",
+    ]
+    if result.intervals is not None:
+        lines.append(
+            f"- cells: mean over the {config.repeats} repeat(s)"
+            + (" ± standard deviation between them" if config.repeats > 1 else "")
+            + f", then the {rep.confidence:.0%} bootstrap interval over the test images "
+            f"({rep.bootstrap} resamples of the images, each with all its columns; seed "
+            f"{rep.bootstrap_seed})"
+        )
+        lines.append(
+            "- a best bin is *separated* when the paired bootstrap interval of its difference "
+            "from the runner-up (same image resamples for both"
+            + (", each bin's repeats resampled too" if config.repeats > 1 else "")
+            + ") lies above 0; otherwise: no clear winner"
+            + (
+                "; *over images only* keeps the repeats fixed: the part of the uncertainty "
+                "that more test images would shrink"
+                if config.repeats > 1
+                else ""
+            )
+        )
+    else:
+        lines.append("- no intervals (`report.bootstrap: 0`)")
+    entries = best_bins(rows, plan, select_by, result.intervals)
+    lines += [
         "",
         "## Best training bin per test set",
         "",
         f"Chosen by {METRIC_NAMES[select_by]} (ties: detection F1).",
         "",
-        "| test set | best training bin | score | detection F1 | runner-up (margin) |",
-        "|---|---|---|---|---|",
     ]
-    for b in best_bins(rows, plan, select_by):
-        runner = f"{b['runner_up']} ({b['margin']:+.3f})" if b["runner_up"] else "–"
+    mean = next((e for e in entries if e["test"] == "mean over the test sweep"), None)
+    if mean is not None:
+        lines += [f"**Over the test sweep: {verdict(mean)}.**", ""]
+    lines += [
+        "| test set | best training bin | score [interval] | runner-up | difference [paired "
+        "interval] | over images only | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for b in entries:
+        score = f"{b['value']:.3f}"
+        if b["value_ci"] is not None:
+            score += f" [{b['value_ci'][0]:.3f}, {b['value_ci'][1]:.3f}]"
+        runner = f"{b['runner_up']} ({b['runner_up_value']:.3f})" if b["runner_up"] else "–"
+        diff = "–" if b["margin"] is None else f"{b['margin']:+.3f}"
+        if b["margin_ci"] is not None:
+            diff += f" [{b['margin_ci'][0]:+.3f}, {b['margin_ci'][1]:+.3f}]"
+        word = {True: "separated", False: "no clear winner", None: "–"}[b["separated"]]
+        images = "–"
+        if b["margin_ci_images"] is not None:
+            images = f"[{b['margin_ci_images'][0]:+.3f}, {b['margin_ci_images'][1]:+.3f}]"
         lines.append(
-            f"| {b['test']} | **{b['best']}** | {b['value']:.3f} ({METRIC_NAMES[b['metric']]}) | "
-            f"{_fmt(b['detection_f1'])} | {runner} |"
+            f"| {b['test']} | **{b['best']}** | {score} ({METRIC_NAMES[b['metric']]}) | "
+            f"{runner} | {diff} | {images} | {word} |"
         )
-    lines += ["", "## Detection F1 (best per column in bold)", "", *_table(det, plan), ""]
+    lines += ["", "## Detection F1 (best per column in bold)", ""]
+    lines += [*_table(rows, plan, "detection_f1"), ""]
     if plan.defect_classes:
-        lines += ["## Macro defect F1 (best per column in bold)", "", *_table(mdf, plan), ""]
+        lines += ["## Macro defect F1 (best per column in bold)", ""]
+        lines += [*_table(rows, plan, "macro_defect_f1"), ""]
     lines += ["## Figures", ""]
-    for key, title in (
-        ("heatmap_detection_f1", "detection F1"),
-        ("heatmap_macro_defect_f1", "macro defect F1"),
-        ("lines", "F1 against the test noise level"),
-    ):
-        if key in files:
-            lines.append(f"![{title}]({Path(files[key]).name})")
+    titles = {
+        "heatmap_detection_f1": "detection F1",
+        "heatmap_macro_defect_f1": "macro defect F1",
+        "lines": "F1 against the test noise level",
+    }
+    for key, path in files.items():
+        if key in titles or key.startswith(("heatmap_lambda", "heatmap_sigma", "map_lambda")):
+            lines.append(f"![{titles.get(key, key.replace('_', ' '))}]({Path(path).name})")
     lines += [
         "",
-        f"Per-class F1 and more in `results.csv`; raw scores in `evaluations/<bin>/<test>.json`. "
-        f"This run: {len(result.trained)} model(s) trained, {len(result.reused_models)} reused; "
-        f"{len(result.evaluated)} evaluation(s) computed, {len(result.reused_evaluations)} "
-        "reused.",
+        "Per-class F1 and intervals in `results.csv`, one row per model in `repeats.csv`; raw "
+        f"scores in `evaluations/`. This run: {len(result.trained)} model(s) trained, "
+        f"{len(result.reused_models)} reused; {len(result.evaluated)} evaluation(s) computed, "
+        f"{len(result.reused_evaluations)} reused.",
         "",
     ]
     return "\n".join(lines)
