@@ -439,7 +439,7 @@ def _size_for_interval(plan, base, half_width: float, planning_f1: float, cap=No
         rates = {c: m for c, m in per_image.items() if c in defects}
         n_images, one = images_for_interval(half_width, rates, f1=planning_f1)
     except ValueError as err:
-        fail(str(err), code=EXIT_USAGE)
+        fail(str(err))
     counts = ", ".join(f"{m:.2f} {c}" for c, m in rates.items())
     text = (
         f"--target-ci {half_width:g}: {counts} per image (32 pilot structures); at F1 "

@@ -159,7 +159,7 @@ def test_sweep_target_ci_refuses_bad_input_before_writing(tmp_path):
         (["--target-ci", "0.05", "--planning-f1", "1"], "--planning-f1"),
     ):
         result = CliRunner().invoke(app, [*base, *extra])
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == 1, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], result.output
     assert not out.exists()
