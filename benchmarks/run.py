@@ -13,6 +13,7 @@ BENCHES = (
     "bench_training",
     "bench_label",
     "bench_real",
+    "bench_dynamics",
 )
 
 

@@ -55,9 +55,9 @@ def _default_cross_sections() -> dict:
     # (threshold ~6.9 eV); observed sputtering rates are higher (vibrations, ionisation),
     # so these are effective numbers of the order reported for MoS2/WSe2 stacks.
     return {
-        "S": {60.0: 0.3, 80.0: 1.0},
-        "Se": {60.0: 0.1, 80.0: 0.4},
-        "Te": {60.0: 0.05, 80.0: 0.2},
+        "S": {60.0: 0.1, 80.0: 0.3},
+        "Se": {60.0: 0.03, 80.0: 0.12},
+        "Te": {60.0: 0.02, 80.0: 0.06},
     }
 
 
@@ -77,14 +77,14 @@ class DynamicsConfig(Config):
     cross_section_barn: dict = described(
         "knock-on cross-section per element [barn], or {kV: barn}", factory=_default_cross_sections
     )
-    hop_probability: float = described("per vacancy and frame", 0.15)
+    hop_probability: float = described("per vacancy and frame", 0.08)
     fill_probability: float = described("per vacancy and frame", 0.03)
     dopant_hop_probability: float = described("per dopant and frame", 0.1)
     n_regions: int = described("clustered: hot regions in the field", 3)
-    region_radius_A: float = described("clustered: Gaussian radius of a hot region [Å]", 10.0)
+    region_radius_A: float = described("clustered: Gaussian radius of a hot region [Å]", 12.0)
     region_fraction: float = described("clustered: share of the sputtering in the regions", 0.9)
     agglomeration: float = described(
-        "clustered: rate multiplier next to a vacancy (vacancy lines)", 6.0
+        "clustered: rate multiplier next to a vacancy (vacancy lines)", 4.0
     )
 
     def __post_init__(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from training.dynamics.events import interior
 from training.dynamics.tracking import _match
 
 
@@ -61,7 +62,8 @@ def score_events(detected, truth, mapping, tracks, kinds) -> dict:
     """Precision and recall of detected events per kind.
 
     A true event counts when its sites map to analysed sites that are in view in the frame
-    before and the frame of the event; a detected event matches a true one of the same
+    before and the frame of the event (for a one-site event: with its whole neighbourhood,
+    :func:`training.dynamics.events.interior`); a detected event matches a true one of the same
     kind, frame and (mapped) from/to sites.
     """
     ev = truth["events"]
@@ -75,6 +77,8 @@ def score_events(detected, truth, mapping, tracks, kinds) -> dict:
         f = int(f)
         if not (tracks.in_view[f - 1, [ta, tb]].all() and tracks.in_view[f, [ta, tb]].all()):
             continue
+        if ta == tb and not interior(tracks, f, ta):
+            continue  # a one-site event at the edge of the field (see events.interior)
         true_set[(f, str(kind), ta, tb)] = True
     det_set = {
         (int(e["frame"]), e["kind"], int(e["from_site"]), int(e["to_site"])) for e in detected
