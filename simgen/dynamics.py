@@ -148,6 +148,10 @@ class StageDriftConfig(Config):
     max_step_A: float = described("largest drift of one frame to the next [Å]", 2.0)
 
     def __post_init__(self):
+        for name in ("speed_A_per_frame", "direction_deg"):
+            value = getattr(self, name)
+            if not isinstance(value, Distribution):
+                object.__setattr__(self, name, Distribution.parse(value, name))
         self.speed_A_per_frame.check_range("speed_A_per_frame", 0.0, 10.0)
         check_range("random_walk_A", self.random_walk_A, 0.0, 10.0)
         check_range("max_step_A", self.max_step_A, 0.0, 20.0)

@@ -1,10 +1,10 @@
 """Instability per site and where the unstable sites are: density and clustering.
 
 **Instability** of a site: the largest step of its time series, for the intensity and for
-the autoencoder latent vector. At each frame t the mean of the ``w`` frames before is
-compared with the mean of the ``w`` frames after (both inside the field): for the
-intensity in units of the noise σ of its sublattice's levels, for the latent vector as the
-Euclidean distance in units of the typical frame-to-frame latent noise. Each of the two is
+the autoencoder latent vector (:func:`step_scores`: the mean of up to ``w`` frames before
+each frame against up to ``w`` after, weighed by how many there are): for the intensity in
+units of the noise σ of its sublattice's levels, for the latent vector as the Euclidean
+distance in units of the typical frame-to-frame latent noise. Each of the two is
 turned into a robust z-score over the sites (median, 1.4826 MAD) and the instability is
 their mean.
 
@@ -15,11 +15,14 @@ positions, divided by the kernel-smoothed window so the edges are not under-coun
 where the beam *created* a vacancy (each sputtering event is an independent draw under CSR;
 the later sites of a hopping vacancy are not, so all unstable sites would look clustered
 even for random events). Optionally points closer than ``link_A`` are merged into one.
-The Clark–Evans ratio R is their mean nearest-neighbour distance divided
-by its mean under CSR, estimated by Monte Carlo: as many points drawn uniformly among the
-analysed lattice sites (199 draws: the window's edges and the lattice are the same for data
-and null). R < 1 is clustering; the one-sided p-value is the rank of the data among the
-draws. Ripley's L(r) = √(K(r)/π) is reported with the draws' 2.5–97.5 % envelope.
+The null is Monte Carlo: as many points drawn uniformly among the analysed lattice sites
+(199 draws: the window's edges and the lattice are the same for data and null). The
+Clark–Evans ratio R is the points' mean nearest-neighbour distance divided by its mean
+under the null (R < 1: clustering; ``p_clark_evans`` its one-sided rank p-value). The
+decision ``clustered`` is the global envelope test on Ripley's L(r) = √(K(r)/π), r = 5–40 Å:
+the largest excess of L over the null mean in units of the null's spread, over the radii,
+ranked among the same statistic of the draws (``p_clustered`` < 0.01). It looks at every
+scale at once, so hot regions of any size are seen, where R only sees nearest neighbours.
 """
 
 from __future__ import annotations
@@ -32,20 +35,28 @@ from scipy.spatial import cKDTree
 
 
 def step_scores(series, *, window: int = 3) -> np.ndarray:
-    """Largest |mean(after) − mean(before)| over frames, per site; ``series`` is ``(T, S)``
-    or ``(T, S, D)`` (Euclidean norm over D) with NaN out of view."""
+    """Largest step of each site's series, in units of the per-frame noise of one value.
+
+    At each frame t the mean of up to ``window`` in-view frames before (``n_b`` of them) and
+    after (``n_a``) are compared: ``|mean_a − mean_b| / √(1/n_a + 1/n_b)`` (Euclidean norm
+    for vectors), so a step near the start or end of the stack, seen with fewer frames,
+    is weighed by the evidence it has. ``series`` is ``(T, S)`` or ``(T, S, D)`` with NaN
+    out of view."""
     x = np.asarray(series, dtype=np.float64)
     if x.ndim == 2:
         x = x[..., None]
     t_count, n, _ = x.shape
+    ok = np.isfinite(x).all(axis=2)
+    v = np.where(ok[..., None], x, 0.0)
     best = np.zeros(n)
-    w = max(1, min(window, t_count // 2))
-    for t in range(w, t_count - w + 1):
-        before = x[t - w : t]
-        after = x[t : t + w]
-        ok = np.isfinite(before).all(axis=(0, 2)) & np.isfinite(after).all(axis=(0, 2))
-        d = np.linalg.norm(after.mean(axis=0) - before.mean(axis=0), axis=1)
-        best[ok] = np.maximum(best[ok], d[ok])
+    for t in range(1, t_count):
+        lo, hi = max(0, t - window), min(t_count, t + window)
+        nb, na = ok[lo:t].sum(axis=0), ok[t:hi].sum(axis=0)
+        good = (nb > 0) & (na > 0)
+        mb = v[lo:t].sum(axis=0) / np.maximum(nb, 1)[:, None]
+        ma = v[t:hi].sum(axis=0) / np.maximum(na, 1)[:, None]
+        d = np.linalg.norm(ma - mb, axis=1) / np.sqrt(1 / np.maximum(na, 1) + 1 / np.maximum(nb, 1))
+        best[good] = np.maximum(best[good], d[good])
     return best
 
 
@@ -155,16 +166,25 @@ def clustering(
         l_sims.append(_ripley_l(draw, radii, area))
     sims = np.asarray(sims)
     l_sims = np.asarray(l_sims)
-    p = (1 + np.sum(sims <= obs)) / (1 + n_sim)
+    p_ce = (1 + np.sum(sims <= obs)) / (1 + n_sim)
+    # global envelope test on Ripley's L: the largest standardised excess over the radii,
+    # ranked among the same statistic of the draws themselves
+    l_obs = _ripley_l(pts, radii, area)
+    mu, sd = l_sims.mean(axis=0), l_sims.std(axis=0) + 1e-9
+    t_obs = float(np.max((l_obs - mu) / sd))
+    t_sims = np.max((l_sims - mu) / sd, axis=1)
+    p_l = (1 + np.sum(t_sims >= t_obs)) / (1 + n_sim)
     out.update(
         mean_nn_A=obs,
         mean_nn_csr_A=float(sims.mean()),
         clark_evans_R=float(obs / sims.mean()),
-        p_clustered=float(p),
-        clustered=bool(p < 0.01),
+        p_clark_evans=float(p_ce),
+        ripley_excess=t_obs,
+        p_clustered=float(p_l),
+        clustered=bool(p_l < 0.01),
         ripley={
             "radius_A": radii.tolist(),
-            "L_A": _ripley_l(pts, radii, area).tolist(),
+            "L_A": l_obs.tolist(),
             "csr_low_A": np.percentile(l_sims, 2.5, axis=0).tolist(),
             "csr_high_A": np.percentile(l_sims, 97.5, axis=0).tolist(),
         },

@@ -166,26 +166,47 @@ def _defect_signal(values) -> np.ndarray:
     return out
 
 
+def _subpixel(surface, iy, ix) -> np.ndarray:
+    """Parabolic sub-pixel offset ``(dx, dy)`` of the peak at ``(iy, ix)``."""
+    h, w = surface.shape
+    c = surface[iy, ix]
+    out = []
+    for (ya, xa), (yb, xb) in (
+        (((iy) % h, (ix - 1) % w), ((iy) % h, (ix + 1) % w)),
+        (((iy - 1) % h, ix % w), ((iy + 1) % h, ix % w)),
+    ):
+        lo, hi = surface[ya, xa], surface[yb, xb]
+        den = lo - 2 * c + hi
+        out.append(0.5 * (lo - hi) / den if den < 0 else 0.0)
+    return np.clip(np.array(out), -0.5, 0.5)
+
+
 def _rigid_step(prev, cur, prev_xy, a_vectors, bond_px, prior):
     """Translation of ``cur`` relative to ``prev`` [px, (dx, dy)]: phase correlation, the
     lattice-translation alias chosen by the agreement of the aperiodic column intensities
     (as a z-score: the mean product of the two frames' defect signals times √N) less a
     smooth-drift penalty ``|t − prior|² / 2σ²`` with σ = a/6 (``prior``: the previous
     frame's step; the stage drifts smoothly)."""
-    from skimage.registration import phase_cross_correlation
 
-    shift, _, _ = phase_cross_correlation(
-        _prep(prev, bond_px), _prep(cur, bond_px), upsample_factor=10, normalization="phase"
-    )
-    t = -np.array([shift[1], shift[0]])
     h, w = cur.shape
-    border = 2 * bond_px
-    inside = (
-        (prev_xy[:, 0] > border)
-        & (prev_xy[:, 0] < w - border)
-        & (prev_xy[:, 1] > border)
-        & (prev_xy[:, 1] < h - border)
-    )
+    # phase correlation surface of the whole frames; its maximum near the prior (within
+    # 0.4 a: a lattice period has a peak every a, so the global maximum may be any alias)
+    # (the central half of the frames: the scan distortion of each frame, a shear or bend
+    # of up to a few Å across it, would blur the correlation of the whole frames)
+    r0, c0 = h // 4, w // 4
+    crop = (slice(r0, h - r0), slice(c0, w - c0))
+    fa = np.fft.fft2(_prep(prev[crop], bond_px))
+    fb = np.fft.fft2(_prep(cur[crop], bond_px))
+    cross = np.conj(fa) * fb
+    surface = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-12)))
+    a_len = float(np.linalg.norm(a_vectors[0]))
+    hc, wc = surface.shape
+    dy, dx = np.meshgrid(np.fft.fftfreq(hc) * hc, np.fft.fftfreq(wc) * wc, indexing="ij")
+    near = (dx - prior[0]) ** 2 + (dy - prior[1]) ** 2 <= (0.4 * a_len) ** 2
+    k = np.argmax(np.where(near, surface, -np.inf))
+    iy, ix = np.unravel_index(k, surface.shape)
+    t = np.array([dx[iy, ix], dy[iy, ix]], dtype=np.float64) + _subpixel(surface, iy, ix)
+    inside = _central(prev_xy, (h, w), 0.6)
     pts = prev_xy[inside]
     if len(pts) < 10:
         return t, 0.0
@@ -276,6 +297,69 @@ _SCHEDULE = (
     (1.0, 7, 0.35),
     (1.0, 7, 0.3),
 )
+
+
+#: Offsets [bond lengths] tried around the coarse step when its registration fails.
+_SEARCH = tuple(
+    (r * math.cos(k * math.pi / 4), r * math.sin(k * math.pi / 4))
+    for r in (0.5, 1.0)
+    for k in range(8)
+)
+
+
+def _alias(prev, cur, coeffs_prev, coeffs_cur, site_xy, a_vec, bond, shape):
+    """The lattice translation ``n₁a₁ + n₂a₂`` (n ∈ {−1, 0, 1}) to add to a frame's
+    registration so that its site intensities agree best with the previous frame's (None
+    when no translation beats the registration as it is)."""
+    shape2 = (1,) + coeffs_prev.shape
+    reg_prev = Registration(
+        coeffs_prev.reshape(shape2), shape, np.zeros((1, 2)), np.zeros(1), np.ones(1)
+    )
+    xy_prev = reg_prev.to_frame(0, site_xy)
+    h, w = shape
+    base = _in_view(xy_prev, shape, 2 * bond)
+    if base.sum() < 20:
+        return None
+    i_prev = disk_intensities(prev, xy_prev[base], 0.3 * bond)
+    reg_cur = Registration(
+        coeffs_cur.reshape(shape2).copy(), shape, np.zeros((1, 2)), np.zeros(1), np.ones(1)
+    )
+    xy_cur = reg_cur.to_frame(0, site_xy[base])
+    best, best_z = None, -np.inf
+    for n1 in (-1, 0, 1):
+        for n2 in (-1, 0, 1):
+            cand = n1 * a_vec[0] + n2 * a_vec[1]
+            moved = xy_cur + cand
+            ok = _in_view(moved, shape, 1.0)
+            if ok.sum() < 20:
+                continue
+            a = _defect_signal(i_prev[ok])
+            b = _defect_signal(disk_intensities(cur, moved[ok], 0.3 * bond))
+            z = float(np.mean(a * b)) * math.sqrt(ok.sum())
+            if z > best_z:
+                best, best_z = cand, z
+    if best is None or not np.any(best):
+        return None
+    return best
+
+
+def _register_frame(site_xy, cur, start, shape, bond):
+    """Coarse-to-fine fit of one frame from ``start`` coefficients: ``(coeffs, rms,
+    matched fraction, indices of the matched columns)``."""
+    reg = Registration(start[None], shape, np.zeros((1, 2)), np.zeros(1), np.ones(1))
+    coeffs, rms = start, np.inf
+    j = np.zeros(0, dtype=np.int64)
+    for extent, n_terms, tol in _SCHEDULE:
+        pred = reg.to_frame(0, site_xy)
+        i, j = _match(pred, cur, tol * bond)
+        central = _central(cur[j], shape, extent)
+        i, j = i[central], j[central]
+        try:
+            coeffs, rms = _fit(site_xy[i], cur[j], shape, n_terms)
+        except StackError:
+            return start, np.inf, 0.0, np.zeros(0, dtype=np.int64)
+        reg.coeffs[0] = coeffs
+    return coeffs, rms, len(j) / max(len(cur), 1), j
 
 
 def _central(xy, shape, extent):
@@ -390,21 +474,29 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
         prior = coeffs[f - 1, 0] - coeffs[f - 2, 0] if f >= 2 else np.zeros(2)
         step, _ = _rigid_step(frames[f - 1], frames[f], columns[f - 1], a_vec, bond, prior)
         site_xy = np.concatenate(sites)
-        coeffs[f] = coeffs[f - 1]
-        coeffs[f, 0] += step
         cur = np.asarray(columns[f], dtype=np.float64)
-        # coarse to fine: the rigid step holds near the centre; the scan distortion of
-        # each frame (shear, scale, bending) is fitted from there outwards
-        for extent, n_terms, tol in _SCHEDULE:
-            pred = reg.to_frame(f, site_xy)
-            i, j = _match(pred, cur, tol * bond)
-            central = _central(cur[j], shape, extent)
-            i, j = i[central], j[central]
-            try:
-                coeffs[f], rms[f] = _fit(site_xy[i], cur[j], shape, n_terms)
-            except StackError as err:
-                raise StackError(f"frame {f} cannot be registered ({err})") from None
-        matched[f] = len(j) / max(len(cur), 1)
+        start = coeffs[f - 1].copy()
+        start[0] += step
+        best = _register_frame(site_xy, cur, start, shape, bond)
+        if best[2] < 0.5 or best[1] > 0.3 * bond:
+            # the coarse step was off by more than the first match radius (a frame whose
+            # scan distortion differs much from its neighbour's): search around it
+            for ox, oy in _SEARCH:
+                trial = start.copy()
+                trial[0] += np.array([ox, oy]) * bond
+                got = _register_frame(site_xy, cur, trial, shape, bond)
+                if got[2] > best[2]:
+                    best = got
+        coeffs[f], rms[f], matched[f], j = best
+        # a lattice translation matches the columns as well as the true shift: the sites'
+        # aperiodic intensities (dopants, vacancies) in this frame and the previous decide
+        shift = _alias(
+            frames[f - 1], frames[f], coeffs[f - 1], coeffs[f], site_xy, a_vec, bond, shape
+        )
+        if shift is not None:
+            coeffs[f, 0] += shift
+            best = _register_frame(site_xy, cur, coeffs[f].copy(), shape, bond)
+            coeffs[f], rms[f], matched[f], j = best
         if matched[f] < 0.5 or rms[f] > 0.3 * bond:
             raise StackError(
                 f"frame {f} cannot be registered to frame {f - 1} ({matched[f]:.0%} of its "
