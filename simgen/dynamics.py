@@ -291,7 +291,8 @@ def initial_state(pristine, defected) -> State:
     return State(present=present, symbol=symbol)
 
 
-def _slots(lattice: Lattice) -> list[np.ndarray]:
+def site_slots(lattice: Lattice) -> list[np.ndarray]:
+    """Atom slots of each site (indices into the lattice's atoms)."""
     order = np.argsort(lattice.atom_site, kind="stable")
     bounds = np.searchsorted(lattice.atom_site[order], np.arange(len(lattice.x) + 1))
     return [order[bounds[k] : bounds[k + 1]] for k in range(len(lattice.x))]
@@ -328,7 +329,7 @@ def step(
         The new state and its events (``from_site == to_site`` for one-site events).
     """
     rng = as_rng(rng)
-    slots = _slots(lattice) if slots is None else slots
+    slots = site_slots(lattice) if slots is None else slots
     present = state.present.copy()
     symbol = state.symbol.copy()
     counts = np.bincount(lattice.atom_site, weights=present.astype(float), minlength=len(slots))

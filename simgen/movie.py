@@ -129,7 +129,7 @@ def plan_movie(cfg: MovieConfig) -> MoviePlan:
     """Build the structure, replay the events and draw the drift of the movie ``cfg``."""
     from simgen import acquisition as acq
     from simgen.dynamics import frame_dose, initial_state, make_lattice, stage_drift, step
-    from simgen.pipeline import _draw_structure, sample_streams
+    from simgen.pipeline import draw_structure, sample_streams
     from structures import apply_defects, build_monolayer, get_scheme, parse_material
 
     st = cfg.structure
@@ -144,7 +144,7 @@ def plan_movie(cfg: MovieConfig) -> MoviePlan:
     drift = stage_drift(n, cfg.stage_drift, r_drift)
     lo, hi = drift.min(axis=0), drift.max(axis=0)
     union = window + (hi - lo)
-    drawn = _draw_structure(cfg, r_draw)
+    drawn = draw_structure(cfg, r_draw)
     material = st.material.args[int(drawn.get("material_index", 0))]
     alloy = st.metals is not None and st.chalcogens is not None
     pristine = build_monolayer(
@@ -171,9 +171,9 @@ def plan_movie(cfg: MovieConfig) -> MoviePlan:
     dose = frame_dose(cfg.dynamics, cfg.acquisition, p)
     states = [initial_state(pristine, defected)]
     events = []
-    from simgen.dynamics import _slots
+    from simgen.dynamics import site_slots
 
-    slots = _slots(lattice)
+    slots = site_slots(lattice)
     for f in range(1, n):
         state, evs = step(
             states[-1], lattice, cfg.dynamics, dose_e_per_A2=dose,
@@ -409,3 +409,8 @@ def read_movie_truth(root) -> dict:
         "frames": frames,
         "pixel_size_A": root.attrs.get("pixel_size_A"),
     }
+
+
+def clear_plan_cache() -> None:
+    """Forget the plans :func:`cached_plan` computed (as a fresh process would)."""
+    _plan_by_text.cache_clear()

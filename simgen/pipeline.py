@@ -175,7 +175,9 @@ def load_structure_file(path: str):
 
 
 # -- the sample ----------------------------------------------------------------------------
-def _draw_structure(cfg, rng) -> dict:
+def draw_structure(cfg, rng) -> dict:
+    """The per-sample structure values of ``cfg`` (rotation, displacements, material,
+    defect concentrations) drawn from ``rng``."""
     st = cfg.structure
     out = {
         "rotation_deg": float(st.rotation_deg.draw(rng)),
@@ -193,7 +195,7 @@ def make_sample_params(cfg, index: int) -> dict:
     streams = sample_streams(cfg.dataset.seed, index)
     params = {}
     if not cfg.structure.file:
-        params.update(_draw_structure(cfg, streams["structure"]))
+        params.update(draw_structure(cfg, streams["structure"]))
     params.update(cfg.optics.draw(streams["optics"]))
     params.update(dict.fromkeys(acq.AcquisitionConfig.param_names(), 0.0))
     return params
@@ -238,7 +240,7 @@ def _build_structure(cfg, streams, fov_A, scheme):
         table = columns_from_atoms(atoms, scheme=scheme, fov_origin=origin, fov_extent=fov_A)
         return atoms, table, origin, {}
     r_draw, r_build, r_defects = streams["structure"].spawn(3)
-    drawn = _draw_structure(cfg, r_draw)
+    drawn = draw_structure(cfg, r_draw)
     material = st.material.args[int(drawn.get("material_index", 0))]
     alloy = st.metals is not None and st.chalcogens is not None
     ml = build_monolayer(

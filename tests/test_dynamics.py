@@ -152,13 +152,13 @@ def test_frame_depends_only_on_seed_and_frame_and_resume_is_bit_identical(
 ):
     from simgen.api import calibration_for
     from simgen.generation import stores_identical
-    from simgen.movie import _plan_by_text, generate_movie, make_frame, read_movie_truth
+    from simgen.movie import clear_plan_cache, generate_movie, make_frame, read_movie_truth
 
     monkeypatch.setenv("SIMGEN_CACHE", str(movie_cache))
     cfg, full = movie_store
     cal = calibration_for(cfg)
     a = make_frame(cfg, 5, calibration=cal)
-    _plan_by_text.cache_clear()  # a fresh process: the plan is recomputed
+    clear_plan_cache()  # a fresh process: the plan is recomputed
     make_frame(cfg, 2, calibration=cal)
     b = make_frame(cfg, 5, calibration=cal)
     assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)

@@ -292,11 +292,11 @@ def _frame_scales(frames, tracks) -> np.ndarray:
 
 def _site_classes(tracks, columns, classes) -> np.ndarray:
     """The network's class of each site in each frame (−1 where no column was linked)."""
-    from training.dynamics.tracking import _match
+    from training.dynamics.tracking import match_points
 
     out = np.full(tracks.observed.shape, -1, dtype=np.int64)
     for f, (cols, cls) in enumerate(zip(columns, classes, strict=True)):
-        i, j = _match(tracks.xy[f], np.asarray(cols, float), 0.4 * tracks.bond_px)
+        i, j = match_points(tracks.xy[f], np.asarray(cols, float), 0.4 * tracks.bond_px)
         out[f, i] = np.asarray(cls)[j]
     return out
 

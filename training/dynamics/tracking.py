@@ -234,7 +234,7 @@ def _rigid_step(prev, cur, prev_xy, a_vectors, bond_px, prior):
     return best, float(best_score)
 
 
-def _match(a, b, tol):
+def match_points(a, b, tol):
     """Pairs ``(i, j)`` of points ``a[i]``, ``b[j]`` closer than ``tol``, one-to-one with
     the smallest total distance (Hungarian on each connected group of candidates)."""
     if len(a) == 0 or len(b) == 0:
@@ -309,8 +309,9 @@ _SEARCH = tuple(
 
 def _alias(prev, cur, coeffs_prev, coeffs_cur, site_xy, a_vec, bond, shape):
     """The lattice translation ``n₁a₁ + n₂a₂`` (n ∈ {−1, 0, 1}) to add to a frame's
-    registration so that its site intensities agree best with the previous frame's (None
-    when no translation beats the registration as it is)."""
+    registration so that its site intensities agree best with the previous frame's, less
+    the smooth-drift penalty of :func:`_rigid_step` (None when no translation beats the
+    registration as it is)."""
     shape2 = (1,) + coeffs_prev.shape
     reg_prev = Registration(
         coeffs_prev.reshape(shape2), shape, np.zeros((1, 2)), np.zeros(1), np.ones(1)
@@ -326,6 +327,7 @@ def _alias(prev, cur, coeffs_prev, coeffs_cur, site_xy, a_vec, bond, shape):
     )
     xy_cur = reg_cur.to_frame(0, site_xy[base])
     best, best_z = None, -np.inf
+    sigma = float(np.linalg.norm(a_vec[0])) / 6.0
     for n1 in (-1, 0, 1):
         for n2 in (-1, 0, 1):
             cand = n1 * a_vec[0] + n2 * a_vec[1]
@@ -336,6 +338,7 @@ def _alias(prev, cur, coeffs_prev, coeffs_cur, site_xy, a_vec, bond, shape):
             a = _defect_signal(i_prev[ok])
             b = _defect_signal(disk_intensities(cur, moved[ok], 0.3 * bond))
             z = float(np.mean(a * b)) * math.sqrt(ok.sum())
+            z -= 0.5 * float(np.sum(cand**2)) / sigma**2  # the same smooth-drift prior
             if z > best_z:
                 best, best_z = cand, z
     if best is None or not np.any(best):
@@ -351,7 +354,7 @@ def _register_frame(site_xy, cur, start, shape, bond):
     j = np.zeros(0, dtype=np.int64)
     for extent, n_terms, tol in _SCHEDULE:
         pred = reg.to_frame(0, site_xy)
-        i, j = _match(pred, cur, tol * bond)
+        i, j = match_points(pred, cur, tol * bond)
         central = _central(cur[j], shape, extent)
         i, j = i[central], j[central]
         try:
@@ -446,6 +449,18 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
     from training.experiments.lattice import assign_sublattices, fit_lattice
 
     frames = np.asarray(frames, dtype=np.float32)
+    highpass: dict = {}
+
+    def _hp(f):
+        """Frame ``f`` less a wide blur (σ = 2 b): smooth contamination and gain changes
+        would otherwise correlate under any small translation."""
+        if f not in highpass:
+            if len(highpass) > 2:
+                highpass.clear()
+            img = frames[f].astype(np.float64)
+            highpass[f] = img - ndimage.gaussian_filter(img, 2.0 * bond_px)
+        return highpass[f]
+
     t_count, h, w = frames.shape
     shape = (h, w)
     if columns is None:
@@ -472,7 +487,7 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
     reg = Registration(coeffs, shape, np.zeros((t_count, 2)), rms, matched)
     for f in range(1, t_count):
         prior = coeffs[f - 1, 0] - coeffs[f - 2, 0] if f >= 2 else np.zeros(2)
-        step, _ = _rigid_step(frames[f - 1], frames[f], columns[f - 1], a_vec, bond, prior)
+        step, _ = _rigid_step(_hp(f - 1), _hp(f), columns[f - 1], a_vec, bond, prior)
         site_xy = np.concatenate(sites)
         cur = np.asarray(columns[f], dtype=np.float64)
         start = coeffs[f - 1].copy()
@@ -490,9 +505,7 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
         coeffs[f], rms[f], matched[f], j = best
         # a lattice translation matches the columns as well as the true shift: the sites'
         # aperiodic intensities (dopants, vacancies) in this frame and the previous decide
-        shift = _alias(
-            frames[f - 1], frames[f], coeffs[f - 1], coeffs[f], site_xy, a_vec, bond, shape
-        )
+        shift = _alias(_hp(f - 1), _hp(f), coeffs[f - 1], coeffs[f], site_xy, a_vec, bond, shape)
         if shift is not None:
             coeffs[f, 0] += shift
             best = _register_frame(site_xy, cur, coeffs[f].copy(), shape, bond)
@@ -520,7 +533,7 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
     in_view = np.zeros((t_count, len(site_xy)), bool)
     for f in range(t_count):
         pred = reg.to_frame(f, site_xy)
-        i, j = _match(pred, np.asarray(columns[f], dtype=np.float64), 0.4 * bond)
+        i, j = match_points(pred, np.asarray(columns[f], dtype=np.float64), 0.4 * bond)
         xy[f] = pred
         xy[f, i] = np.asarray(columns[f])[j]
         observed[f, i] = True

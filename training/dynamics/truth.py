@@ -10,7 +10,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from training.dynamics.events import interior
-from training.dynamics.tracking import _match
+from training.dynamics.tracking import match_points
 
 
 def map_sites(tracks, truth, *, tol_bonds: float = 0.5) -> dict:
@@ -36,7 +36,7 @@ def map_sites(tracks, truth, *, tol_bonds: float = 0.5) -> dict:
             & (xy[:, 1] < h - 1 - border)
         )
         xy, sid = xy[inside], cols["site_index"][inside]
-        i, j = _match(xy, tracks.xy[f], tol_bonds * tracks.bond_px)
+        i, j = match_points(xy, tracks.xy[f], tol_bonds * tracks.bond_px)
         got = dict(zip(i.tolist(), j.tolist(), strict=True))
         for k, s in enumerate(sid.tolist()):
             per_site.setdefault(int(s), []).append(got.get(k, -1))
