@@ -529,8 +529,9 @@ def dynamics(
     typer.echo(
         f"{stack}: {result.summary['n_frames']} frames, {result.summary['n_sites']} sites, "
         f"{sum(ev.values())} events, {result.summary['n_unstable_sites']} unstable sites; "
-        f"Clark-Evans R = {c.get('clark_evans_R', float('nan')):.2f} "
-        f"(p = {c.get('p_clustered', float('nan')):.3f}); wrote {out}"
+        f"created vacancies clustered: {c.get('clustered', False)} (Ripley test p = "
+        f"{c.get('p_clustered', float('nan')):.3f}, Clark-Evans R = "
+        f"{c.get('clark_evans_R', float('nan')):.2f}); wrote {out}"
     )
 
 

@@ -414,8 +414,8 @@ def _figures(result: DynamicsResult, folder: Path) -> None:
     c = result.clustering
     ax2.set_title(
         f"density (KDE, {result.summary['settings']['bandwidth_A']:g} Å); created "
-        f"vacancies: Clark–Evans R = {c.get('clark_evans_R', float('nan')):.2f}, "
-        f"p = {c.get('p_clustered', float('nan')):.3f}",
+        f"vacancies: Ripley test p = {c.get('p_clustered', float('nan')):.3f}, "
+        f"Clark–Evans R = {c.get('clark_evans_R', float('nan')):.2f}",
         fontsize=9,
     )
     ax2.set_axis_off()
