@@ -14,6 +14,7 @@ BENCHES = (
     "bench_label",
     "bench_real",
     "bench_robustness",
+    "bench_dynamics",
 )
 
 

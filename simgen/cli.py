@@ -338,6 +338,72 @@ def _run_generate(
 
 
 @app.command()
+def movie(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Store to write (*.zarr)")] = Path(
+        "data/movie.zarr"
+    ),
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML movie config (default: shipped movie default)"),
+    ] = None,
+    frames: Annotated[int | None, typer.Option("--frames", help="Number of frames")] = None,
+    seed: Annotated[int | None, typer.Option(help="Movie seed")] = None,
+    size: Annotated[int | None, typer.Option(help="Frame size in px (square)")] = None,
+    mode: Annotated[
+        str | None, typer.Option(help="Where events happen: clustered or random")
+    ] = None,
+    model: Annotated[Model | None, typer.Option(help="Image model")] = None,
+    device: Annotated[Device | None, typer.Option(help="cpu, gpu or auto")] = None,
+    overrides: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+):
+    """Image stack of one structure evolving under the beam (vacancies created, hopping,
+    agglomerating; dopants moving; stage drift), with per-frame labels and the event table.
+    Resumes an interrupted store of the same config."""
+    from simgen.configbase import parse_overrides
+    from simgen.movie import generate_movie, load_movie_config
+    from simgen.store import StoreError, check_replaceable
+
+    _setup_logging(verbose)
+    named = {
+        "dataset.n_samples": frames,
+        "dataset.seed": seed,
+        "dataset.image_size": [size, size] if size else None,
+        "dynamics.mode": mode,
+        "simulation.model": model.value if model else None,
+        "simulation.device": device.value if device else None,
+    }
+    try:
+        cfg = load_movie_config(config)
+        changes = {k: v for k, v in named.items() if v is not None}
+        changes.update(parse_overrides(overrides))
+        cfg = cfg.with_overrides(changes) if changes else cfg
+        if cfg.dataset.n_samples < 2:
+            raise ValueError(
+                f"--frames: a movie needs at least 2 frames, got {cfg.dataset.n_samples}"
+            )
+        if overwrite:
+            check_replaceable(output)
+        cal = _calibration_for(cfg)
+        report = generate_movie(cfg, output, calibration=cal, overwrite=overwrite)
+    except KeyboardInterrupt:
+        fail(
+            f"interrupted; {output} keeps every finished frame: run the same command again "
+            "to resume",
+            code=EXIT_INTERRUPTED,
+        )
+    except PermissionError as err:
+        fail(f"{output}: cannot write there ({err.strerror or err})")
+    except (ValueError, StoreError, RuntimeError, OSError) as err:
+        fail(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+    typer.echo(
+        f"{report.path}: {report.computed} frames computed, {report.skipped} already complete; "
+        f"{report.n_events} events"
+    )
+
+
+@app.command()
 def sweep(
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory of stores")] = Path(
         "data/sweep"

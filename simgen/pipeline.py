@@ -36,7 +36,8 @@ class Sample:
         Class per pixel.
     columns : dict
         Column table in recorded-image pixels: ``x`` (col), ``y`` (row), ``class_id``,
-        ``site``, ``n_atoms``, ``counts`` [n, E], ``elements``.
+        ``site``, ``n_atoms``, ``counts`` [n, E], ``elements``, ``site_index`` (row of the
+        structure's column table).
     params : dict
         Every drawn value (structure, optics, acquisition), name -> float.
     noise_free : ndarray, float32 [H, W]
@@ -174,7 +175,9 @@ def load_structure_file(path: str):
 
 
 # -- the sample ----------------------------------------------------------------------------
-def _draw_structure(cfg, rng) -> dict:
+def draw_structure(cfg, rng) -> dict:
+    """The per-sample structure values of ``cfg`` (rotation, displacements, material,
+    defect concentrations) drawn from ``rng``."""
     st = cfg.structure
     out = {
         "rotation_deg": float(st.rotation_deg.draw(rng)),
@@ -192,7 +195,7 @@ def make_sample_params(cfg, index: int) -> dict:
     streams = sample_streams(cfg.dataset.seed, index)
     params = {}
     if not cfg.structure.file:
-        params.update(_draw_structure(cfg, streams["structure"]))
+        params.update(draw_structure(cfg, streams["structure"]))
     params.update(cfg.optics.draw(streams["optics"]))
     params.update(dict.fromkeys(acq.AcquisitionConfig.param_names(), 0.0))
     return params
@@ -237,7 +240,7 @@ def _build_structure(cfg, streams, fov_A, scheme):
         table = columns_from_atoms(atoms, scheme=scheme, fov_origin=origin, fov_extent=fov_A)
         return atoms, table, origin, {}
     r_draw, r_build, r_defects = streams["structure"].spawn(3)
-    drawn = _draw_structure(cfg, r_draw)
+    drawn = draw_structure(cfg, r_draw)
     material = st.material.args[int(drawn.get("material_index", 0))]
     alloy = st.metals is not None and st.chalcogens is not None
     ml = build_monolayer(
@@ -321,13 +324,9 @@ def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
     calibration : dict, optional
         Incoherent-model calibration (``Calibration.to_dict()``); required for that model.
     """
-    import json
-
-    from simgen.simulation import SimulationSettings, simulate
     from structures import get_scheme
 
     streams = sample_streams(cfg.dataset.seed, index)
-    model = resolve_model(cfg)
     optics = cfg.optics.draw(streams["optics"])
     p = float(optics["pixel_size_A"])
     h, w = cfg.dataset.image_size
@@ -335,6 +334,45 @@ def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
     fov_A = ((w + 2 * pad) * p, (h + 2 * pad) * p)
     scheme = get_scheme(cfg.labels.scheme)
     atoms, table, origin, drawn = _build_structure(cfg, streams, fov_A, scheme)
+    return render_sample(
+        cfg, atoms, table, origin, optics, streams, calibration=calibration, params=drawn
+    )
+
+
+def render_sample(
+    cfg, atoms, table, origin, optics, streams, *, calibration=None, params=None
+) -> Sample:
+    """Image, acquisition and labels of a given structure (the second half of
+    :func:`make_sample`; :mod:`simgen.movie` calls it once per frame).
+
+    Parameters
+    ----------
+    cfg : SimgenConfig
+    atoms : ase.Atoms
+        The structure, covering the field of view ``origin + [0, (W + 2 pad) p]`` and
+        likewise in y [Å].
+    table : structures.ColumnTable
+        Its columns.
+    origin : (float, float)
+        Lower-left corner of the padded field of view in the cell frame [Å].
+    optics : dict
+        Drawn optics (:meth:`OpticsConfig.draw`); ``pixel_size_A`` fixes the pixel size.
+    streams : dict of Generator
+        ``simulation`` and ``acquisition`` random streams.
+    calibration : dict, optional
+        Incoherent-model calibration.
+    params : dict, optional
+        Values recorded with the sample besides optics and acquisition.
+    """
+    import json
+
+    from simgen.simulation import SimulationSettings, simulate
+
+    drawn = dict(params or {})
+    model = resolve_model(cfg)
+    p = float(optics["pixel_size_A"])
+    h, w = cfg.dataset.image_size
+    pad = acq.required_padding_px(cfg.acquisition, (h, w), p)
     cal = None
     if model == "incoherent":
         if calibration is None:
@@ -379,6 +417,7 @@ def make_sample(cfg, index: int, *, calibration: dict | None = None) -> Sample:
         "n_atoms": cols.n_atoms,
         "counts": cols.counts,
         "elements": tuple(table.elements),
+        "site_index": cols.index,  # row of the structure's column table (its lattice site)
     }
     return Sample(
         image=to_numpy(acquired.image).astype(np.float32),

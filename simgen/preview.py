@@ -32,7 +32,11 @@ def preview_figure(root, *, count: int = 6):
     done = list(store_mod.iter_complete(root))
     if not done:
         raise ValueError("the store holds no complete sample yet")
-    chosen = done[: max(1, count)]
+    if root.attrs.get("movie"):  # frames spread over the movie
+        picks = np.unique(np.linspace(0, len(done) - 1, max(1, count)).round().astype(int))
+        chosen = [done[k] for k in picks]
+    else:
+        chosen = done[: max(1, count)]
     scheme = LabelScheme.from_dict(root.attrs["label_scheme"])
     names = scheme.class_names
     defect_ids = [names.index(n) for n in defect_classes(names)]
@@ -87,7 +91,8 @@ def _draw_sample(ax, root, i: int, colors, defect_ids) -> None:
                 edgecolors=[colors[cid]],
                 linewidths=1.2,
             )
-    ax.set_title(f"sample {i}", fontsize=9)
+    what = "frame" if root.attrs.get("movie") else "sample"
+    ax.set_title(f"{what} {i}", fontsize=9)
     ax.set_axis_off()
 
 

@@ -813,3 +813,50 @@ def free_space(path: str | Path) -> int:
     while not p.exists() and p != p.parent:
         p = p.parent
     return shutil.disk_usage(p).free
+
+
+# -- extra tables (movie stores) -----------------------------------------------------------
+def write_table(root, name: str, data, *, dims: tuple[str, ...], attrs: Mapping | None = None):
+    """Write a whole array ``name`` (e.g. ``"events/frame"``) in one chunk, with the
+    store's codecs (CRC-32C checked); written once, by the process creating the store."""
+    data = np.asarray(data)
+    parts = name.split("/")
+    group = root
+    for part in parts[:-1]:
+        group = group.require_group(part)
+    chunks = tuple(max(1, s) for s in data.shape)
+    fill = 0 if data.dtype.kind in "biu" else np.nan
+    arr = _array(group, parts[-1], data.shape, chunks, data.dtype, fill, dims, attrs)
+    with _every_chunk_written():
+        if data.size:
+            arr[...] = data
+    return arr
+
+
+def create_slot_array(root, name: str, dtype: str, fill, attrs: Mapping | None = None):
+    """A per-column-slot array ``columns/<name>`` (one chunk per sample, like the column
+    table) that :func:`write_slot_values` fills sample by sample."""
+    n, c = int(root.attrs["n_samples"]), int(root.attrs["column_capacity"])
+    return _array(root["columns"], name, (n * c,), (c,), dtype, fill, ("slot",), attrs)
+
+
+def write_slot_values(root, name: str, index: int, values, fill) -> None:
+    """Write sample ``index``'s values of ``columns/<name>`` (before its completion flag)."""
+    c = int(root.attrs["column_capacity"])
+    arr = root[f"columns/{name}"]
+    buf = np.full(c, fill, dtype=arr.dtype)
+    values = np.asarray(values)
+    buf[: len(values)] = values
+    with _every_chunk_written():
+        arr[index * c : (index + 1) * c] = buf
+
+
+def read_slot_values(root, name: str, index: int) -> np.ndarray:
+    """Sample ``index``'s values of ``columns/<name>`` (as many as its columns)."""
+
+    def read():
+        o = int(root["columns/offset"][index])
+        n = int(root["columns/count"][index])
+        return np.asarray(root[f"columns/{name}"][o : o + n])
+
+    return _checked_read(root, index, f"columns/{name}", read)

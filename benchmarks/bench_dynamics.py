@@ -1,0 +1,119 @@
+"""Image-stack dynamics: speed and the acceptance figures of issue 17 on simulated movies.
+
+``main()`` simulates 50-frame 512² movies (the shipped movie defaults: MoS2 with Re dopants,
+λ = 15, stage drift 0.5–1.5 Å per frame plus a random walk, at most 2 Å per frame) for
+several seeds in ``clustered`` and ``random`` mode, analyses each with
+:func:`training.dynamics.analyse_stack` (lattice peak finding, no model) on two torch
+threads, and prints per movie: the analysis time, the share of true sites whose track
+keeps its identity over all frames, event precision/recall per kind, the AUROC of the
+instability score for the sites of true events, and the Clark–Evans ratio of created
+vacancies with its CSR p-value. Not pass/fail: the figures go in docs/dynamics.md.
+
+``python -m benchmarks.bench_dynamics [N_SEEDS] [FRAMES] [SIZE]`` (defaults 5, 50, 512);
+``SIMGEN_BENCH_QUICK=1`` runs one seed of 10 frames at 256².
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def movie_config(seed: int, mode: str, frames: int, size: int):
+    from simgen.movie import load_movie_config
+
+    return load_movie_config().with_overrides(
+        {
+            "dataset.n_samples": frames,
+            "dataset.image_size": [size, size],
+            "dataset.seed": seed,
+            "dynamics.mode": mode,
+            "simulation.model": "incoherent",
+            "simulation.device": "cpu",
+            "stage_drift.speed_A_per_frame": {"uniform": [0.5, 1.5]},
+        }
+    )
+
+
+def measure(store_path: Path) -> dict:
+    """Analyse one movie store and score it against its ground truth."""
+    from simgen.movie import read_movie_truth
+    from training.dynamics import analyse_stack, read_stack
+    from training.dynamics.events import EVENT_KINDS
+    from training.dynamics.truth import auroc, event_sites, map_sites, score_events
+
+    st = read_stack(store_path)
+    truth = read_movie_truth(st.store)
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = analyse_stack(st.frames, st.pixel_size_A)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    mapped = map_sites(res.tracks, truth)
+    events = score_events(res.events, truth, mapped["true_to_track"], res.tracks, EVENT_KINDS)
+    pos = np.zeros(len(res.tracks.sites_xy), bool)
+    pos[list(event_sites(truth, mapped["true_to_track"]))] = True
+    seen = np.zeros_like(pos)
+    seen[list(mapped["true_to_track"].values())] = True
+    seen &= res.tracks.in_view.mean(axis=0) >= 0.5
+    c = res.clustering
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "stage_seconds": res.summary["stage_seconds"],
+        "identity": mapped["identity"],
+        "n_true_sites": mapped["n_true_sites"],
+        "events": events,
+        "auroc": auroc(res.instability["score"][seen], pos[seen]),
+        "clark_evans_R": c.get("clark_evans_R"),
+        "p_clustered": c.get("p_clustered"),
+        "clustered": c.get("clustered"),
+        "n_created": c.get("n_unstable_sites"),
+    }
+
+
+def main(n_seeds: int = 5, frames: int = 50, size: int = 512) -> list[dict]:
+    import torch
+
+    from simgen.api import calibration_for
+    from simgen.movie import generate_movie
+
+    if os.environ.get("SIMGEN_BENCH_QUICK"):
+        n_seeds, frames, size = 1, 10, 256
+    torch.set_num_threads(2)
+    rows = []
+    print(f"\n== dynamics: {n_seeds} seeds x 2 modes, {frames} frames of {size}² (no model)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(n_seeds):
+            for mode in ("clustered", "random"):
+                cfg = movie_config(seed, mode, frames, size)
+                out = Path(tmp) / f"{mode}{seed}.zarr"
+                t0 = time.perf_counter()
+                generate_movie(cfg, out, calibration=calibration_for(cfg), progress=False)
+                gen = time.perf_counter() - t0
+                row = {"seed": seed, "mode": mode, "simulate_s": gen, **measure(out)}
+                rows.append(row)
+                ev = row["events"]
+                pr = "  ".join(
+                    f"{k}: {v['precision']:.2f}/{v['recall']:.2f} (n={v['true']})"
+                    for k, v in ev.items()
+                    if v["true"] or v["detected"]
+                )
+                print(
+                    f"seed {seed} {mode:9s} analysis {row['seconds']:6.1f} s wall, "
+                    f"{row['cpu_seconds']:6.1f} s CPU  identity {row['identity']:.4f}  "
+                    f"AUROC {row['auroc']:.3f}  R {row['clark_evans_R']:.2f} "
+                    f"(p {row['p_clustered']:.3f})  P/R {pr}",
+                    flush=True,
+                )
+    if os.environ.get("SIMGEN_BENCH_JSON"):
+        Path(os.environ["SIMGEN_BENCH_JSON"]).write_text(json.dumps(rows, indent=1, default=float))
+    return rows
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))
