@@ -225,15 +225,7 @@ def train(
         results = train_ensemble(cfg, out, resume=resume, stop_after=stop_after)
     else:
         results = [train_model(cfg, out, resume=resume, stop_after=stop_after)]
-    for r in results:
-        last = r.history[-1] if r.history else {}
-        state = "done" if r.finished else "stopped (resume with --resume)"
-        score = ", ".join(
-            f"{k} {last[k]:.4f}"
-            for k in ("train_loss", "val_loss", "val_f1", "val_macro_f1")
-            if last.get(k) is not None
-        )
-        typer.echo(f"{r.out_dir}: {state}; epoch {len(r.history)}; {score}")
+    _report_runs(results)
 
 
 def _report_runs(results) -> None:
