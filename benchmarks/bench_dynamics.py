@@ -43,9 +43,9 @@ def movie_config(seed: int, mode: str, frames: int, size: int):
 
 def measure(store_path: Path) -> dict:
     """Analyse one movie store and score it against its ground truth."""
+    from simgen.dynamics import EVENT_KINDS
     from simgen.movie import read_movie_truth
     from training.dynamics import analyse_stack, read_stack
-    from training.dynamics.events import EVENT_KINDS
     from training.dynamics.truth import auroc, event_sites, map_sites, score_events
 
     st = read_stack(store_path)

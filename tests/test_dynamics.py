@@ -189,9 +189,9 @@ def test_frame_depends_only_on_seed_and_frame_and_resume_is_bit_identical(
 def test_analysis_recovers_sites_and_events(movie_store):
     import torch
 
+    from simgen.dynamics import EVENT_KINDS
     from simgen.movie import read_movie_truth
     from training.dynamics import DynamicsSettings, analyse_stack, read_stack
-    from training.dynamics.events import EVENT_KINDS
     from training.dynamics.truth import auroc, event_sites, map_sites, score_events
 
     torch.set_num_threads(1)

@@ -141,24 +141,35 @@ def plot_confusion(matrix, class_names, path, *, title: str = "Columns (matched)
 EVALUATE_MARKER = ".simgen-evaluate.json"
 
 
-def claim_evaluate_output(out) -> Path:
-    """Make ``out`` the output folder of an evaluation, before any work: new, empty, or one
-    an earlier ``evaluate`` wrote (its marker); anything else is refused by name, untouched.
+def claim_output_folder(out, *, tool: str, marker: str, is_ours=None) -> Path:
+    """Make ``out`` the output folder of ``tool`` before any work: new, empty, or one it
+    wrote (``is_ours(out)``, default: ``marker`` is there); anything else is refused by
+    name, untouched. Writes ``marker`` when absent.
 
     Raises
     ------
     ValueError
-        ``out`` is a file, or a folder holding files that ``evaluate`` did not write.
+        ``out`` is a file, or a folder holding files that ``tool`` did not write.
     """
     out = Path(out)
+    ours = is_ours or (lambda folder: (folder / marker).is_file())
     if out.is_file() or out.is_symlink():
-        raise ValueError(f"--out: {out} is a file; choose a folder for the metrics")
-    if out.is_dir() and any(out.iterdir()) and not (out / EVALUATE_MARKER).is_file():
+        raise ValueError(f"--out: {out} is a file; choose a folder for the output of `{tool}`")
+    if out.is_dir() and any(out.iterdir()) and not ours(out):
         raise ValueError(
-            f"--out: {out} already holds files that `simgen-train evaluate` did not write (no "
-            f"{EVALUATE_MARKER}); refusing to write into it: choose a new or empty folder"
+            f"--out: {out} already holds files that `{tool}` did not write (no {marker}); "
+            "refusing to write into it: choose a new or empty folder"
         )
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / marker).is_file():
+        store_write_json({"tool": tool, "finished": False}, out / marker)
+    return out
+
+
+def claim_evaluate_output(out) -> Path:
+    """Make ``out`` the output folder of an evaluation (:func:`claim_output_folder`); a
+    later evaluation into it replaces what the earlier one wrote."""
+    out = claim_output_folder(out, tool="simgen-train evaluate", marker=EVALUATE_MARKER)
     store_write_json({"tool": "simgen-train evaluate", "finished": False}, out / EVALUATE_MARKER)
     return out
 

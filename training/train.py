@@ -531,27 +531,19 @@ def is_run_folder(path) -> bool:
 
 def claim_run_folder(out) -> Path:
     """Make ``out`` a run folder before anything is written into it: new, empty or one
-    ``train`` wrote (else refused by name, untouched); writes :data:`RUN_MARKER`.
+    ``train`` wrote (else refused by name, untouched); writes :data:`RUN_MARKER`
+    (:func:`training.report.claim_output_folder`).
 
     Raises
     ------
     ValueError
         ``out`` is a file, or a folder holding files that ``train`` did not write.
     """
-    from simgen.store import write_json
+    from training.report import claim_output_folder
 
-    out = Path(out)
-    if out.is_file() or out.is_symlink():
-        raise ValueError(f"{out} is a file, not a run folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not is_run_folder(out):
-        raise ValueError(
-            f"{out} holds files that `simgen-train train` did not write (no {RUN_MARKER}); "
-            "refusing to write into it: choose a new or empty folder"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / RUN_MARKER).is_file():
-        write_json({"tool": "simgen-train train"}, out / RUN_MARKER)
-    return out
+    return claim_output_folder(
+        out, tool="simgen-train train", marker=RUN_MARKER, is_ours=is_run_folder
+    )
 
 
 @contextlib.contextmanager
@@ -567,7 +559,7 @@ def _run_folder(out: Path):
     from training.stores import StoreError
 
     if out.is_file() or out.is_symlink():
-        raise ValueError(f"{out} is a file, not a run folder; choose another --out")
+        raise ValueError(f"--out: {out} is a file; choose a folder for the output of `train`")
     with WriterLock(out):
         created = not out.exists()
         claim_run_folder(out)

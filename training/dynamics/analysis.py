@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from simgen.dynamics import EVENT_KINDS
 from structures import CHALCOGEN, METAL
-from training.dynamics.events import EVENT_KINDS, classify_sites, detect_events, site_intensities
+from training.dynamics.events import classify_sites, detect_events, site_intensities
 from training.dynamics.tracking import StackError, Tracks, track_stack
 
 MARKER = ".simgen-dynamics.json"

@@ -32,14 +32,6 @@ from scipy.spatial import cKDTree
 from structures import CHALCOGEN, METAL
 from training.dynamics.tracking import disk_intensities
 
-EVENT_KINDS = (
-    "vacancy_appears",
-    "vacancy_disappears",
-    "vacancy_hop",
-    "dopant_hop",
-    "metal_vacancy",
-)
-
 
 def site_intensities(frames, tracks, *, progress=None) -> np.ndarray:
     """Normalised intensity of every site in every frame, ``(T, S)`` (NaN out of view)."""
