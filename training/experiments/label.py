@@ -561,8 +561,8 @@ def label_image(
     Raises
     ------
     ValueError
-        Bad settings, an image that is not 2-D, fewer than 4 columns found, or no 2H lattice
-        the model recognises (``min_metal_margin``).
+        Bad settings, an image that is not 2-D or is constant, fewer than 4 columns found, or
+        no 2H lattice the model recognises (``min_metal_margin``).
     """
     # Long on purpose: the stages of labelling in the order they run, each one call to a
     # helper, with the clock between them; splitting it further would hide the pipeline.
@@ -582,6 +582,10 @@ def label_image(
         settings = dataclasses.replace(settings, threshold=float(ev["threshold"]))
     source = image.source + ("" if image.frame is None else f" (frame {image.frame})")
     clock = {"start": time.perf_counter()}
+    finite = np.asarray(image.data)[np.isfinite(image.data)]
+    if finite.size == 0 or finite.min() == finite.max():
+        value = f"every pixel {finite.flat[0]:g}" if finite.size else "no finite pixel"
+        raise ValueError(f"{source}: the image is constant ({value}); nothing to label")
 
     # before any work on it: the image at the network's pixel size, and what labelling costs
     scale = float(image.pixel_size_A) / float(train_pixel_size_A or image.pixel_size_A)
