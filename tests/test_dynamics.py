@@ -186,6 +186,36 @@ def test_frame_depends_only_on_seed_and_frame_and_resume_is_bit_identical(
         assert n[1] == n[0] - 1
 
 
+def test_drift_path_follows_the_evidence_of_the_whole_stack_not_one_pair():
+    """Lattice aliases of every step are candidates; a fast drift (more than half a lattice
+    vector per frame: nearer an alias than "no drift") and one pair whose strongest
+    evidence is a hopping dopant's alias still give the true path, and a path off by a
+    lattice vector in every frame (as smooth as the truth) is not taken."""
+    from training.dynamics.tracking import drift_path
+
+    rng = np.random.default_rng(0)
+    a_len = 15.8
+    a1, a2 = np.array([a_len, 0.0]), a_len * np.array([0.5, np.sqrt(3) / 2])
+    n = np.arange(-2, 3)
+    shifts = np.array([i * a1 + j * a2 for i in n for j in n])
+    shifts = shifts[np.linalg.norm(shifts, axis=1) <= 2 * a_len]
+    zero = int(np.argmin(np.linalg.norm(shifts, axis=1)))
+    truth = np.array([10.0, 2.0]) + rng.normal(0, 1.0, (30, 2))  # 2 Å/frame at 0.2 Å/px
+    candidates = []
+    for f, step in enumerate(truth):
+        z = rng.normal(0, 1, len(shifts))
+        z[zero] += 2.5  # weak evidence for the truth in each pair
+        if f == 7:
+            z[zero - 1] = 15.0  # a hopping dopant: strong evidence for an alias in one pair
+        candidates.append((step + shifts, z))
+    path = drift_path(candidates, a_len)
+    np.testing.assert_allclose(path, truth)
+    assert np.linalg.norm(truth[0]) > 0.5 * a_len  # the first step: an alias is nearer 0
+    # without the evidence every smooth path is as good: the truth wins only by evidence
+    flat = [(c[0], np.where(np.arange(len(shifts)) == zero - 1, 1.0, 0.0)) for c in candidates]
+    assert not np.allclose(drift_path(flat, a_len), truth)
+
+
 def test_analysis_recovers_sites_and_events(movie_store):
     import torch
 

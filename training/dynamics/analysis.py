@@ -196,7 +196,13 @@ def analyse_stack(
     analysed = tracks.in_view.mean(axis=0) >= 0.5
     unstable &= analysed
     xy_A = tracks.sites_xy * pixel_size_A
-    clus = clustering(xy_A[unstable], xy_A[analysed], 1.2 * a_A, rng=settings.seed)
+    # the clustering test: sites where the beam created a vacancy (one independent draw each
+    # under CSR; a hopping vacancy's later sites are not independent), against the analysed
+    # chalcogen sites, the only ones where a vacancy can appear
+    created = np.zeros(len(tracks.sites_xy), bool)
+    created[[e["from_site"] for e in events if e["kind"] == "vacancy_appears"]] = True
+    chalcogen = analysed & (tracks.sublattice == CHALCOGEN)
+    clus = clustering(xy_A[created & chalcogen], xy_A[chalcogen], rng=settings.seed)
     window = np.zeros(frames.shape[1:], bool)
     r = np.clip(np.rint(tracks.sites_xy[analysed, 1]).astype(int), 0, window.shape[0] - 1)
     c = np.clip(np.rint(tracks.sites_xy[analysed, 0]).astype(int), 0, window.shape[1] - 1)

@@ -226,21 +226,11 @@ def detect_events(states: SiteStates, tracks) -> list[dict]:
 
         # chalcogen hops: sites losing an atom paired with neighbouring sites gaining one,
         # as many pairs as possible (Hungarian on the frame's candidate pairs)
-        downs = sorted(s for s in down if sub[s] == CHALCOGEN)
-        ups = sorted(s for s in up if sub[s] == CHALCOGEN)
-        if downs and ups:
-            cost = np.full((len(downs), len(ups)), 1e6)
-            col = {u: k for k, u in enumerate(ups)}
-            for r, s in enumerate(downs):
-                for j in neighbours(s, CHALCOGEN):
-                    if j in col:
-                        cost[r, col[j]] = 1.0
-            rr, cc = linear_sum_assignment(cost)
-            for r, c in zip(rr, cc, strict=True):
-                if cost[r, c] < 1e5:
-                    s, j = downs[r], ups[c]
-                    used.update((s, j))
-                    out.append(_event(f, "vacancy_hop", j, s, lab))
+        downs = [s for s in down if sub[s] == CHALCOGEN]
+        ups = [s for s in up if sub[s] == CHALCOGEN]
+        for s, j in pair_hops(downs, ups, lambda s: neighbours(s, CHALCOGEN)):
+            used.update((s, j))
+            out.append(_event(f, "vacancy_hop", j, s, lab))
         # dopant hops: a heavy metal leaving a site for a neighbouring one
         for s in sorted(changed):
             s = int(s)
@@ -275,15 +265,39 @@ def detect_events(states: SiteStates, tracks) -> list[dict]:
     return out
 
 
+def pair_hops(downs, ups, neighbours) -> list[tuple[int, int]]:
+    """Chalcogen sites losing an atom (``downs``) paired with neighbouring sites gaining one
+    (``ups``) as hops ``(down, up)``: as many pairs as possible (Hungarian on the candidate
+    pairs; ``neighbours(site)`` lists a site's neighbours). Where the changes of a frame
+    pair up in more than one way (a vacancy created next to one that hops) no image tells
+    which happened; the choice is deterministic in the sites."""
+    downs, ups = sorted(int(s) for s in downs), sorted(int(s) for s in ups)
+    if not downs or not ups:
+        return []
+    cost = np.full((len(downs), len(ups)), 1e6)
+    col = {u: k for k, u in enumerate(ups)}
+    for r, s in enumerate(downs):
+        for j in neighbours(s):
+            if j in col:
+                cost[r, col[j]] = 1.0
+    rr, cc = linear_sum_assignment(cost)
+    return [(downs[r], ups[c]) for r, c in zip(rr, cc, strict=True) if cost[r, c] < 1e5]
+
+
+def sublattice_neighbours(tracks, site: int) -> list[int]:
+    """The six nearest sites of the same sublattice as ``site`` (about one lattice
+    constant away)."""
+    a_px = float(np.linalg.norm(tracks.lattice_vectors_px[0]))
+    d = np.linalg.norm(tracks.sites_xy - tracks.sites_xy[site], axis=1)
+    same = tracks.sublattice == tracks.sublattice[site]
+    return np.flatnonzero((d > 0.8 * a_px) & (d < 1.2 * a_px) & same).tolist()
+
+
 def interior(tracks, frame: int, site: int, neighbours=None) -> bool:
     """True when the site and its six same-sublattice neighbours are in view in ``frame``
     and the frame before (a one-site change there cannot be half of a hop)."""
     if neighbours is None:
-        a_px = float(np.linalg.norm(tracks.lattice_vectors_px[0]))
-        d = np.linalg.norm(tracks.sites_xy - tracks.sites_xy[site], axis=1)
-        neighbours = np.flatnonzero(
-            (d > 0.8 * a_px) & (d < 1.2 * a_px) & (tracks.sublattice == tracks.sublattice[site])
-        )
+        neighbours = sublattice_neighbours(tracks, site)
     idx = np.r_[site, np.asarray(neighbours, dtype=np.int64)]
     if len(idx) < 7:
         return False

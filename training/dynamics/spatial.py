@@ -16,7 +16,7 @@ where the beam *created* a vacancy (each sputtering event is an independent draw
 the later sites of a hopping vacancy are not, so all unstable sites would look clustered
 even for random events). Optionally points closer than ``link_A`` are merged into one.
 The null is Monte Carlo: as many points drawn uniformly among the analysed lattice sites
-(199 draws: the window's edges and the lattice are the same for data and null). The
+(999 draws: the window's edges and the lattice are the same for data and null). The
 Clark–Evans ratio R is the points' mean nearest-neighbour distance divided by its mean
 under the null (R < 1: clustering; ``p_clark_evans`` its one-sided rank p-value). The
 decision ``clustered`` is the global envelope test on Ripley's L(r) = √(K(r)/π), r = 5–40 Å:
@@ -123,7 +123,7 @@ def clustering(
     window_sites_A,
     link_A: float | None = None,
     *,
-    n_sim: int = 199,
+    n_sim: int = 999,
     rng=0,
     radii_A=None,
 ) -> dict:

@@ -3,13 +3,14 @@
 1. **Columns per frame**: local maxima of the background-subtracted, lightly smoothed frame
    with intensity-weighted sub-pixel centroids (:func:`find_columns`), or the columns a
    trained network found (:mod:`training.experiments.label`).
-2. **Rigid drift** between consecutive frames: phase correlation
-   (:func:`skimage.registration.phase_cross_correlation`). On a periodic lattice the
-   correlation has a peak at every lattice translation, so the translations ``t + n₁a₁ +
-   n₂a₂`` (lattice vectors from the lattice fit of frame 0,
-   :func:`training.experiments.lattice.assign_sublattices`) are all candidates and the one
-   under which the column intensities of the two frames agree best wins: the aperiodic
-   part of the specimen (dopants, vacancies) tells them apart.
+2. **Rigid drift** between consecutive frames: phase correlation of their central halves.
+   On a periodic lattice the correlation has a peak at every lattice translation, so the
+   translations ``t + n₁a₁ + n₂a₂`` (lattice vectors from the lattice fit of frame 0,
+   :func:`training.experiments.lattice.assign_sublattices`) are all candidates, each with
+   the evidence of the aperiodic part of the specimen (dopants, vacancies) for it; the
+   drift path through the whole stack is the one with the most evidence and a smooth
+   stage drift (:func:`drift_path`, Viterbi), so one pair with a hopping dopant does not
+   decide.
 3. **Non-rigid** registration of each frame to the reference sites: the displacement
    ``frame(x, y) − reference(x, y)`` is a low-order polynomial (affine plus quadratic
    terms and a cubic term along the slow scan), fitted by least squares to the matched
@@ -181,57 +182,99 @@ def _subpixel(surface, iy, ix) -> np.ndarray:
     return np.clip(np.array(out), -0.5, 0.5)
 
 
-def _rigid_step(prev, cur, prev_xy, a_vectors, bond_px, prior):
-    """Translation of ``cur`` relative to ``prev`` [px, (dx, dy)]: phase correlation, the
-    lattice-translation alias chosen by the agreement of the aperiodic column intensities
-    (as a z-score: the mean product of the two frames' defect signals times √N) less a
-    smooth-drift penalty ``|t − prior|² / 2σ²`` with σ = a/6 (``prior``: the previous
-    frame's step; the stage drifts smoothly)."""
+#: Width of the smooth-drift prior [lattice constants]: the change of the frame-to-frame
+#: step between consecutive frames (a stage's random walk of ~0.3 Å per frame; a lattice
+#: translation, 3.2 Å, costs ½·6² = 18 in log-likelihood per jump).
+_DRIFT_SIGMA_A = 1.0 / 6.0
+
+
+def _correlation_peaks(prev, cur, bond_px, centre, radius, n_peaks=3) -> list:
+    """The ``n_peaks`` highest peaks [px, (dx, dy)] of the phase correlation of the central
+    halves of two frames (the per-frame scan shear would blur that of the whole frames)
+    within ``radius`` of ``centre``, refined to sub-pixel. On a lattice there is a peak at
+    every lattice translation of the step, and at low dose one of the metal-onto-chalcogen
+    translation (one bond) may beat the true one: the registration tells them apart."""
+    from skimage.feature import peak_local_max
 
     h, w = cur.shape
-    # phase correlation surface of the whole frames; its maximum near the prior (within
-    # 0.4 a: a lattice period has a peak every a, so the global maximum may be any alias)
-    # (the central half of the frames: the scan distortion of each frame, a shear or bend
-    # of up to a few Å across it, would blur the correlation of the whole frames)
     r0, c0 = h // 4, w // 4
     crop = (slice(r0, h - r0), slice(c0, w - c0))
     fa = np.fft.fft2(_prep(prev[crop], bond_px))
     fb = np.fft.fft2(_prep(cur[crop], bond_px))
     cross = np.conj(fa) * fb
     surface = np.real(np.fft.ifft2(cross / (np.abs(cross) + 1e-12)))
-    a_len = float(np.linalg.norm(a_vectors[0]))
     hc, wc = surface.shape
     dy, dx = np.meshgrid(np.fft.fftfreq(hc) * hc, np.fft.fftfreq(wc) * wc, indexing="ij")
-    near = (dx - prior[0]) ** 2 + (dy - prior[1]) ** 2 <= (0.4 * a_len) ** 2
-    k = np.argmax(np.where(near, surface, -np.inf))
-    iy, ix = np.unravel_index(k, surface.shape)
-    t = np.array([dx[iy, ix], dy[iy, ix]], dtype=np.float64) + _subpixel(surface, iy, ix)
-    inside = _central(prev_xy, (h, w), 0.6)
-    pts = prev_xy[inside]
-    if len(pts) < 10:
-        return t, 0.0
+    near = (dx - centre[0]) ** 2 + (dy - centre[1]) ** 2 <= radius**2
+    shifted = np.fft.fftshift(np.where(near, surface, surface.min()))
+    peaks = peak_local_max(
+        shifted, min_distance=max(1, int(0.5 * bond_px)), num_peaks=n_peaks,
+        exclude_border=False,
+    )  # fmt: skip
+    out = []
+    for py, px_ in peaks:
+        iy, ix = (py + hc // 2) % hc, (px_ + wc // 2) % wc  # back from the shifted surface
+        if near[iy, ix]:
+            out.append(np.array([dx[iy, ix], dy[iy, ix]]) + _subpixel(surface, iy, ix))
+    return out or [np.asarray(centre, dtype=np.float64)]
+
+
+def _alias_evidence(prev, cur, xy_prev, xy_cur, shifts, bond_px) -> np.ndarray:
+    """Evidence for each lattice translation ``shifts`` (K, 2) [px] added to a frame's
+    registration: the agreement of the aperiodic site intensities (dopants, vacancies) of
+    the frame and the previous one, as the mean product of their defect signals times √N
+    (~N(0, 1) for a wrong translation). ``xy_prev``, ``xy_cur``: the same sites as
+    registered in the two frames."""
+    shape = cur.shape
     radius = 0.3 * bond_px
-    i_prev = _defect_signal(disk_intensities(prev, pts, radius))
-    best, best_score = t, -np.inf
-    sigma = float(np.linalg.norm(a_vectors[0])) / 6.0
-    for n1 in (-1, 0, 1):
-        for n2 in (-1, 0, 1):
-            cand = t + n1 * a_vectors[0] + n2 * a_vectors[1]
-            moved = pts + cand
-            ok = (
-                (moved[:, 0] > 1)
-                & (moved[:, 0] < w - 2)
-                & (moved[:, 1] > 1)
-                & (moved[:, 1] < h - 2)
-            )
-            if ok.sum() < 10:
-                continue
-            i_cur = _defect_signal(disk_intensities(cur, moved[ok], radius))
-            z = float(np.mean(i_prev[ok] * i_cur)) * math.sqrt(ok.sum())
-            score = z - 0.5 * float(np.sum((cand - prior) ** 2)) / sigma**2
-            if score > best_score:
-                best, best_score = cand, score
-    return best, float(best_score)
+    z = np.full(len(shifts), -np.inf)
+    base = _in_view(xy_prev, shape, 2 * bond_px)
+    if base.sum() < 20:
+        return np.zeros(len(shifts))
+    i_prev = disk_intensities(prev, xy_prev[base], radius)
+    for k, shift in enumerate(shifts):
+        moved = xy_cur[base] + shift
+        ok = _in_view(moved, shape, 1.0)
+        if ok.sum() < 20:
+            continue
+        a = _defect_signal(i_prev[ok])
+        b = _defect_signal(disk_intensities(cur, moved[ok], radius))
+        z[k] = float(np.mean(a * b)) * math.sqrt(ok.sum())
+    return z
+
+
+def drift_path(candidates, a_len_px: float) -> np.ndarray:
+    """The most likely sequence of frame-to-frame steps, ``(T − 1, 2)`` [px].
+
+    ``candidates`` holds per pair of frames ``(steps, z)``: candidate steps and the
+    evidence for each (:func:`_alias_evidence`). A
+    lattice translation matches the columns of two frames as well as the true step, and a
+    dopant hopping to a neighbouring site looks like one, so no single pair decides: the
+    path maximises the summed evidence less the smooth-drift penalty
+    ``|s_f − s_{f−1}|² / 2σ²`` (σ = a/6) by dynamic programming (Viterbi). A drift off by a
+    lattice vector in every frame is as smooth as the truth but collects no evidence."""
+    if not candidates:
+        return np.zeros((0, 2))
+    sigma = _DRIFT_SIGMA_A * a_len_px
+
+    def _evidence(z):  # a pair with no usable candidate says nothing (rather than -inf)
+        z = np.asarray(z, dtype=np.float64)
+        return z if np.isfinite(z).any() else np.zeros_like(z)
+
+    score = _evidence(candidates[0][1])
+    back = []
+    for steps, z in candidates[1:]:
+        prev_steps = candidates[len(back)][0]
+        d2 = ((steps[:, None, :] - prev_steps[None, :, :]) ** 2).sum(-1)
+        total = score[None, :] - 0.5 * d2 / sigma**2
+        arg = np.argmax(total, axis=1)
+        back.append(arg)
+        score = total[np.arange(len(steps)), arg] + _evidence(z)
+    idx = [int(np.argmax(score))]
+    for arg in reversed(back):
+        idx.append(int(arg[idx[-1]]))
+    idx.reverse()
+    return np.array([candidates[f][0][i] for f, i in enumerate(idx)])
 
 
 def match_points(a, b, tol):
@@ -307,45 +350,6 @@ _SEARCH = tuple(
 )
 
 
-def _alias(prev, cur, coeffs_prev, coeffs_cur, site_xy, a_vec, bond, shape):
-    """The lattice translation ``n₁a₁ + n₂a₂`` (n ∈ {−1, 0, 1}) to add to a frame's
-    registration so that its site intensities agree best with the previous frame's, less
-    the smooth-drift penalty of :func:`_rigid_step` (None when no translation beats the
-    registration as it is)."""
-    shape2 = (1,) + coeffs_prev.shape
-    reg_prev = Registration(
-        coeffs_prev.reshape(shape2), shape, np.zeros((1, 2)), np.zeros(1), np.ones(1)
-    )
-    xy_prev = reg_prev.to_frame(0, site_xy)
-    h, w = shape
-    base = _in_view(xy_prev, shape, 2 * bond)
-    if base.sum() < 20:
-        return None
-    i_prev = disk_intensities(prev, xy_prev[base], 0.3 * bond)
-    reg_cur = Registration(
-        coeffs_cur.reshape(shape2).copy(), shape, np.zeros((1, 2)), np.zeros(1), np.ones(1)
-    )
-    xy_cur = reg_cur.to_frame(0, site_xy[base])
-    best, best_z = None, -np.inf
-    sigma = float(np.linalg.norm(a_vec[0])) / 6.0
-    for n1 in (-1, 0, 1):
-        for n2 in (-1, 0, 1):
-            cand = n1 * a_vec[0] + n2 * a_vec[1]
-            moved = xy_cur + cand
-            ok = _in_view(moved, shape, 1.0)
-            if ok.sum() < 20:
-                continue
-            a = _defect_signal(i_prev[ok])
-            b = _defect_signal(disk_intensities(cur, moved[ok], 0.3 * bond))
-            z = float(np.mean(a * b)) * math.sqrt(ok.sum())
-            z -= 0.5 * float(np.sum(cand**2)) / sigma**2  # the same smooth-drift prior
-            if z > best_z:
-                best, best_z = cand, z
-    if best is None or not np.any(best):
-        return None
-    return best
-
-
 def _register_frame(site_xy, cur, start, shape, bond):
     """Coarse-to-fine fit of one frame from ``start`` coefficients: ``(coeffs, rms,
     matched fraction, indices of the matched columns)``."""
@@ -363,6 +367,79 @@ def _register_frame(site_xy, cur, start, shape, bond):
             return start, np.inf, 0.0, np.zeros(0, dtype=np.int64)
         reg.coeffs[0] = coeffs
     return coeffs, rms, len(j) / max(len(cur), 1), j
+
+
+def _register_sequence(columns, highpass, shape, bond, a_len, *, starts=None, offsets=None,
+                       progress=None):  # fmt: skip
+    """Register every frame to the sites of the frames before it: ``(coeffs, rms,
+    matched, sites)`` (sites: a list of ``(N, 2)`` reference positions, frame 0's columns
+    first, then the columns of each frame that matched no site).
+
+    Without ``starts`` a frame starts from the previous frame's registration plus the
+    phase-correlation step nearest the previous step (the three highest peaks are tried;
+    the best registration wins); with ``starts`` (``(T, K, 2)`` coefficients) and
+    ``offsets`` (``(T, 2)`` [px] added to their constant terms) from those.
+
+    Raises
+    ------
+    StackError
+        A frame that cannot be registered.
+    """
+    t_count = len(columns)
+    k = _basis(np.zeros((1, 2)), shape).shape[1]
+    coeffs = np.zeros((t_count, k, 2))
+    rms = np.zeros(t_count)
+    matched = np.ones(t_count)
+    sites = [np.asarray(columns[0], dtype=np.float64)]
+    reg = Registration(coeffs, shape, np.zeros((t_count, 2)), rms, matched)
+    if starts is not None:
+        coeffs[0] = starts[0]
+        coeffs[0, 0] += offsets[0]
+    for f in range(1, t_count):
+        site_xy = np.concatenate(sites)
+        cur = np.asarray(columns[f], dtype=np.float64)
+        if starts is None:
+            # near the previous step (a stage drifts smoothly; any lattice translation of
+            # it is as good here), or anywhere in the Voronoi cell of zero for the first
+            prior = coeffs[f - 1, 0] - coeffs[f - 2, 0] if f >= 2 else np.zeros(2)
+            radius = (0.4 if f >= 2 else 0.6) * a_len
+            trials = []
+            for step in _correlation_peaks(highpass(f - 1), highpass(f), bond, prior, radius):
+                start = coeffs[f - 1].copy()
+                start[0] += step
+                trials.append(start)
+        else:
+            start = starts[f].copy()
+            start[0] += offsets[f]
+            trials = [start]
+        best = None
+        for start in trials:
+            got = _register_frame(site_xy, cur, start, shape, bond)
+            if best is None or (got[2], -got[1]) > (best[2], -best[1]):
+                best = got
+        if best[2] < 0.5 or best[1] > 0.3 * bond:
+            # the coarse step was off by more than the first match radius (a frame whose
+            # scan distortion differs much from its neighbour's): search around it
+            for ox, oy in _SEARCH:
+                trial = trials[0].copy()
+                trial[0] += np.array([ox, oy]) * bond
+                got = _register_frame(site_xy, cur, trial, shape, bond)
+                if got[2] > best[2]:
+                    best = got
+        coeffs[f], rms[f], matched[f], j = best
+        if matched[f] < 0.5 or rms[f] > 0.3 * bond:
+            raise StackError(
+                f"frame {f} cannot be registered to frame {f - 1} ({matched[f]:.0%} of its "
+                f"columns matched, residual {rms[f]:.2f} px)"
+            )
+        free = np.ones(len(cur), bool)
+        free[j] = False
+        new = cur[free & _in_view(cur, shape, bond)]
+        if len(new):
+            sites.append(reg.to_reference(f, new))
+        if progress is not None:
+            progress(f)
+    return coeffs, rms, matched, sites
 
 
 def _central(xy, shape, extent):
@@ -478,50 +555,35 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
         )
     bond = float(fit0.bond_length_px)
     a_vec = np.asarray(fit0.lattice_vectors_px, dtype=np.float64)
-    k = _basis(np.zeros((1, 2)), shape).shape[1]
-    coeffs = np.zeros((t_count, k, 2))
-    rms = np.zeros(t_count)
-    matched = np.ones(t_count)
-    sites = [np.asarray(cols0, dtype=np.float64)]
-    n_sites = len(cols0)
-    reg = Registration(coeffs, shape, np.zeros((t_count, 2)), rms, matched)
+    a_len = float(np.linalg.norm(a_vec[0]))
+    n_range = np.arange(-2, 3)
+    shifts = (n_range[:, None, None] * a_vec[0] + n_range[None, :, None] * a_vec[1]).reshape(-1, 2)
+    shifts = shifts[np.linalg.norm(shifts, axis=1) <= 2.0 * a_len]
+    # pass 1: each frame registered to the sites so far, from the phase-correlation step;
+    # this fixes every frame up to a lattice translation (which matches the columns as well
+    # as the truth)
+    first = _register_sequence(columns, _hp, shape, bond, a_len, progress=progress)
+    reg1 = Registration(first[0], shape, np.zeros((t_count, 2)), first[1], first[2])
+    site_xy = np.concatenate(first[3])
+    # the translations: for every pair of frames the evidence of the sites' aperiodic
+    # intensities for each, then the path with the most evidence and a smooth stage drift
+    # (one pair alone is fooled by a dopant hopping to the next site, which looks like one)
+    candidates = []
     for f in range(1, t_count):
-        prior = coeffs[f - 1, 0] - coeffs[f - 2, 0] if f >= 2 else np.zeros(2)
-        step, _ = _rigid_step(_hp(f - 1), _hp(f), columns[f - 1], a_vec, bond, prior)
-        site_xy = np.concatenate(sites)
-        cur = np.asarray(columns[f], dtype=np.float64)
-        start = coeffs[f - 1].copy()
-        start[0] += step
-        best = _register_frame(site_xy, cur, start, shape, bond)
-        if best[2] < 0.5 or best[1] > 0.3 * bond:
-            # the coarse step was off by more than the first match radius (a frame whose
-            # scan distortion differs much from its neighbour's): search around it
-            for ox, oy in _SEARCH:
-                trial = start.copy()
-                trial[0] += np.array([ox, oy]) * bond
-                got = _register_frame(site_xy, cur, trial, shape, bond)
-                if got[2] > best[2]:
-                    best = got
-        coeffs[f], rms[f], matched[f], j = best
-        # a lattice translation matches the columns as well as the true shift: the sites'
-        # aperiodic intensities (dopants, vacancies) in this frame and the previous decide
-        shift = _alias(_hp(f - 1), _hp(f), coeffs[f - 1], coeffs[f], site_xy, a_vec, bond, shape)
-        if shift is not None:
-            coeffs[f, 0] += shift
-            best = _register_frame(site_xy, cur, coeffs[f].copy(), shape, bond)
-            coeffs[f], rms[f], matched[f], j = best
-        if matched[f] < 0.5 or rms[f] > 0.3 * bond:
-            raise StackError(
-                f"frame {f} cannot be registered to frame {f - 1} ({matched[f]:.0%} of its "
-                f"columns matched, residual {rms[f]:.2f} px)"
-            )
-        free = np.ones(len(cur), bool)
-        free[j] = False
-        new = cur[free & _in_view(cur, shape, bond)]
-        if len(new):
-            sites.append(reg.to_reference(f, new))
-        if progress is not None:
-            progress(f)
+        xy_prev, xy_cur = reg1.to_frame(f - 1, site_xy), reg1.to_frame(f, site_xy)
+        z = _alias_evidence(_hp(f - 1), _hp(f), xy_prev, xy_cur, shifts, bond)
+        step = first[0][f, 0] - first[0][f - 1, 0]
+        candidates.append((step + shifts, z))
+    path = drift_path(candidates, a_len)
+    offsets = np.zeros((t_count, 2))
+    for f in range(1, t_count):
+        step = first[0][f, 0] - first[0][f - 1, 0]
+        offsets[f] = offsets[f - 1] + (path[f - 1] - step)
+    # pass 2: the registration with those translations, and the sites it finds
+    coeffs, rms, matched, sites = _register_sequence(
+        columns, _hp, shape, bond, a_len, starts=first[0], offsets=offsets
+    )
+    reg = Registration(coeffs, shape, np.zeros((t_count, 2)), rms, matched)
     site_xy = np.concatenate(sites)
     site_xy = _merge_close(site_xy, 0.4 * bond)
     # empty lattice sites predicted by the lattice fit of the site set
@@ -546,7 +608,6 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
         [reg.to_frame(f, [[w / 2, h / 2]])[0] - [w / 2, h / 2] for f in range(t_count)]
     )
     registration = Registration(coeffs, shape, rigid, rms, matched)
-    _ = n_sites
     return Tracks(
         sites_xy=site_xy[keep],
         sublattice=sub,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
-from training.dynamics.events import interior
+from training.dynamics.events import interior, pair_hops, sublattice_neighbours
 from training.dynamics.tracking import match_points
 
 
@@ -58,16 +58,24 @@ def map_sites(tracks, truth, *, tol_bonds: float = 0.5) -> dict:
     }
 
 
-def score_events(detected, truth, mapping, tracks, kinds) -> dict:
+def score_events(detected, truth, mapping, tracks, kinds, *, observable: bool = True) -> dict:
     """Precision and recall of detected events per kind.
 
     A true event counts when its sites map to analysed sites that are in view in the frame
     before and the frame of the event (for a one-site event: with its whole neighbourhood,
     :func:`training.dynamics.events.interior`); a detected event matches a true one of the same
     kind, frame and (mapped) from/to sites.
+
+    With ``observable`` (default) the true chalcogen events of each frame are first turned
+    into what the images show, the sites that lose and gain an atom, and paired into hops
+    the way the analysis pairs them (:func:`training.dynamics.events.pair_hops`): a vacancy
+    created next to a site that is refilled is a hop in every image, and a vacancy created
+    next to one that hops can be paired two ways, so the true kinds of such coincidences
+    are not observable. ``observable=False`` scores against the simulator's own kinds.
     """
     ev = truth["events"]
     true_set = {}
+    changes: dict[int, tuple[set, set]] = {}
     for f, kind, a, b in zip(
         ev["frame"], ev["kind_name"], ev["from_site"], ev["to_site"], strict=True
     ):
@@ -77,9 +85,30 @@ def score_events(detected, truth, mapping, tracks, kinds) -> dict:
         f = int(f)
         if not (tracks.in_view[f - 1, [ta, tb]].all() and tracks.in_view[f, [ta, tb]].all()):
             continue
+        kind = str(kind)
+        if observable and kind in ("vacancy_appears", "vacancy_disappears", "vacancy_hop"):
+            down, up = changes.setdefault(f, (set(), set()))
+            if kind == "vacancy_appears":
+                down.add(ta)
+            elif kind == "vacancy_disappears":
+                up.add(ta)
+            else:  # the vacancy moves from a (which gains an atom) to b (which loses one)
+                up.add(ta)
+                down.add(tb)
+            continue
         if ta == tb and not interior(tracks, f, ta):
             continue  # a one-site event at the edge of the field (see events.interior)
-        true_set[(f, str(kind), ta, tb)] = True
+        true_set[(f, kind, ta, tb)] = True
+    for f, (down, up) in changes.items():
+        both = down & up  # lost and regained in one frame: nothing to see
+        down, up = down - both, up - both
+        for s, j in pair_hops(down, up, lambda s: sublattice_neighbours(tracks, s)):
+            true_set[(f, "vacancy_hop", j, s)] = True
+            down.discard(s)
+            up.discard(j)
+        for s in down | up:
+            if interior(tracks, f, s):
+                true_set[(f, "vacancy_appears" if s in down else "vacancy_disappears", s, s)] = True
     det_set = {
         (int(e["frame"]), e["kind"], int(e["from_site"]), int(e["to_site"])) for e in detected
     }
