@@ -202,12 +202,12 @@ def test_drift_path_follows_the_evidence_of_the_whole_stack_not_one_pair():
     zero = int(np.argmin(np.linalg.norm(shifts, axis=1)))
     truth = np.array([10.0, 2.0]) + rng.normal(0, 1.0, (30, 2))  # 2 Å/frame at 0.2 Å/px
     candidates = []
-    for f, step in enumerate(truth):
+    for f, true_step in enumerate(truth):
         z = rng.normal(0, 1, len(shifts))
         z[zero] += 2.5  # weak evidence for the truth in each pair
         if f == 7:
             z[zero - 1] = 15.0  # a hopping dopant: strong evidence for an alias in one pair
-        candidates.append((step + shifts, z))
+        candidates.append((true_step + shifts, z))
     path = drift_path(candidates, a_len)
     np.testing.assert_allclose(path, truth)
     assert np.linalg.norm(truth[0]) > 0.5 * a_len  # the first step: an alias is nearer 0
