@@ -82,7 +82,7 @@ def measure(store_path: Path, model=None) -> dict:
         "clark_evans_R": c.get("clark_evans_R"),
         "p_clustered": c.get("p_clustered"),
         "clustered": c.get("clustered"),
-        "n_created": c.get("n_unstable_sites"),
+        "n_created": c.get("n_points"),
     }
 
 
@@ -114,7 +114,8 @@ def main(n_seeds: int = 5, frames: int = 50, size: int = 512) -> list[dict]:
 
 
 def _movie(out: Path, cfg) -> float | None:
-    """Simulate the movie ``out`` unless a finished one is there: seconds, or None."""
+    """Simulate the movie ``out`` unless a finished one of the same config is there:
+    seconds, or None. A kept movie of another config (the defaults changed) is refused."""
     from simgen.api import calibration_for
     from simgen.movie import generate_movie
     from simgen.store import complete_indices
@@ -122,11 +123,11 @@ def _movie(out: Path, cfg) -> float | None:
     if out.exists():
         import zarr
 
-        try:
-            if len(complete_indices(zarr.open_group(str(out), mode="r"))) == cfg.dataset.n_samples:
-                return None
-        except Exception:  # noqa: BLE001 - anything else: simulate it again (resumes)
-            pass
+        root = zarr.open_group(str(out), mode="r")
+        if json.loads(json.dumps(cfg.to_dict())) != root.attrs.get("config"):
+            raise SystemExit(f"{out}: a movie of another config; remove it to simulate anew")
+        if len(complete_indices(root)) == cfg.dataset.n_samples:
+            return None
     t0 = time.perf_counter()
     generate_movie(cfg, out, calibration=calibration_for(cfg), progress=False)
     return time.perf_counter() - t0

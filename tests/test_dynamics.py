@@ -216,6 +216,77 @@ def test_drift_path_follows_the_evidence_of_the_whole_stack_not_one_pair():
     assert not np.allclose(drift_path(flat, a_len), truth)
 
 
+def _lattice_frame(shift_px, size=160, px=0.2, a=3.16):
+    """A defect-free 2H projection: Gaussian metal (1.0) and chalcogen (0.6) columns."""
+    b = a / np.sqrt(3)
+    a1, a2 = np.array([a, 0.0]), np.array([a / 2, a * np.sqrt(3) / 2])
+    n = np.arange(-20, 21)
+    base = (n[:, None, None] * a1 + n[None, :, None] * a2).reshape(-1, 2) / px
+    yy, xx = np.mgrid[:size, :size].astype(float)
+    img = np.zeros((size, size))
+    for offset, weight in ((np.zeros(2), 1.0), (np.array([0.0, b]) / px, 0.6)):
+        for x, y in base + offset + np.asarray(shift_px):
+            if -5 < x < size + 5 and -5 < y < size + 5:
+                img += weight * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.75**2))
+    return img
+
+
+def test_a_defect_free_pair_of_frames_keeps_the_registered_step():
+    """No aperiodic feature: every lattice translation has the same (no) evidence; the
+    registration's own step is kept, not a lattice vector added to it."""
+    from training.dynamics.tracking import track_stack
+
+    rng = np.random.default_rng(1)
+    clean = [_lattice_frame((0.0, 0.0)), _lattice_frame((3.0, -2.0))]
+    frames = np.stack([rng.poisson(20.0 * f + 1.0) / 20.0 for f in clean])  # λ 20 per column
+    tracks = track_stack(frames, 3.16 / np.sqrt(3) / 0.2)
+    np.testing.assert_allclose(tracks.registration.rigid_px[1], [3.0, -2.0], atol=0.3)
+
+
+def test_observable_scoring_pairs_the_true_changes_as_the_analysis_does():
+    """A vacancy created next to a site refilled in the same frame is a hop in the images:
+    scored as one by default, and as the simulator's two events with observable=False."""
+    from types import SimpleNamespace
+
+    from simgen.dynamics import EVENT_KINDS
+    from structures import CHALCOGEN
+    from training.dynamics.events import pair_hops, sublattice_neighbours
+    from training.dynamics.truth import score_events
+
+    a = 10.0
+    n = np.arange(-4, 5)
+    xy = np.array([[i * a + j * a / 2, j * a * np.sqrt(3) / 2] for i in n for j in n]) + 100
+    t = 3
+    tracks = SimpleNamespace(
+        sites_xy=xy, sublattice=np.full(len(xy), CHALCOGEN, np.int8),
+        lattice_vectors_px=np.array([[a, 0.0], [a / 2, a * np.sqrt(3) / 2]]),
+        in_view=np.ones((t, len(xy)), bool),
+    )  # fmt: skip
+    centre = int(np.argmin(np.linalg.norm(xy - xy.mean(axis=0), axis=1)))
+    near = sublattice_neighbours(tracks, centre)
+    assert len(near) == 6
+    far = int(np.argmax(np.linalg.norm(xy - xy[centre], axis=1) < 0))  # any other site
+    assert pair_hops([centre], [near[0]], lambda s: sublattice_neighbours(tracks, s)) == [
+        (centre, near[0])
+    ]
+    assert pair_hops([centre], [far], lambda s: sublattice_neighbours(tracks, s)) == []
+    truth = {
+        "events": {
+            "frame": np.array([1, 1]),
+            "kind_name": np.array(["vacancy_appears", "vacancy_disappears"]),
+            "from_site": np.array([centre, near[0]]),
+            "to_site": np.array([centre, near[0]]),
+        }
+    }
+    mapping = {i: i for i in range(len(xy))}
+    hop = [{"frame": 1, "kind": "vacancy_hop", "from_site": near[0], "to_site": centre}]
+    seen = score_events(hop, truth, mapping, tracks, EVENT_KINDS)
+    assert seen["vacancy_hop"]["precision"] == 1.0 and seen["vacancy_hop"]["recall"] == 1.0
+    assert seen["vacancy_appears"]["true"] == 0
+    raw = score_events(hop, truth, mapping, tracks, EVENT_KINDS, observable=False)
+    assert raw["vacancy_hop"]["precision"] == 0.0 and raw["vacancy_appears"]["true"] == 1
+
+
 def test_analysis_recovers_sites_and_events(movie_store):
     import torch
 

@@ -672,7 +672,8 @@ def review(
     help="Dynamics of an image stack: register the frames, track the columns onto lattice "
     "sites, find events (vacancies appearing, disappearing, hopping; dopants moving), score "
     "each site's instability (intensity and a convolutional autoencoder trained on the "
-    "stack's own patches) and test whether unstable sites cluster."
+    "stack's own patches), map the density of unstable sites and test whether the vacancies "
+    "the beam created cluster."
     "\n\nWrites tracks.csv, events.csv, sites.csv, instability_map.png, latent.png, "
     "stack.gif and summary.json into OUT (all or nothing)."
 )

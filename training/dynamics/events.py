@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
-from scipy.spatial import cKDTree
 
 from structures import CHALCOGEN, METAL
 from training.dynamics.tracking import disk_intensities
@@ -201,8 +200,6 @@ def detect_events(states: SiteStates, tracks) -> list[dict]:
     lab = states.label
     sub = tracks.sublattice
     t_count, n = st.shape
-    a_px = float(np.linalg.norm(tracks.lattice_vectors_px[0]))
-    tree = cKDTree(tracks.sites_xy)
     out: list[dict] = []
     metal_heavy = {"heavy_M"}
     for f in range(1, t_count):
@@ -214,21 +211,11 @@ def detect_events(states: SiteStates, tracks) -> list[dict]:
         up = {int(s) for s in changed if cur[s] > prev[s]}
         used: set[int] = set()
 
-        def neighbours(s, same_sub):
-            near = tree.query_ball_point(tracks.sites_xy[s], r=1.2 * a_px)
-            return [
-                int(j)
-                for j in near
-                if j != s
-                and sub[j] == same_sub
-                and np.linalg.norm(tracks.sites_xy[j] - tracks.sites_xy[s]) > 0.8 * a_px
-            ]
-
         # chalcogen hops: sites losing an atom paired with neighbouring sites gaining one,
         # as many pairs as possible (Hungarian on the frame's candidate pairs)
         downs = [s for s in down if sub[s] == CHALCOGEN]
         ups = [s for s in up if sub[s] == CHALCOGEN]
-        for s, j in pair_hops(downs, ups, lambda s: neighbours(s, CHALCOGEN)):
+        for s, j in pair_hops(downs, ups, lambda s: sublattice_neighbours(tracks, s)):
             used.update((s, j))
             out.append(_event(f, "vacancy_hop", j, s, lab))
         # dopant hops: a heavy metal leaving a site for a neighbouring one
@@ -238,7 +225,7 @@ def detect_events(states: SiteStates, tracks) -> list[dict]:
                 continue
             partners = [
                 j
-                for j in neighbours(s, METAL)
+                for j in sublattice_neighbours(tracks, s)
                 if j not in used
                 and lab[f, j] in metal_heavy
                 and lab[f - 1, j] not in metal_heavy
@@ -251,7 +238,7 @@ def detect_events(states: SiteStates, tracks) -> list[dict]:
         for s in sorted(int(v) for v in changed):
             if s in used:
                 continue
-            if not interior(tracks, f, s, neighbours(s, sub[s])):
+            if not interior(tracks, f, s, sublattice_neighbours(tracks, s)):
                 continue  # a partner may be outside the field: cannot tell the kind
             if sub[s] == CHALCOGEN:
                 kind = "vacancy_appears" if s in down else "vacancy_disappears"

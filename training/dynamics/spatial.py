@@ -127,21 +127,21 @@ def clustering(
     rng=0,
     radii_A=None,
 ) -> dict:
-    """Clark–Evans ratio and Ripley's L of unstable sites against CSR on the lattice.
+    """Clark–Evans ratio and Ripley's L of points on lattice sites against CSR on the lattice.
 
     Parameters
     ----------
     points_A : ndarray, shape (N, 2)
-        Unstable sites [Å].
+        The sites tested [Å] (the analysis: where the beam created a vacancy).
     window_sites_A : ndarray, shape (M, 2)
-        Every analysed site [Å] (the null draws from these).
+        Every site a point could have been on [Å] (the null draws from these).
     link_A : float, optional
         Sites closer than this are one cluster [Å] (default: every point counts).
 
     Returns
     -------
     dict
-        ``n_unstable_sites``, ``n_clusters``, ``clark_evans_R``, ``p_clustered``,
+        ``n_points``, ``n_clusters``, ``clark_evans_R``, ``p_clustered``,
         ``clustered`` (p < 0.01), ``mean_nn_A``, ``mean_nn_csr_A``, ``ripley`` (radii,
         L, envelope low/high).
     """
@@ -151,7 +151,7 @@ def clustering(
     if link_A is not None:
         pts = merge_clusters(pts, link_A)
     n = len(pts)
-    out = {"n_unstable_sites": int(len(points_A)), "n_clusters": int(n)}
+    out = {"n_points": int(len(points_A)), "n_clusters": int(n)}
     sites = np.asarray(window_sites_A, dtype=np.float64)
     if n < 3 or len(sites) < 2 * n:
         out.update(clark_evans_R=float("nan"), p_clustered=float("nan"), clustered=False)

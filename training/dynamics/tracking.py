@@ -4,13 +4,14 @@
    with intensity-weighted sub-pixel centroids (:func:`find_columns`), or the columns a
    trained network found (:mod:`training.experiments.label`).
 2. **Rigid drift** between consecutive frames: phase correlation of their central halves.
-   On a periodic lattice the correlation has a peak at every lattice translation, so the
-   translations ``t + n₁a₁ + n₂a₂`` (lattice vectors from the lattice fit of frame 0,
-   :func:`training.experiments.lattice.assign_sublattices`) are all candidates, each with
-   the evidence of the aperiodic part of the specimen (dopants, vacancies) for it; the
-   drift path through the whole stack is the one with the most evidence and a smooth
-   stage drift (:func:`drift_path`, Viterbi), so one pair with a hopping dopant does not
-   decide.
+   On a periodic lattice the correlation has a peak at every lattice translation, so a
+   first registration pass (3.) fixes each frame only up to a lattice translation
+   ``n₁a₁ + n₂a₂`` (lattice vectors from the lattice fit of frame 0,
+   :func:`training.experiments.lattice.assign_sublattices`). For each pair of frames the
+   aperiodic part of the specimen (dopants, vacancies) gives the evidence for each
+   translation, and the drift path through the whole stack is the one with the most
+   evidence and a smooth stage drift (:func:`drift_path`, Viterbi), so one pair with a
+   hopping dopant does not decide; a second pass registers the frames with it.
 3. **Non-rigid** registration of each frame to the reference sites: the displacement
    ``frame(x, y) − reference(x, y)`` is a low-order polynomial (affine plus quadratic
    terms and a cubic term along the slow scan), fitted by least squares to the matched
@@ -187,13 +188,20 @@ def _subpixel(surface, iy, ix) -> np.ndarray:
 #: translation, 3.2 Å, costs ½·6² = 18 in log-likelihood per jump).
 _DRIFT_SIGMA_A = 1.0 / 6.0
 
+#: Cost [z-score units] of correcting one step of the registration by one lattice constant
+#: (:func:`drift_path`): small beside what a real correction gains (smoothness 18–37, and
+#: its evidence, 5–30), large beside noise (the best of ~18 wrong translations of one pair
+#: scores ~2; a path off by a lattice vector in every one of ~50 steps pays 300).
+_ANCHOR_WEIGHT = 6.0
+
 
 def _correlation_peaks(prev, cur, bond_px, centre, radius, n_peaks=3) -> list:
     """The ``n_peaks`` highest peaks [px, (dx, dy)] of the phase correlation of the central
     halves of two frames (the per-frame scan shear would blur that of the whole frames)
     within ``radius`` of ``centre``, refined to sub-pixel. On a lattice there is a peak at
-    every lattice translation of the step, and at low dose one of the metal-onto-chalcogen
-    translation (one bond) may beat the true one: the registration tells them apart."""
+    every lattice translation of the step, and at low dose the peak of the
+    metal-onto-chalcogen translation (one bond) may beat the true one: the registration
+    tells them apart."""
     from skimage.feature import peak_local_max
 
     h, w = cur.shape
@@ -213,7 +221,7 @@ def _correlation_peaks(prev, cur, bond_px, centre, radius, n_peaks=3) -> list:
     )  # fmt: skip
     out = []
     for py, px_ in peaks:
-        iy, ix = (py + hc // 2) % hc, (px_ + wc // 2) % wc  # back from the shifted surface
+        iy, ix = (py - hc // 2) % hc, (px_ - wc // 2) % wc  # back from the shifted surface
         if near[iy, ix]:
             out.append(np.array([dx[iy, ix], dy[iy, ix]]) + _subpixel(surface, iy, ix))
     return out or [np.asarray(centre, dtype=np.float64)]
@@ -243,33 +251,43 @@ def _alias_evidence(prev, cur, xy_prev, xy_cur, shifts, bond_px) -> np.ndarray:
     return z
 
 
-def drift_path(candidates, a_len_px: float) -> np.ndarray:
+def drift_path(candidates, a_len_px: float, anchor=None) -> np.ndarray:
     """The most likely sequence of frame-to-frame steps, ``(T − 1, 2)`` [px].
 
     ``candidates`` holds per pair of frames ``(steps, z)``: candidate steps and the
-    evidence for each (:func:`_alias_evidence`). A
-    lattice translation matches the columns of two frames as well as the true step, and a
-    dopant hopping to a neighbouring site looks like one, so no single pair decides: the
-    path maximises the summed evidence less the smooth-drift penalty
-    ``|s_f − s_{f−1}|² / 2σ²`` (σ = a/6) by dynamic programming (Viterbi). A drift off by a
-    lattice vector in every frame is as smooth as the truth but collects no evidence."""
+    evidence for each (:func:`_alias_evidence`). A lattice translation matches the columns
+    of two frames as well as the true step, and a dopant hopping to a neighbouring site
+    looks like one. The path maximises the summed evidence less the smooth-drift penalty
+    ``|s_f − s_{f−1}|² / 2σ²`` (σ = a/6) by dynamic programming (Viterbi): a step that
+    differs from the steps before *and after* it by a lattice vector costs 2 × 18, so one
+    pair's spurious evidence does not decide, and the first step is judged by the second.
+
+    A path off by the same lattice vector in every step is as smooth as the truth and
+    collects only noise; ``anchor`` (``(T − 1, 2)`` [px], the steps the registration found)
+    breaks that tie: every candidate pays ``_ANCHOR_WEIGHT · |s − anchor|² / a²``, so a
+    correction is made only where evidence and smoothness call for it."""
     if not candidates:
         return np.zeros((0, 2))
     sigma = _DRIFT_SIGMA_A * a_len_px
 
-    def _evidence(z):  # a pair with no usable candidate says nothing (rather than -inf)
+    def _evidence(f):
+        steps, z = candidates[f]
         z = np.asarray(z, dtype=np.float64)
-        return z if np.isfinite(z).any() else np.zeros_like(z)
+        if not np.isfinite(z).any():  # a pair with no usable candidate says nothing
+            z = np.zeros_like(z)
+        if anchor is not None:
+            z = z - _ANCHOR_WEIGHT * ((steps - anchor[f]) ** 2).sum(-1) / a_len_px**2
+        return z
 
-    score = _evidence(candidates[0][1])
+    score = _evidence(0)
     back = []
-    for steps, z in candidates[1:]:
-        prev_steps = candidates[len(back)][0]
+    for f in range(1, len(candidates)):
+        steps, prev_steps = candidates[f][0], candidates[f - 1][0]
         d2 = ((steps[:, None, :] - prev_steps[None, :, :]) ** 2).sum(-1)
         total = score[None, :] - 0.5 * d2 / sigma**2
         arg = np.argmax(total, axis=1)
         back.append(arg)
-        score = total[np.arange(len(steps)), arg] + _evidence(z)
+        score = total[np.arange(len(steps)), arg] + _evidence(f)
     idx = [int(np.argmax(score))]
     for arg in reversed(back):
         idx.append(int(arg[idx[-1]]))
@@ -375,10 +393,13 @@ def _register_sequence(columns, highpass, shape, bond, a_len, *, starts=None, of
     matched, sites)`` (sites: a list of ``(N, 2)`` reference positions, frame 0's columns
     first, then the columns of each frame that matched no site).
 
-    Without ``starts`` a frame starts from the previous frame's registration plus the
-    phase-correlation step nearest the previous step (the three highest peaks are tried;
-    the best registration wins); with ``starts`` (``(T, K, 2)`` coefficients) and
-    ``offsets`` (``(T, 2)`` [px] added to their constant terms) from those.
+    Without ``starts`` a frame starts from the previous frame's registration plus a
+    phase-correlation step: the three highest peaks within 0.4 a of the previous step
+    (0.6 a of zero for the first) are tried and the best registration (matched fraction,
+    then residual) wins; if none registers, offsets of 0.5 and 1 bond around the highest
+    peak. With ``starts`` (``(T, K, 2)`` coefficients) and ``offsets`` (``(T, 2)`` [px]
+    added to their constant terms) a frame starts from those. ``progress(f)`` is called
+    after each frame.
 
     Raises
     ------
@@ -556,9 +577,12 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
     bond = float(fit0.bond_length_px)
     a_vec = np.asarray(fit0.lattice_vectors_px, dtype=np.float64)
     a_len = float(np.linalg.norm(a_vec[0]))
+    # lattice translations up to two lattice constants, the shortest (zero) first
     n_range = np.arange(-2, 3)
     shifts = (n_range[:, None, None] * a_vec[0] + n_range[None, :, None] * a_vec[1]).reshape(-1, 2)
-    shifts = shifts[np.linalg.norm(shifts, axis=1) <= 2.0 * a_len]
+    longest = max(float(np.linalg.norm(v)) for v in a_vec)
+    shifts = shifts[np.linalg.norm(shifts, axis=1) <= 2.05 * longest]
+    shifts = shifts[np.argsort(np.linalg.norm(shifts, axis=1), kind="stable")]
     # pass 1: each frame registered to the sites so far, from the phase-correlation step;
     # this fixes every frame up to a lattice translation (which matches the columns as well
     # as the truth)
@@ -574,7 +598,8 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
         z = _alias_evidence(_hp(f - 1), _hp(f), xy_prev, xy_cur, shifts, bond)
         step = first[0][f, 0] - first[0][f - 1, 0]
         candidates.append((step + shifts, z))
-    path = drift_path(candidates, a_len)
+    anchor = first[0][1:, 0] - first[0][:-1, 0]
+    path = drift_path(candidates, a_len, anchor=anchor)
     offsets = np.zeros((t_count, 2))
     for f in range(1, t_count):
         step = first[0][f, 0] - first[0][f - 1, 0]

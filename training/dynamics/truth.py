@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from structures import CHALCOGEN
 from training.dynamics.events import interior, pair_hops, sublattice_neighbours
 from training.dynamics.tracking import match_points
 
@@ -80,21 +81,22 @@ def score_events(detected, truth, mapping, tracks, kinds, *, observable: bool = 
         ev["frame"], ev["kind_name"], ev["from_site"], ev["to_site"], strict=True
     ):
         ta, tb = mapping.get(int(a)), mapping.get(int(b))
+        f, kind = int(f), str(kind)
+        if observable and kind in ("vacancy_appears", "vacancy_disappears", "vacancy_hop"):
+            # what the images show: each site that loses or gains an atom, where it is in
+            # view in both frames and tracked as a chalcogen site (one end of a hop may be
+            # outside the field; the analysis then sees the other end alone)
+            down, up = changes.setdefault(f, (set(), set()))
+            gains = {"vacancy_appears": (), "vacancy_disappears": (ta,), "vacancy_hop": (ta,)}
+            losses = {"vacancy_appears": (ta,), "vacancy_disappears": (), "vacancy_hop": (tb,)}
+            for sites, into in ((gains[kind], up), (losses[kind], down)):
+                for t in sites:
+                    if t is not None and _seen_chalcogen(tracks, f, t):
+                        into.add(t)
+            continue
         if ta is None or tb is None:
             continue
-        f = int(f)
         if not (tracks.in_view[f - 1, [ta, tb]].all() and tracks.in_view[f, [ta, tb]].all()):
-            continue
-        kind = str(kind)
-        if observable and kind in ("vacancy_appears", "vacancy_disappears", "vacancy_hop"):
-            down, up = changes.setdefault(f, (set(), set()))
-            if kind == "vacancy_appears":
-                down.add(ta)
-            elif kind == "vacancy_disappears":
-                up.add(ta)
-            else:  # the vacancy moves from a (which gains an atom) to b (which loses one)
-                up.add(ta)
-                down.add(tb)
             continue
         if ta == tb and not interior(tracks, f, ta):
             continue  # a one-site event at the edge of the field (see events.interior)
@@ -124,6 +126,14 @@ def score_events(detected, truth, mapping, tracks, kinds, *, observable: bool = 
             "recall": hit / len(t) if t else float("nan"),
         }
     return out
+
+
+def _seen_chalcogen(tracks, frame: int, site: int) -> bool:
+    return bool(
+        tracks.sublattice[site] == CHALCOGEN
+        and tracks.in_view[frame - 1, site]
+        and tracks.in_view[frame, site]
+    )
 
 
 def auroc(scores, positive) -> float:
