@@ -182,3 +182,17 @@ def hollow_sites(metal: str, chalcogen: str, repeats=(3, 2)):
             o = np.array([i * a, j * b]) + (0.25 * a, b / 12.0)
             pts += [o + (0.0, b / 3.0), o + (0.5 * a, 5.0 * b / 6.0)]
     return np.array(pts)
+
+
+# -- training -------------------------------------------------------------------------------------
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread during a test (two threads on a busy two-core machine run
+    several-fold slower); the previous count restored after it. Training test files use it
+    for every test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -29,12 +29,7 @@ NAMES = ("background", *SCHEME["names"])
 FAKE_SCHEME = {"name": "", "names": SCHEME["names"], "ids": SCHEME["ids"], "by": "", "mapping": {}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -49,12 +49,7 @@ SIM = {
 EXP_PIXEL_A = 0.16  # the experiments' pixel size; the network is trained at 0.2 Å
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads on a busy two-core machine run several-fold slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _generate(cfg, out, calibration):

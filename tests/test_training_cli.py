@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import zarr
 from _fakestore import write_fake_store
 from typer.testing import CliRunner
@@ -14,12 +13,7 @@ from training.config import TrainConfig
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,7 @@ from torch import nn
 
 from training.models import MODELS, UNet, build_model, register_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])

@@ -22,13 +22,7 @@ from training.report import read_history_csv
 from training.stores import StoreError
 from training.train import load_checkpoint_dict, train_ensemble, train_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
