@@ -116,6 +116,7 @@ class SimulationConfig(Config):
     prism_interpolation: int = 2
     frozen_phonons: int = 0
     potential_sampling_A: float = 0.05
+    transmission_supersampling: int = 4
     calibration_reference: str = "prism"
     pointsum_exponent: float = 2.0
 
@@ -138,6 +139,11 @@ class SimulationConfig(Config):
             raise ValueError(
                 "simulation.potential_sampling_A: expected 0.005..0.2 Å, got "
                 f"{self.potential_sampling_A}"
+            )
+        if not 1 <= self.transmission_supersampling <= 16:
+            raise ValueError(
+                "simulation.transmission_supersampling: expected an integer 1..16, got "
+                f"{self.transmission_supersampling}"
             )
         if self.calibration_reference not in ("prism", "multislice"):
             raise ValueError(

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import warnings
 from collections.abc import Mapping
@@ -98,6 +99,7 @@ __all__ = [
     "plane_slices",
     "resolve_window",
     "simulate",
+    "simulate_defocus_series",
 ]
 
 MODELS = ("incoherent", "prism", "multislice")
@@ -415,8 +417,11 @@ def _reference_specimen(atoms, cell_xy, optics, layout, origin, settings, rng):
     return work, gpts, slices, (sx0, sy0), z_mid, f
 
 
-def _abtem_scan(work, gpts, slices, start, z_mid, f, optics, layout, settings, device):
-    """Focal-spread average of the HAADF signal of an abTEM scan, ``[x, y]`` float64."""
+def _abtem_scan(
+    work, gpts, slices, start, z_mid, f, optics, layout, settings, device, dC10_A=(0.0,)
+):
+    """Focal-spread average of the HAADF signal of an abTEM scan, ``[x, y]`` float64, one
+    per defocus change in ``dC10_A`` [Å] (PRISM builds its S-matrix once for all)."""
     import abtem
 
     s, _, _, (nsx, nsy), _ = layout
@@ -426,41 +431,67 @@ def _abtem_scan(work, gpts, slices, start, z_mid, f, optics, layout, settings, d
     energy = optics["energy_kV"] * 1e3
     alpha = optics["semiangle_mrad"]
     with _quiet_abtem():
-        potential = abtem.Potential(work, gpts=gpts, slice_thickness=slices, device=device)
         detector = abtem.AnnularDetector(
             inner=optics["haadf_inner_mrad"],
             outer=optics["haadf_outer_mrad"],
             to_cpu=device == "cpu",
         )
         scan = abtem.GridScan(start=(sx0, sy0), end=(sx0 + nsx * s, sy0 + nsy * s), gpts=(nsx, nsy))
-        acc = None
-        if settings.model == "prism":
-            smatrix = abtem.SMatrix(
-                potential=potential,
-                energy=energy,
-                semiangle_cutoff=alpha,
-                interpolation=f,
-                device=device,
-            ).build(lazy=False)
-        for node, weight in zip(nodes, weights, strict=True):
-            aberrations = abtem_aberrations(optics, dC10_A=float(node) - z_mid)
+        acc = [None] * len(dC10_A)
+        potentials = _potentials(work, gpts, slices, energy, settings, device)
+        for potential, share in potentials:
             if settings.model == "prism":
-                ctf = abtem.CTF(
-                    semiangle_cutoff=alpha, energy=energy, aberration_coefficients=aberrations
-                )
-                meas = smatrix.reduce(scan=scan, ctf=ctf, detectors=[detector])
-            else:
-                probe = abtem.Probe(
-                    energy=energy, semiangle_cutoff=alpha, aberrations=aberrations, device=device
-                )
-                meas = probe.scan(potential, scan=scan, detectors=detector, lazy=False)
-            if isinstance(meas, list):
-                meas = meas[0]
-            arr = xp.asarray(meas.array, dtype=xp.float64)
-            while arr.ndim > 2:  # any ensemble axis left (frozen phonons): plain mean
-                arr = arr.mean(axis=0)
-            acc = weight * arr if acc is None else acc + weight * arr
+                smatrix = abtem.SMatrix(
+                    potential=potential,
+                    energy=energy,
+                    semiangle_cutoff=alpha,
+                    interpolation=f,
+                    device=device,
+                ).build(lazy=False)
+            for n_df, (node, weight) in itertools.product(
+                range(len(dC10_A)), zip(nodes, weights, strict=True)
+            ):
+                shift = float(node) + float(dC10_A[n_df]) - z_mid
+                aberrations = abtem_aberrations(optics, dC10_A=shift)
+                if settings.model == "prism":
+                    ctf = abtem.CTF(
+                        semiangle_cutoff=alpha, energy=energy, aberration_coefficients=aberrations
+                    )
+                    meas = smatrix.reduce(scan=scan, ctf=ctf, detectors=[detector])
+                else:
+                    probe = abtem.Probe(
+                        energy=energy,
+                        semiangle_cutoff=alpha,
+                        aberrations=aberrations,
+                        device=device,
+                    )
+                    meas = probe.scan(potential, scan=scan, detectors=detector, lazy=False)
+                if isinstance(meas, list):
+                    meas = meas[0]
+                arr = xp.asarray(meas.array, dtype=xp.float64)
+                while arr.ndim > 2:  # any ensemble axis left (frozen phonons): plain mean
+                    arr = arr.mean(axis=0)
+                term = (weight * share) * arr
+                acc[n_df] = term if acc[n_df] is None else acc[n_df] + term
     return acc, len(nodes)
+
+
+def _potentials(work, gpts, slices, energy, settings, device):
+    """``(potential, weight)`` per configuration: abTEM's own potential (its frozen-phonon
+    ensemble inside) with ``transmission_supersampling = 1``, else one band-limited
+    transmission function per frozen-phonon configuration (built as it is needed)."""
+    import abtem
+
+    factor = int(settings.transmission_supersampling)
+    if factor == 1:
+        yield abtem.Potential(work, gpts=gpts, slice_thickness=slices, device=device), 1.0
+        return
+    from simgen.transmission import band_limited_transmission
+
+    configs = list(work) if isinstance(work, abtem.FrozenPhonons) else [work]
+    for atoms in configs:
+        tf = band_limited_transmission(atoms, gpts, slices, energy, factor=factor, device=device)
+        yield tf, 1.0 / len(configs)
 
 
 def _scan_to_pixels(img, optics, layout, p, h, w):
@@ -483,24 +514,29 @@ def _scan_to_pixels(img, optics, layout, p, h, w):
     return img[margin : margin + m * (h - 1) + 1 : m, margin : margin + m * (w - 1) + 1 : m]
 
 
-def _reference(atoms, cell_xy, optics, geom, settings: SimulationSettings, device, rng):
-    """PRISM or multislice image of the window ``geom`` and the numerical settings used."""
+def _reference(
+    atoms, cell_xy, optics, geom, settings: SimulationSettings, device, rng, dC10_A=None
+):
+    """PRISM or multislice image of the window ``geom`` and the numerical settings used;
+    with ``dC10_A`` [Å] a list of images, one per defocus change (one S-matrix)."""
     x0, y0, h, w, p = geom
     _check_potential_sampling(optics, float(settings.potential_sampling_A))
     layout = _scan_layout(p, h, w, optics, settings.scan_sampling_A)
     work, gpts, slices, start, z_mid, f = _reference_specimen(
         atoms, cell_xy, optics, layout, (x0, y0), settings, rng
     )
+    shifts = (0.0,) if dC10_A is None else tuple(float(d) for d in dC10_A)
     acc, n_nodes = _abtem_scan(
-        work, gpts, slices, start, z_mid, f, optics, layout, settings, device
+        work, gpts, slices, start, z_mid, f, optics, layout, settings, device, shifts
     )
-    out = _scan_to_pixels(acc.T, optics, layout, p, h, w)  # [x, y] -> [y, x]
+    outs = [_scan_to_pixels(a.T, optics, layout, p, h, w) for a in acc]  # [x, y] -> [y, x]
     s, _, _, (nsx, nsy), resample = layout
     info = {
         "scan_step_A": s,
         "scan_shape": (nsy, nsx),
         "potential_gpts": gpts,
         "potential_sampling_A": float(settings.potential_sampling_A),
+        "transmission_supersampling": int(settings.transmission_supersampling),
         "slice_thickness_A": float(settings.slice_thickness_A),
         "n_slices": len(slices),
         "interpolation": f,
@@ -509,8 +545,9 @@ def _reference(atoms, cell_xy, optics, geom, settings: SimulationSettings, devic
         "resampled": resample,
         "focal_plane_z_A": z_mid,
     }
-    xp = get_array_module(out)
-    return xp.ascontiguousarray(out, dtype=xp.float32), info
+    xp = get_array_module(outs[0])
+    images = [xp.ascontiguousarray(o, dtype=xp.float32) for o in outs]
+    return (images[0] if dC10_A is None else images), info
 
 
 # -- public entry point ------------------------------------------------------------------------
@@ -540,8 +577,14 @@ class SimulationSettings(Config):
     phonon_sigma_A : float or mapping
         Displacement standard deviation per direction [Å] (or per element).
     potential_sampling_A : float
-        Potential grid step [Å] for ``prism``/``multislice``; must resolve the outer
-        detector angle (0.05 Å does up to 279 mrad at 80 kV).
+        Grid step of the waves and transmission functions [Å] for ``prism``/``multislice``;
+        must resolve the outer detector angle (0.05 Å does up to 279 mrad at 80 kV).
+    transmission_supersampling : int
+        The potential is built this many times finer than ``potential_sampling_A``, with
+        exact atom positions, and its transmission function band-limited into the wave
+        grid (:func:`simgen.transmission.band_limited_transmission`). 4 (default) makes a
+        lone atom's HAADF independent of its sub-pixel position to <= 0.25 % at 0.05 Å
+        (12.6 % for W with abTEM's plain potential, ``1``).
     slice_thickness_A : float
         Multislice slice thickness [Å].
     focal_points : int
@@ -567,6 +610,7 @@ class SimulationSettings(Config):
     frozen_phonons: int = 0
     phonon_sigma_A: float | dict[str, float] = 0.07
     potential_sampling_A: float = 0.05
+    transmission_supersampling: int = 4
     slice_thickness_A: float = 1.0
     focal_points: int = 7
     scan_sampling_A: float | None = None
@@ -578,7 +622,12 @@ class SimulationSettings(Config):
             raise ValueError(f"model: expected one of {MODELS}, got {self.model!r}")
         if self.pixel_size_A is not None and not 0 < self.pixel_size_A <= 5.0:
             raise ValueError(f"pixel_size_A: expected 0 < p <= 5 Å, got {self.pixel_size_A}")
-        for name, low in (("interpolation", 1), ("frozen_phonons", 0), ("focal_points", 1)):
+        for name, low in (
+            ("interpolation", 1),
+            ("frozen_phonons", 0),
+            ("focal_points", 1),
+            ("transmission_supersampling", 1),
+        ):
             value = getattr(self, name)
             if int(value) != value or value < low:
                 raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -677,3 +726,72 @@ def simulate(
         info=info,
         columns=columns,
     )
+
+
+def simulate_defocus_series(
+    atoms: Atoms,
+    columns,
+    optics: Mapping[str, float] | OpticsConfig | None,
+    C10_A,  # noqa: N803 - the optics' name
+    settings: SimulationSettings | None = None,
+    *,
+    rng=None,
+    **overrides,
+) -> list[Simulated]:
+    """:func:`simulate` of a ``prism``/``multislice`` image at several defoci at once.
+
+    PRISM builds the S-matrix once and reduces it per defocus (a defocus series costs
+    little more than one image); the frozen-phonon configurations are the same for all.
+
+    Parameters
+    ----------
+    atoms, columns, optics, settings, rng, **overrides
+        As :func:`simulate` (``model`` must be ``prism`` or ``multislice``).
+    C10_A : sequence of float
+        The defoci [Å] (``C10``; replaces ``optics["C10_A"]``).
+
+    Returns
+    -------
+    list of Simulated
+        One per defocus, in order.
+    """
+    settings = _settings(settings, overrides)
+    if settings.model not in ("prism", "multislice"):
+        raise ValueError(
+            f"model: a defocus series needs prism or multislice, got {settings.model!r}"
+        )
+    device = resolve_device(settings.device)
+    rng = as_rng(rng)
+    optics = optics_values(optics, rng=rng)
+    p = float(optics["pixel_size_A"] if settings.pixel_size_A is None else settings.pixel_size_A)
+    optics["pixel_size_A"] = p
+    defoci = [float(c) for c in C10_A]
+    if not defoci:
+        raise ValueError("C10_A: give at least one defocus")
+    base = defoci[0]
+    cell_xy = _cell_xy(atoms)
+    x, y, _, _ = _check_columns(columns)
+    x0, y0, h, w = resolve_window(cell_xy, p, settings.window, settings.shape, settings.origin)
+    if len(atoms) == 0:
+        raise ValueError("atoms: the structure holds no atoms")
+    images, info = _reference(
+        atoms, cell_xy, {**optics, "C10_A": base}, (x0, y0, h, w, p), settings, device, rng,
+        dC10_A=[c - base for c in defoci],
+    )  # fmt: skip
+    info["periodic"] = bool(settings.periodic)
+    return [
+        Simulated(
+            image=img,
+            rows=(y - y0) / p,
+            cols=(x - x0) / p,
+            params={**optics, "C10_A": c},
+            model=settings.model,
+            pixel_size_A=p,
+            origin_A=(x0, y0),
+            calibration_key=None,
+            calibration=None,
+            info=dict(info),
+            columns=columns,
+        )
+        for c, img in zip(defoci, images, strict=True)
+    ]
