@@ -8,7 +8,7 @@ CONFIG ?=
 OUT    ?= data/default.zarr
 
 .DEFAULT_GOAL := help
-.PHONY: help install dataset test test-all test-cluster lint format bench gpu-check gpu-wheels clean
+.PHONY: help install dataset test test-all test-cluster lint format bench calibrations gpu-check gpu-wheels clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-13s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 
 bench: $(STAMP) ## Print benchmark tables (speed vs plain abTEM; not pass/fail)
 	$(BIN)/python -m benchmarks.run
+
+calibrations: $(STAMP) ## Rebuild the shipped incoherent-model calibrations (~15 min, CPU)
+	$(BIN)/python -m simgen.calibration_table simgen/data/calibrations.json
 
 gpu-check: ## On a GPU machine: gpu tests + GPU figures beside the CPU ones (docs/gpu.md)
 	bash benchmarks/gpu_check.sh

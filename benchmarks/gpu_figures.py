@@ -2,9 +2,10 @@
 
 ``python -m benchmarks.gpu_figures --device gpu`` prints, one line each (not pass/fail):
 
-* PRISM and multislice seconds per 512² image at 0.1 Å/px (80 kV, 30 mrad, 0.05 Å
-  potential sampling): a ``window``² field is simulated through :func:`make_sample` and the
-  time scaled by area to 512² (the cost is linear in probe positions);
+* PRISM and multislice seconds per 512² image at 0.1 Å/px (80 kV, 30 mrad, the default
+  converged numerics: 0.05 Å waves, transmission from a 4x finer potential): a
+  ``window``² field is simulated through :func:`make_sample` and the time scaled by
+  area to 512² (the cost is linear in probe positions);
 * incoherent model + acquisition chain + labels, samples/s (``make_sample`` in a loop);
 * ``simgen generate`` samples/s on one device (start-up amortised, as bench_generate);
 * AMP training samples/s and inference columns/min (bench_training, bench_label).

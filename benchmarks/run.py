@@ -8,6 +8,7 @@ import traceback
 
 BENCHES = (
     "bench_simulate",
+    "bench_convergence",
     "bench_acquisition",
     "bench_generate",
     "bench_training",

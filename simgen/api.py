@@ -54,7 +54,8 @@ def cached_calibration(
     force: bool = False,
     announce: Callable[[str], None] | None = None,
 ) -> dict:
-    """The calibration cached under ``key``, else ``compute()`` saved there first.
+    """The calibration cached under ``key``, else the one shipped with simgen
+    (:mod:`simgen.calibration_table`), else ``compute()`` saved in the cache first.
 
     Parameters
     ----------
@@ -73,6 +74,13 @@ def cached_calibration(
     data = None if force else store.load_cached_calibration(key)
     if data is not None:
         return data
+    if not force:
+        from simgen.calibration_table import shipped_calibration
+
+        data = shipped_calibration(key)
+        if data is not None:
+            logger.info("calibration %s: shipped with simgen", key)
+            return data
     message = f"calibrating the incoherent model ({key}; once, then cached) ..."
     logger.info(message)
     if announce is not None:

@@ -641,7 +641,9 @@ def calibrate(
         )
     except (ValueError, RuntimeError) as err:
         fail(str(err))
-    typer.echo(f"calibration {key}\n  cached at {store.calibration_cache_file(key)}")
+    cache_file = store.calibration_cache_file(key)
+    where = f"cached at {cache_file}" if cache_file.is_file() else "shipped with simgen"
+    typer.echo(f"calibration {key}\n  {where}")
     for name in ("weights_A2", "widths_A", "kappa", "background", "fit"):
         if name in data:
             typer.echo(f"  {name}: {json.dumps(data[name], default=float)[:300]}")

@@ -92,6 +92,22 @@ def dataset_elements(cfg) -> tuple[str, ...]:
     return tuple(sorted(els, key=lambda e: atomic_numbers[e]))
 
 
+def dataset_hosts(cfg) -> tuple[tuple[str, str], ...] | None:
+    """The host lattices ``(metal, chalcogen)`` of ``cfg``'s samples (its materials, or the
+    alloy's sublattices); None for a structure file (every pair is then a host)."""
+    from structures import parse_material
+
+    if cfg.structure.file:
+        return None
+    pairs = set()
+    for material in _materials(cfg):
+        metal, chalcogen = parse_material(material)
+        metals = list(cfg.structure.metals or {metal: 1.0})
+        chalcogens = list(cfg.structure.chalcogens or {chalcogen: 1.0})
+        pairs.update((m, x) for m in metals for x in chalcogens)
+    return tuple(sorted(pairs))
+
+
 def nominal_pixel_size(cfg) -> float:
     lo, hi = cfg.optics.pixel_size_A.bounds()
     return float(lo) if lo == hi else float("nan")
@@ -208,8 +224,10 @@ def calibration_request(cfg):
 
     elements = dataset_elements(cfg)
     kwargs = {
+        "hosts": dataset_hosts(cfg),
         "reference_model": cfg.simulation.calibration_reference,
         "potential_sampling_A": cfg.simulation.potential_sampling_A,
+        "transmission_supersampling": cfg.simulation.transmission_supersampling,
     }
     key = calibration_key(cfg.optics, elements, **kwargs)
 
@@ -392,6 +410,7 @@ def render_sample(
         interpolation=cfg.simulation.prism_interpolation,
         frozen_phonons=cfg.simulation.frozen_phonons,
         potential_sampling_A=cfg.simulation.potential_sampling_A,
+        transmission_supersampling=cfg.simulation.transmission_supersampling,
         device=cfg.simulation.device,
     )
     sim = simulate(atoms, table, optics, settings, calibration=cal, rng=streams["simulation"])

@@ -14,6 +14,7 @@ into JSON; ``training`` uses them too.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -696,6 +697,19 @@ def load_cached_calibration(key: str) -> dict | None:
         return json.loads(f.read_text())
     except json.JSONDecodeError:
         return None  # a torn write: recompute
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_calibration_table() -> dict:
+    """The calibration table shipped in the package (``simgen/data/calibrations.json``,
+    :mod:`simgen.calibration_table`), or ``{}`` if it is missing or unreadable."""
+    from importlib import resources
+
+    try:
+        text = resources.files("simgen").joinpath("data/calibrations.json").read_text()
+        return json.loads(text)
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return {}
 
 
 def save_calibration(key: str, data: Mapping) -> Path:

@@ -25,8 +25,11 @@ def test_reference_cell_holds_every_column_type():
     names, counts = np.unique(kinds, return_counts=True)
     found = dict(zip(names.tolist(), counts.tolist(), strict=True))
     assert found["S_entry"] == 3 and found["S_exit"] == 3
-    assert found["empty_X"] == 1 and found["empty_M"] == 1 and found["SSe"] == 1
-    assert found["Mo"] == 11 and found["S2"] == 12 - 3 - 3 - 1 - 1
+    assert found["empty_X"] == 1 and found["empty_M"] == 1
+    # substituents in the host lattice: both orders and a full column
+    assert found["SSe"] == 1 and found["SeS"] == 1 and found["Se2"] == 1
+    n_sites = len(kinds) // 2
+    assert found["Mo"] == n_sites - 1 and found["S2"] == n_sites - 3 - 3 - 1 - 3
     # columns and atoms agree: every atom sits on its column, counts match
     assert np.asarray(columns.counts).sum() == len(atoms)
     lx, ly, lz = atoms.cell.lengths()
@@ -59,8 +62,11 @@ def test_reference_cells_cover_every_pair():
 
 def test_fit_recovers_known_parameters(toy_calibration):
     """A synthetic incoherent image is fitted back to its own parameters."""
+    import dataclasses
+
     atoms, columns, _ = reference_cell("W", "Se", others=("S",), rng=1)
-    truth = toy_calibration
+    tails = {"S": 0.0003, "Se": 0.001, "Mo": 0.0, "W": 0.002}
+    truth = dataclasses.replace(toy_calibration, tails_A2=tails, tail_width_A=0.6)
     cell = tuple(atoms.cell.lengths()[:2])
     img = simulate(
         atoms,
@@ -75,7 +81,15 @@ def test_fit_recovers_known_parameters(toy_calibration):
         assert cal.widths_A[e] == pytest.approx(truth.widths_A[e], abs=0.01)
     assert cal.kappa["Se"] == pytest.approx(truth.kappa["Se"], rel=0.01)
     assert cal.background == pytest.approx(truth.background, rel=0.05)
+    assert cal.tail_width_A == pytest.approx(0.6, abs=0.03)
+    for e in ("S", "Se", "W"):
+        assert cal.tails_A2[e] == pytest.approx(tails[e], rel=0.05, abs=2e-5)
     assert cal.fit["correlation"] > 0.99999
+    # without the tail term the same image fits worse: the term is not a free ride
+    plain = fit_calibration(
+        img, columns, {"source_size_A": 0.0}, pixel_size_A=0.3, cell_xy=cell, tails=False
+    )
+    assert plain.fit["rms_relative"] > 3 * cal.fit["rms_relative"]
 
 
 def test_calibration_values_are_physical(calibration_for):
@@ -122,7 +136,7 @@ def test_serialisation_and_key(toy_calibration):
         d = {**data, **change}
         d.pop("key")
         if "elements" in change:
-            for table in ("weights_A2", "kappa", "widths_A"):
+            for table in ("weights_A2", "kappa", "widths_A", "tails_A2"):
                 d[table] = {e: d[table][e] for e in change["elements"]}
         assert Calibration.from_dict(d).key != cal.key
     with pytest.raises(ValueError, match="key"):
@@ -135,12 +149,48 @@ def test_serialisation_and_key(toy_calibration):
         Calibration.from_dict({**data, "key": None, "widths_A": {**data["widths_A"], "S": -1}})
 
 
+def test_defocus_fits_interpolate_and_round_trip(toy_calibration):
+    """Parameters fitted at other defoci are interpolated linearly, clamped beyond the
+    fitted range, and survive the dict round trip (the key does not depend on them)."""
+    import dataclasses
+
+    base = toy_calibration
+    at_30 = {
+        "C10_A": 30.0,
+        "weights_A2": {e: 2 * w for e, w in base.weights_A2.items()},
+        "kappa": dict(base.kappa),
+        "widths_A": dict(base.widths_A),
+        "tails_A2": dict(base.tails_A2),
+        "tail_width_A": 0.0,
+        "background": 3 * base.background,
+    }
+    cal = dataclasses.replace(base, defocus_fits=(at_30,))
+    assert cal.at_defocus(0.0).weights_A2 == pytest.approx(base.weights_A2)
+    half = cal.at_defocus(15.0)
+    assert half.weights_A2["W"] == pytest.approx(1.5 * base.weights_A2["W"])
+    assert half.background == pytest.approx(2 * base.background)
+    assert cal.at_defocus(80.0).weights_A2["W"] == pytest.approx(2 * base.weights_A2["W"])
+    assert cal.at_defocus(-20.0).weights_A2["W"] == pytest.approx(base.weights_A2["W"])
+    again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert again.at_defocus(15.0).weights_A2 == pytest.approx(half.weights_A2)
+    assert again.key == base.key
+    with pytest.raises(ValueError, match="defocus_fits"):
+        dataclasses.replace(base, defocus_fits=({"C10_A": 10.0},))
+
+
 def test_calibration_key_predicts_the_key(calibration_for):
     cal = calibration_for(("Mo", "S"))
     assert calibration_key(None, ["S", "Mo"]) == cal.key
     assert calibration_key({"energy_kV": 80.0, "C10_A": 50.0}, ["Mo", "S"]) == cal.key
     assert calibration_key(None, ["Mo", "S"], reference_model="multislice") != cal.key
     assert calibration_key(None, ["Mo", "S"], interpolation=2) != cal.key
+    assert calibration_key(None, ["Mo", "S"], transmission_supersampling=1) != cal.key
+    assert calibration_key(None, ["Mo", "S"], defocus_A=(-20.0, 0.0)) != cal.key
+    assert calibration_key(None, ["Mo", "S", "Re"], hosts=[("Mo", "S")]) != calibration_key(
+        None, ["Mo", "S", "Re"]
+    )
+    # every pair a host is the default: same cells, same key
+    assert calibration_key(None, ["Mo", "S"], hosts=[("Mo", "S")]) == cal.key
     assert calibration_key(None, ["Mo", "S", "Se"]) != cal.key
     assert calibration_key({"semiangle_mrad": 25.0}, ["Mo", "S"]) != cal.key
     with pytest.raises(ValueError, match="reference_model"):

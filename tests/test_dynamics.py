@@ -122,6 +122,7 @@ def test_clustered_mode_concentrates_creation_events():
 @pytest.fixture(scope="module")
 def movie_cache(tmp_path_factory):
     """Calibration cache of the test movie (PRISM once, ~10 s)."""
+    from simgen.api import cached_calibration
     from simgen.movie import load_movie_config
     from simgen.pipeline import calibration_request
 
@@ -130,7 +131,7 @@ def movie_cache(tmp_path_factory):
         mp.setenv("SIMGEN_CACHE", str(path))
         cfg = load_movie_config().with_overrides(MOVIE)
         key, compute = calibration_request(cfg)
-        store.save_calibration(key, compute())
+        store.save_calibration(key, cached_calibration(key, compute))  # shipped or computed
         yield path
 
 

@@ -1,0 +1,173 @@
+"""The calibrations shipped with simgen, and how to rebuild them.
+
+A CPU user with shipped optics never waits for a calibration: :func:`simgen.api.
+cached_calibration` looks a key up in the user's cache, then in this table
+(``simgen/data/calibrations.json``), and only then calibrates. The table holds the six 2H
+binaries (MoS2, WS2, MoSe2, WSe2, MoTe2, WTe2) at 60 and 80 kV, 25, 30 and 35 mrad, with
+the default 60–200 mrad detector, plus the default dopant (Re in MoS2) and the V-doped
+WSe2 of the docs at 30 mrad, all at the default reference numerics
+(:class:`simgen.calibrate.ReferenceSettings`: PRISM f = 1, 0.05 Å waves, potential ×4).
+
+Rebuild (about 15 minutes on two CPU cores; deterministic, CPU)::
+
+    make calibrations        # = python -m simgen.calibration_table simgen/data/calibrations.json
+
+Each entry is exactly what :func:`simgen.calibrate.calibrate` returns for its optics and
+elements (its key says so), and the file records the abTEM, simgen and NumPy versions that
+made it. A ``slow`` test recomputes one entry and compares.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["SHIPPED", "build_table", "shipped_calibration", "shipped_entries"]
+
+#: Host binaries (metal, chalcogen) of the table.
+BINARIES = (("Mo", "S"), ("W", "S"), ("Mo", "Se"), ("W", "Se"), ("Mo", "Te"), ("W", "Te"))
+
+#: Detector of every shipped entry [mrad] (the default optics).
+DETECTOR_MRAD = (60.0, 200.0)
+
+
+def _entries() -> list[tuple[dict, tuple[str, ...]]]:
+    out = []
+    for energy in (60.0, 80.0):
+        for alpha in (25.0, 30.0, 35.0):
+            optics = {
+                "energy_kV": energy,
+                "semiangle_mrad": alpha,
+                "haadf_inner_mrad": DETECTOR_MRAD[0],
+                "haadf_outer_mrad": DETECTOR_MRAD[1],
+            }
+            out += [(optics, pair, None) for pair in BINARIES]
+        optics = {
+            "energy_kV": energy,
+            "semiangle_mrad": 30.0,
+            "haadf_inner_mrad": DETECTOR_MRAD[0],
+            "haadf_outer_mrad": DETECTOR_MRAD[1],
+        }
+        out += [
+            (optics, ("Mo", "Re", "S"), (("Mo", "S"),)),
+            (optics, ("W", "V", "Se"), (("W", "Se"),)),
+        ]
+    return out
+
+
+#: ``(optics, elements, hosts)`` of every shipped entry (hosts: the host lattices,
+#: :class:`simgen.calibrate.ReferenceSettings`; None = every pair).
+SHIPPED = tuple(_entries())
+
+
+def entry_key(optics: Mapping, elements: Iterable[str], hosts=None) -> str:
+    """The calibration key of one entry."""
+    from simgen.calibrate import calibration_key
+
+    return calibration_key(dict(optics), tuple(elements), hosts=hosts)
+
+
+def build_table(
+    entries: Iterable[tuple[Mapping, Iterable[str], Any]] = SHIPPED,
+    *,
+    existing: Mapping | None = None,
+    progress=None,
+    checkpoint=None,
+) -> dict:
+    """Calibrate every entry (CPU, default reference settings); the table as a dict.
+
+    Parameters
+    ----------
+    entries : iterable of (optics, elements, hosts)
+    existing : mapping, optional
+        A previous table: entries whose key is still wanted are kept, not recomputed.
+    progress : callable, optional
+        Called with a line per finished entry.
+    checkpoint : callable, optional
+        Called with the partial table after each entry (to save it: a stopped rebuild
+        resumes with ``existing``).
+
+    Returns
+    -------
+    dict
+        ``{"versions": {...}, "numerics": {...}, "entries": {key: calibration dict}}``.
+    """
+    import dataclasses
+    import platform
+
+    from simgen.calibrate import ReferenceSettings, calibrate
+    from simgen.store import package_versions
+
+    versions = {**package_versions(), "python": platform.python_version()}  # fail early
+    old = dict((existing or {}).get("entries", {}))
+    table = {}
+    for optics, elements, hosts in entries:
+        key = entry_key(optics, elements, hosts)
+        if key in old:
+            table[key] = old[key]
+            continue
+        cal = calibrate(dict(optics), tuple(elements), device="cpu", hosts=hosts)
+        data = cal.to_dict()
+        data["fit"].pop("reference_seconds", None)  # machine-dependent; not a result
+        table[cal.key] = data
+        if progress is not None:
+            progress(f"{cal.key}: corr {cal.fit['correlation']:.5f}")
+        if checkpoint is not None:
+            checkpoint({"versions": versions, "entries": dict(table)})
+    return {
+        "versions": versions,
+        "numerics": dataclasses.asdict(ReferenceSettings()),
+        "entries": dict(sorted(table.items())),
+    }
+
+
+def shipped_entries() -> dict:
+    """``{key: calibration dict}`` of the shipped table (empty if the file is missing)."""
+    from simgen.store import shipped_calibration_table
+
+    return shipped_calibration_table().get("entries", {})
+
+
+def shipped_calibration(key: str) -> dict | None:
+    """The shipped calibration dict with this key (a copy), or None."""
+    data = shipped_entries().get(key)
+    return None if data is None else json.loads(json.dumps(data))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m simgen.calibration_table OUT.json [--keep]``: rebuild the shipped table
+    (``--keep``: keep the entries of an existing OUT.json that are still current)."""
+    import sys
+    from pathlib import Path
+
+    from simgen.store import atomic_write
+
+    args = sys.argv[1:] if argv is None else argv
+    keep = "--keep" in args
+    args = [a for a in args if a != "--keep"]
+    if len(args) != 1:
+        print("usage: python -m simgen.calibration_table OUT.json [--keep]", file=sys.stderr)
+        return 2
+    existing = json.loads(Path(args[0]).read_text()) if keep and Path(args[0]).is_file() else None
+    out = Path(args[0])
+    partial = out.with_name(out.name + ".partial")
+    if existing is None and keep and partial.is_file():
+        existing = json.loads(partial.read_text())
+
+    def save_partial(table):
+        atomic_write(partial, json.dumps(table, indent=1, sort_keys=True))
+
+    table = build_table(
+        existing=existing,
+        progress=lambda line: print(line, flush=True),
+        checkpoint=save_partial,
+    )
+    atomic_write(out, json.dumps(table, indent=1, sort_keys=True) + "\n")
+    partial.unlink(missing_ok=True)
+    print(f"{len(table['entries'])} calibrations -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

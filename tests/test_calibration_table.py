@@ -1,0 +1,94 @@
+"""The calibrations shipped with simgen: complete, current, used, and reproducible."""
+
+from __future__ import annotations
+
+import pytest
+
+from simgen.calibrate import calibrate, calibration_key
+from simgen.calibration_table import SHIPPED, shipped_entries
+from simgen.incoherent import Calibration
+
+
+def test_every_shipped_entry_is_current_and_valid():
+    """Each listed (optics, elements) has an entry under the key the current code computes
+    (a change of the reference numerics without `make calibrations` fails here), and every
+    entry is a valid calibration whose stored key matches its content."""
+    entries = shipped_entries()
+    assert len(entries) == len(SHIPPED)
+    for optics, elements, hosts in SHIPPED:
+        key = calibration_key(optics, elements, hosts=hosts)
+        assert key in entries, f"{key} not shipped: run `make calibrations`"
+        cal = Calibration.from_dict(entries[key])
+        assert cal.fit["correlation"] > 0.9995
+        assert cal.has_tails and cal.tail_width_A > 0
+
+
+def test_the_default_dataset_needs_no_calibration_step(tmp_path, monkeypatch):
+    """`make dataset` on a fresh machine: the default config's calibration comes from the
+    shipped table; nothing is computed and the user's cache stays empty."""
+    from simgen.api import cached_calibration
+    from simgen.config import SimgenConfig
+    from simgen.pipeline import calibration_request
+
+    monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
+    for overrides in (
+        {},
+        {"structure.material": "WSe2"},
+        {"structure.material": "WSe2", "structure.dopant": "V"},
+        {"structure.defects": {"vac_X1": 0.04, "dopant_M": 0.01}},  # Re, the default dopant
+        {"optics.energy_kV": 60.0, "optics.semiangle_mrad": 25.0},
+    ):
+        cfg = SimgenConfig().with_overrides(overrides)
+        key, _ = calibration_request(cfg)
+
+        def compute(key=key):
+            raise AssertionError(f"{key}: calibrated although shipped")
+
+        data = cached_calibration(key, compute)
+        assert Calibration.from_dict(data).key == key
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_a_shipped_entry_is_reproduced():
+    """Recomputing one entry (MoS2, 80 kV, 30 mrad) gives the shipped numbers."""
+    optics = {"energy_kV": 80.0, "semiangle_mrad": 30.0}
+    optics |= {"haadf_inner_mrad": 60.0, "haadf_outer_mrad": 200.0}
+    shipped = Calibration.from_dict(shipped_entries()[calibration_key(optics, ("Mo", "S"))])
+    again = calibrate(optics, ("Mo", "S"))
+    assert again.key == shipped.key
+    # the weights to 0.2 %; the widths and tails, weakly determined, to 2 % (the least
+    # squares runs on thread-parallel FFTs: the last digits vary between machines) ...
+    for name, rel in (
+        ("weights_A2", 2e-3),
+        ("kappa", 2e-3),
+        ("widths_A", 2e-2),
+        ("tails_A2", 2e-2),
+    ):
+        for e in ("Mo", "S"):
+            assert getattr(again, name)[e] == pytest.approx(getattr(shipped, name)[e], rel=rel)
+    assert again.tail_width_A == pytest.approx(shipped.tail_width_A, rel=2e-2)
+    # ... and the images they make agree to 1e-3 of the maximum
+    from simgen.calibrate import reference_cell
+    from simgen.simulation import simulate
+
+    atoms, columns, _ = reference_cell("Mo", "S", repeats=(3, 2), rng=5)
+    a, b = (
+        simulate(
+            atoms, columns, {**optics, "pixel_size_A": 0.2}, calibration=c, periodic=True
+        ).image
+        for c in (again, shipped)
+    )
+    assert abs(a - b).max() < 1e-3 * b.max()
+
+
+def test_calibrate_cli_says_the_calibration_is_shipped(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from simgen.cli import app
+
+    monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["calibrate"])
+    assert result.exit_code == 0, result.output
+    assert "shipped with simgen" in result.output
+    assert "calibrating" not in result.output
