@@ -3,12 +3,12 @@
 ``main()`` prints (figures, not pass/fail):
 
 1. **Lone atoms** (S, Se, Te, V, Mo, Re, W; 80 kV, 30 mrad, 60–200 mrad, ideal probe): the
-   HAADF of a probe on the atom at four sub-pixel positions (0, ¼, ½, ¾ of a grid step off
-   a node), for abTEM's plain potential (infinite and finite projection) at 0.05, 0.025 and
-   0.0125 Å, and for simgen's supersampled transmission function (wave grid 0.05 Å,
-   potential ×2, ×4, ×8). Columns: spread over the positions (max − min over mean) and
-   the mean's deviation from the converged value (0.0125 Å waves, potential ×4 =
-   0.003 Å).
+   HAADF of a probe on the atom at six sub-pixel positions (a node and places off the
+   nodes of the supersampled grids), for abTEM's plain potential (infinite and finite
+   projection) at 0.05, 0.025 and 0.0125 Å, and for simgen's supersampled transmission
+   function (wave grid 0.05 Å, potential ×2, ×4, ×8). Columns: spread over the
+   positions (max − min over mean) and the mean's deviation from the converged value
+   (0.0125 Å waves, potential ×4 = 0.003 Å).
 2. **Slice thickness** at the defaults: a lone W atom and an Se2 column at 1, 0.5,
    0.25 Å slices.
 3. **PRISM interpolation**: f = 2 against f = 1 on a periodic WSe2 cell.
@@ -33,7 +33,9 @@ import warnings
 import numpy as np
 
 ELEMENTS = ("S", "Se", "Te", "V", "Mo", "Re", "W")
-OFFSETS = (0.0, 0.25, 0.5, 0.75)
+#: Sub-pixel positions (fractions of a grid step along x, y): a node and places off the
+#: nodes of every supersampled grid (quarters alone would sit on the 4x grid's nodes).
+OFFSETS = ((0.0, 0.0), (0.125, 0.125), (0.1, 0.55), (0.37, 0.88), (0.63, 0.21), (0.875, 0.375))
 IDEAL_80KV = {
     "energy_kV": 80.0,
     "semiangle_mrad": 30.0,
@@ -50,7 +52,7 @@ def _lone_atom(element: str, frac: float, step: float, *, box_A: float = 6.0):
 
     from simgen.simulation import Columns
 
-    x0, y0 = 0.5 * box_A + frac * step, 0.5 * box_A + 0.37 * frac * step
+    x0, y0 = 0.5 * box_A + frac[0] * step, 0.5 * box_A + frac[1] * step
     atoms = Atoms(element, positions=[(x0, y0, 1.0)], cell=[box_A, box_A, 2.0], pbc=True)
     cols = Columns(x=np.array([x0]), y=np.array([y0]), counts=np.array([[1]]), elements=(element,))
     return atoms, cols, (x0, y0)
@@ -119,7 +121,7 @@ def slice_table():
     from simgen.simulation import simulate
 
     out = {}
-    atoms_w, cols_w, (x0, y0) = _lone_atom("W", 0.3, 0.05)
+    atoms_w, cols_w, (x0, y0) = _lone_atom("W", (0.3, 0.3), 0.05)
     atoms_x, cols_x, kinds = reference_cell("W", "Se", repeats=(1, 1), rng=0)
     i = int(np.nonzero(kinds == "Se2")[0][0])
     for t in (1.0, 0.5, 0.25):
@@ -200,6 +202,45 @@ def mos2_test_cell(rng: int = 12):
 
     atoms, cols, kinds = reference_cell("Mo", "S", repeats=(4, 3), rng=rng)
     return atoms, cols, kinds, (4, 3)
+
+
+def vacancy_test_cell(metal: str, chalcogen: str, rng: int = 13, n_empty: int = 4):
+    """Periodic 4 x 3 host cell with ``n_empty`` double vacancies whose three metal
+    neighbours are all host atoms (the vacancy/hollow contrast of ordinary lattice; in
+    the dopant cell the one empty site borders a V dopant and a Te2 column)."""
+    from ase import Atoms
+
+    from simgen.calibrate import reference_cell
+    from simgen.simulation import Columns
+
+    atoms, cols, kinds = reference_cell(metal, chalcogen, repeats=(4, 3), rng=rng)
+    kinds = kinds.astype(object)
+    xy = np.stack([cols.x, cols.y], axis=1)
+    box = np.asarray(atoms.cell.lengths()[:2])
+
+    def distances(i):
+        return np.hypot(*(((xy - xy[i] + box / 2) % box - box / 2).T))
+
+    gen = np.random.default_rng(rng)
+    for i in gen.permutation(np.nonzero(kinds == f"{chalcogen}2")[0]):
+        if np.sum(kinds == "empty_X") >= n_empty:
+            break
+        near = distances(i) < 2.5
+        if all(k in (metal, f"{chalcogen}2") for k in kinds[near & (np.arange(len(kinds)) != i)]):
+            kinds[i] = "empty_X"
+    counts = np.array(cols.counts)
+    counts[kinds == "empty_X"] = 0
+    keep = np.ones(len(atoms), bool)
+    for i in np.nonzero(kinds == "empty_X")[0]:
+        keep &= np.hypot(*(atoms.positions[:, :2] - xy[i]).T) > 0.1
+    new = Atoms(
+        symbols=np.array(atoms.get_chemical_symbols())[keep].tolist(),
+        positions=atoms.positions[keep],
+        cell=atoms.cell,
+        pbc=True,
+    )
+    columns = Columns(x=cols.x, y=cols.y, counts=counts, elements=cols.elements)
+    return new, columns, np.asarray(kinds, dtype=str), (4, 3)
 
 
 def _values(image, columns, p, points=None):
@@ -287,7 +328,7 @@ def main() -> None:
     t0 = time.perf_counter()
     table, converged = lone_atom_table()
     print(
-        "\n1. lone atom HAADF, 80 kV / 30 mrad / 60-200 mrad: spread over 4 sub-pixel "
+        "\n1. lone atom HAADF, 80 kV / 30 mrad / 60-200 mrad: spread over 6 sub-pixel "
         "positions | mean vs converged (0.0125 Å waves, potential x4)"
     )
     print("   converged: " + ", ".join(f"{e} {v:.5f}" for e, v in converged.items()))
@@ -307,6 +348,14 @@ def main() -> None:
     cases = (  # (name, cell, optics, elements, host lattices: as simgen calibrates a dataset)
         ("WSe2", wse2_test_cell(), {**IDEAL_80KV}, ("W", "V", "Se", "Te"), (("W", "Se"),)),
         ("MoS2", mos2_test_cell(), {**IDEAL_80KV, "energy_kV": 60.0}, ("Mo", "S"), None),
+        ("WSe2", vacancy_test_cell("W", "Se"), {**IDEAL_80KV}, ("W", "Se"), None),
+        (
+            "MoS2",
+            vacancy_test_cell("Mo", "S"),
+            {**IDEAL_80KV, "energy_kV": 60.0},
+            ("Mo", "S"),
+            None,
+        ),
     )
     print(
         "\n4. calibrated incoherent model vs converged PRISM (f=1, potential 0.0125 Å), "

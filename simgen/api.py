@@ -90,6 +90,17 @@ def cached_calibration(
     return data
 
 
+def _host_lattices(atoms, elements) -> tuple[tuple[str, str], ...] | None:
+    """The host lattices of a ``structures.Monolayer`` (its sublattice compositions), as
+    ``simgen generate`` calibrates its datasets; None (every pair) for plain Atoms."""
+    composition = getattr(atoms, "composition", None)
+    if composition is None:
+        return None
+    metals = [m for m, _ in composition.metals if m in elements]
+    chalcogens = [x for x, _ in composition.chalcogens if x in elements]
+    return tuple(sorted((m, x) for m in metals for x in chalcogens)) or None
+
+
 def calibration_for(
     cfg, *, force: bool = False, announce: Callable[[str], None] | None = None
 ) -> dict | None:
@@ -215,9 +226,10 @@ def simulate(
     elif isinstance(calibration, str) and calibration == "auto":
         nominal = optics.nominal() if isinstance(optics, OpticsConfig) else optics
         elements = tuple(columns.elements)
+        hosts = _host_lattices(atoms, elements)
         calibration = cached_calibration(
-            calibration_key(nominal, elements),
-            lambda: calibrate(nominal, elements, device=opts.device).to_dict(),
+            calibration_key(nominal, elements, hosts=hosts),
+            lambda: calibrate(nominal, elements, device=opts.device, hosts=hosts).to_dict(),
         )
     if isinstance(calibration, Mapping):
         calibration = Calibration.from_dict(calibration)

@@ -82,6 +82,17 @@ __all__ = [
 #: Elements that go on chalcogen sites of the reference cell; everything else is a metal.
 CHALCOGEN_SYMBOLS = ("O", "S", "Se", "Te")
 
+#: Starting peak width [Å] and focal-spread nodes of the fit (in every calibration's key).
+FIT_INITIAL_WIDTH_A = 0.1
+FIT_FOCAL_POINTS = 7
+
+#: Residuals are divided by ``image + RESIDUAL_FLOOR * mean(image)`` (relative, softened).
+RESIDUAL_FLOOR = 0.5
+
+#: Starting value and bounds of the shared tail width [Å].
+TAIL_WIDTH_START_A = 0.6
+TAIL_WIDTH_BOUNDS_A = (0.2, 1.5)
+
 
 # -- reference cells -----------------------------------------------------------------------------
 def _lattice(metal: str, chalcogen: str) -> tuple[float, float]:
@@ -299,8 +310,8 @@ def fit_calibration(
     cell_xy=None,
     periodic: bool = True,
     reference: Mapping[str, Any] | None = None,
-    focal_points: int = 7,
-    initial_width_A: float = 0.1,
+    focal_points: int = FIT_FOCAL_POINTS,
+    initial_width_A: float = FIT_INITIAL_WIDTH_A,
     tails: bool = True,
     shape: Calibration | None = None,
 ) -> Calibration:
@@ -427,14 +438,6 @@ def _peak_groups(tables, cells, renderers, periodic: bool) -> list:
     if not groups:
         raise ValueError("columns: no atoms to calibrate against")
     return groups
-
-
-#: Residuals are divided by ``image + RESIDUAL_FLOOR * mean(image)`` (relative, softened).
-RESIDUAL_FLOOR = 0.5
-
-#: Starting value and bounds of the shared tail width [Å].
-TAIL_WIDTH_START_A = 0.6
-TAIL_WIDTH_BOUNDS_A = (0.2, 1.5)
 
 
 def _fit_design(groups, renderers, targets, all_els, initial_width_A, tails=True, shape=None):
@@ -635,6 +638,15 @@ def _prepare(optics, elements, settings: ReferenceSettings):
         "seed": int(s.rng),
         "pixel_size_A": key_number(p),
         "defocus_A": [key_number(c) for c in s.defocus_A],
+        # the fit's own settings: a change of any of them changes every calibration
+        "fit": {
+            "tails": True,
+            "residual_floor": key_number(RESIDUAL_FLOOR),
+            "tail_width_start_A": key_number(TAIL_WIDTH_START_A),
+            "tail_width_bounds_A": [key_number(b) for b in TAIL_WIDTH_BOUNDS_A],
+            "initial_width_A": key_number(FIT_INITIAL_WIDTH_A),
+            "focal_points": FIT_FOCAL_POINTS,
+        },
     }
     if hosts is not None:
         reference["hosts"] = [list(h) for h in hosts]

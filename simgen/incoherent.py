@@ -289,7 +289,7 @@ class Calibration:
         """Inverse of :meth:`to_dict`; refuses other calibration versions."""
         if not isinstance(data, Mapping):
             raise ValueError(f"calibration: expected a mapping, got {type(data)!r}")
-        version = data.get("version", CALIBRATION_VERSION)
+        version = data.get("version", 1)  # before versions were written: version 1
         if version != CALIBRATION_VERSION:
             raise ValueError(
                 f"calibration: version {version} != {CALIBRATION_VERSION}; recalibrate"
@@ -300,6 +300,8 @@ class Calibration:
             "kappa",
             "widths_A",
             "background",
+            "tails_A2",
+            "tail_width_A",
             *_OPTICS_FIELDS,
         )
         missing = [n for n in names if n not in data]

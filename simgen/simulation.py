@@ -583,8 +583,8 @@ class SimulationSettings(Config):
         The potential is built this many times finer than ``potential_sampling_A``, with
         exact atom positions, and its transmission function band-limited into the wave
         grid (:func:`simgen.transmission.band_limited_transmission`). 4 (default) makes a
-        lone atom's HAADF independent of its sub-pixel position to <= 0.25 % at 0.05 Å
-        (12.6 % for W with abTEM's plain potential, ``1``).
+        lone atom's HAADF independent of its sub-pixel position to <= 0.71 % at 0.05 Å
+        (11.2 % for W with abTEM's plain potential, ``1``).
     slice_thickness_A : float
         Multislice slice thickness [Å].
     focal_points : int

@@ -143,6 +143,8 @@ def test_serialisation_and_key(toy_calibration):
         Calibration.from_dict({**data, "key": "something-else"})
     with pytest.raises(ValueError, match="version"):
         Calibration.from_dict({**data, "version": 0})
+    with pytest.raises(ValueError, match="version 1"):  # written before versions were
+        Calibration.from_dict({k: v for k, v in data.items() if k != "version"})
     with pytest.raises(ValueError, match="weights_A2"):
         Calibration.from_dict({k: v for k, v in data.items() if k != "weights_A2"})
     with pytest.raises(ValueError, match="widths_A"):
