@@ -547,6 +547,18 @@ class IncoherentRenderer:
         env = env * (k2 <= k_band**2)
         self.kernel_spectrum = (fft.rfft2(big) * env * (ps * ps)).astype(xp.complex64)
 
+    def _tail_blur(self, width_A: float):
+        """Fourier transform of the tails' extra Gaussian on the FFT grid (cached)."""
+        cache = self.__dict__.setdefault("_blur_cache", {})
+        if width_A not in cache:
+            xp, (ny, nx) = self.xp, self.grid_shape
+            ky = xp.fft.fftfreq(ny, d=self.step_A).astype(xp.float32)
+            kx = xp.fft.rfftfreq(nx, d=self.step_A).astype(xp.float32)
+            k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+            cache.clear()  # one tail width per calibration: keep one
+            cache[width_A] = xp.exp(np.float32(-2.0 * math.pi**2 * width_A**2) * k2)
+        return cache[width_A]
+
     def render(self, x_A, y_A, amplitude_A2, sigma_A, tail_A2=None, tail_width_A=0.0):
         """Image of Gaussian object peaks convolved with the probe intensity.
 
@@ -610,11 +622,7 @@ class IncoherentRenderer:
 
             spec = spectrum(amp)
             if with_tail:
-                ky = xp.fft.fftfreq(ny, d=ps).astype(xp.float32)
-                kx = xp.fft.rfftfreq(nx, d=ps).astype(xp.float32)
-                k2 = ky[:, None] ** 2 + kx[None, :] ** 2
-                blur = xp.exp(-2.0 * math.pi**2 * float(tail_width_A) ** 2 * k2)
-                spec = spec + spectrum(tail) * blur
+                spec += spectrum(tail) * self._tail_blur(float(tail_width_A))
             img = fft.irfft2(spec * self.kernel_spectrum, s=(ny, nx))
         h, w = self.shape
         m, pad = self.m, self.pad
