@@ -26,7 +26,6 @@ About 6 minutes on two CPU cores.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 
@@ -149,17 +148,6 @@ def prism_interpolation_error():
 
 
 # -- 4. incoherent model against the converged reference ----------------------------------
-def _hollow_sites(lattice_A: float, repeats):
-    """Hexagon centres of a :func:`simgen.calibrate.reference_cell` cell [Å]."""
-    b = math.sqrt(3.0) * lattice_A
-    pts = []
-    for i in range(repeats[0]):
-        for j in range(repeats[1]):
-            o = np.array([i * lattice_A, j * b]) + (0.25 * lattice_A, b / 12.0)
-            pts += [o + (0.0, b / 3.0), o + (0.5 * lattice_A, 5.0 * b / 6.0)]
-    return np.array(pts)
-
-
 def wse2_test_cell(rng: int = 11):
     """Periodic WSe2 cell (4 x 3) with V dopants, SeTe and Te2 columns, single/double Se
     vacancies and a W vacancy (a site arrangement the calibration never saw)."""
@@ -276,11 +264,11 @@ RATIOS = {
 
 def ratio_rows(name, cell, ref_image, fast_image, p):
     """``[(ratio name, reference ratio, model ratio, error)]`` and the image correlation."""
-    from simgen.calibrate import _lattice
+    from simgen.calibrate import _lattice, hollow_sites
 
     atoms, cols, kinds, repeats = cell
     metal, chalcogen = ("W", "Se") if name == "WSe2" else ("Mo", "S")
-    hollow = _hollow_sites(_lattice(metal, chalcogen)[0], repeats)
+    hollow = hollow_sites(_lattice(metal, chalcogen)[0], repeats)
     a, b = np.asarray(ref_image, np.float64), np.asarray(fast_image, np.float64)
     per_kind = {}
     for img, tag in ((a, "ref"), (b, "fast")):

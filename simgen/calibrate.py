@@ -75,6 +75,7 @@ __all__ = [
     "calibrate",
     "calibration_key",
     "fit_calibration",
+    "hollow_sites",
     "reference_cell",
     "reference_cells",
 ]
@@ -243,6 +244,19 @@ def reference_cell(
         x=np.asarray(col_x), y=np.asarray(col_y), counts=np.asarray(counts), elements=els
     )
     return atoms, columns, np.asarray(kinds)
+
+
+def hollow_sites(lattice_A: float, repeats: tuple[int, int]) -> np.ndarray:
+    """Hexagon centres (no column) [Å] of a :func:`reference_cell` of ``repeats`` cells
+    with lattice constant ``lattice_A``: where an HAADF image is darkest; the reference
+    level of the vacancy contrasts."""
+    b = math.sqrt(3.0) * lattice_A
+    pts = []
+    for i in range(int(repeats[0])):
+        for j in range(int(repeats[1])):
+            o = np.array([i * lattice_A, j * b]) + (0.25 * lattice_A, b / 12.0)
+            pts += [o + (0.0, b / 3.0), o + (0.5 * lattice_A, 5.0 * b / 6.0)]
+    return np.array(pts)
 
 
 def reference_cells(

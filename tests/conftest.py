@@ -176,15 +176,11 @@ def peak_values(image, rows, cols):
 
 
 def hollow_sites(metal: str, chalcogen: str, repeats=(3, 2)):
-    """(x, y) [Å] of the hexagon centres (no column) of a :func:`make_tmd_cell` cell."""
-    a, _ = TMD_LATTICE[(metal, chalcogen)]
-    b = math.sqrt(3.0) * a
-    pts = []
-    for i in range(repeats[0]):
-        for j in range(repeats[1]):
-            o = np.array([i * a, j * b]) + (0.25 * a, b / 12.0)
-            pts += [o + (0.0, b / 3.0), o + (0.5 * a, 5.0 * b / 6.0)]
-    return np.array(pts)
+    """(x, y) [Å] of the hexagon centres (no column) of a :func:`make_tmd_cell` cell (the
+    same geometry as the calibration's reference cells)."""
+    from simgen.calibrate import hollow_sites as reference_hollow_sites
+
+    return reference_hollow_sites(TMD_LATTICE[(metal, chalcogen)][0], repeats)
 
 
 # -- training -------------------------------------------------------------------------------------
