@@ -60,9 +60,13 @@ def cached_calibration(
     Parameters
     ----------
     key : str
-        Cache key (:func:`simgen.calibrate.calibration_key`).
+        Cache key (:func:`simgen.calibrate.calibration_key`, or a detector grid's key from
+        :func:`simgen.pipeline.calibration_request`).
     compute : callable
-        Returns the calibration dict (``Calibration.to_dict()``).
+        Returns the calibration dict (``Calibration.to_dict()``); for a detector grid
+        (key ``grid-...``) it is called with ``lookup``, ``save`` and ``announce`` so that
+        its nodes come from the cache or the shipped table and only missing ones are
+        computed (and cached).
     force : bool
         Recompute (and overwrite the cache) even when cached.
     announce : callable, optional
@@ -70,17 +74,29 @@ def cached_calibration(
         the message is logged at INFO in any case.
     """
     from simgen import store
+    from simgen.calibration_table import shipped_calibration
 
-    data = None if force else store.load_cached_calibration(key)
+    def lookup(k):
+        found = store.load_cached_calibration(k)
+        if found is None:
+            found = shipped_calibration(k)
+            if found is not None:
+                logger.info("calibration %s: shipped with simgen", k)
+        return found
+
+    data = None if force else lookup(key)
     if data is not None:
         return data
-    if not force:
-        from simgen.calibration_table import shipped_calibration
+    if key.startswith("grid-"):  # a detector grid: its nodes are looked up one by one
 
-        data = shipped_calibration(key)
-        if data is not None:
-            logger.info("calibration %s: shipped with simgen", key)
-            return data
+        def tell(message):
+            logger.info(message)
+            if announce is not None:
+                announce(message)
+
+        data = compute(lookup=None if force else lookup, save=store.save_calibration, announce=tell)
+        store.save_calibration(key, data)
+        return data
     message = f"calibrating the incoherent model ({key}; once, then cached) ..."
     logger.info(message)
     if announce is not None:

@@ -644,6 +644,16 @@ def calibrate(
     cache_file = store.calibration_cache_file(key)
     where = f"cached at {cache_file}" if cache_file.is_file() else "shipped with simgen"
     typer.echo(f"calibration {key}\n  {where}")
+    if data.get("kind") == "detector_grid":
+        nodes = data["calibrations"]
+        typer.echo(f"  detector grid of {len(nodes)} calibrations (inner, outer mrad):")
+        for node in nodes:
+            weights = ", ".join(f"{e} {w:.5f}" for e, w in node["weights_A2"].items())
+            typer.echo(
+                f"  {node['haadf_inner_mrad']:g}-{node['haadf_outer_mrad']:g}: weights_A2 "
+                f"{weights}; fit r {node['fit'].get('correlation', float('nan')):.5f}"
+            )
+        return
     for name in ("weights_A2", "widths_A", "kappa", "background", "fit"):
         if name in data:
             typer.echo(f"  {name}: {json.dumps(data[name], default=float)[:300]}")

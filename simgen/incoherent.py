@@ -45,10 +45,14 @@ __all__ = [
     "MAX_WIDTH_A",
     "NYQUIST_FRACTION",
     "Calibration",
+    "DetectorGrid",
     "IncoherentRenderer",
     "canonical_elements",
     "check_calibration",
+    "calibration_from_dict",
     "column_peaks",
+    "detector_grid_key",
+    "detector_grid_nodes",
     "periodic_images",
     "pointsum_calibration",
     "render_incoherent",
@@ -345,6 +349,255 @@ class Calibration:
 #: Lone-atom weight [Å²] of W (Z = 74) in :func:`pointsum_calibration` (the order of the
 #: calibrated value); the other elements scale as ``(Z / 74) ** exponent``.
 POINTSUM_W_WEIGHT_A2 = 0.055
+
+
+#: Node spacing [mrad] of a detector grid: inner angles on multiples of 20 mrad, outer
+#: angles on multiples of 50 mrad (:func:`detector_grid_nodes`).
+GRID_STEP_MRAD = (20.0, 50.0)
+
+#: Smallest inner angle [mrad] of a detector grid (the interpolation is in log(angle)).
+GRID_MIN_INNER_MRAD = 20.0
+
+#: Parameters interpolated in log space between detector nodes (they scale like a power
+#: of the collection angles); the others are interpolated linearly.
+_LOG_FIELDS = ("weights_A2", "tails_A2")
+
+
+def detector_grid_nodes(
+    inner_mrad: tuple[float, float], outer_mrad: tuple[float, float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Grid nodes covering drawn detector angles.
+
+    Parameters
+    ----------
+    inner_mrad, outer_mrad : (float, float)
+        Smallest and largest inner and outer collection angle [mrad] the samples draw.
+
+    Returns
+    -------
+    (tuple, tuple)
+        The inner and the outer nodes [mrad]: a fixed angle is its own node; a range is
+        covered by multiples of :data:`GRID_STEP_MRAD` (20 mrad inner, 50 mrad outer) from
+        the one at or below its low end to the one at or above its high end.
+    """
+    out = []
+    for (lo, hi), step in zip((inner_mrad, outer_mrad), GRID_STEP_MRAD, strict=True):
+        lo, hi = float(lo), float(hi)
+        if hi == lo:
+            out.append((lo,))
+            continue
+        a, b = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+        out.append(tuple(float(k * step) for k in range(a, b + 1)))
+    inner, outer = out
+    if len(inner) > 1 and inner[0] < GRID_MIN_INNER_MRAD:
+        raise ValueError(
+            f"haadf_inner_mrad: a drawn inner angle must stay >= {GRID_MIN_INNER_MRAD:g} mrad "
+            f"(the model is calibrated on a grid of HAADF detectors), got {inner_mrad[0]:g}"
+        )
+    if inner[-1] >= outer[0]:
+        raise ValueError(
+            f"haadf_inner_mrad: the detector grid's inner nodes ({inner[0]:g}–{inner[-1]:g} "
+            f"mrad) must stay below its outer nodes ({outer[0]:g}–{outer[-1]:g} mrad); "
+            "narrow the drawn ranges"
+        )
+    return inner, outer
+
+
+def detector_grid_key(node_keys: Sequence[str], inner_mrad, outer_mrad) -> str:
+    """Key of a :class:`DetectorGrid` from its nodes' keys (inner-major order):
+    ``grid-<model>-<E>kV-<alpha>mrad-<inner span>-<outer span>mrad-<elements>-<hash>``."""
+    model, energy, alpha, _, _, elements, _ = str(node_keys[0]).rsplit("-", 6)
+    digest = hashlib.sha1(json.dumps(list(node_keys)).encode()).hexdigest()[:12]
+
+    def span(v):
+        return f"{v[0]:g}" if len(v) == 1 else f"{v[0]:g}to{v[-1]:g}"
+
+    return (
+        f"grid-{model}-{energy}-{alpha}-{span(inner_mrad)}-{span(outer_mrad)}mrad-"
+        f"{elements}-{digest}"
+    )
+
+
+@dataclass(frozen=True)
+class DetectorGrid:
+    """Calibrations of one set of optics and elements on a grid of HAADF detectors.
+
+    HAADF contrast depends on the detector's collection angles (a higher inner angle
+    raises the metal/chalcogen ratio). A dataset that draws its detector per sample
+    renders each sample with :meth:`at_detector`: the parameters interpolated between the
+    four surrounding nodes (weights and tails in log(weight) against log(angle), where
+    they follow a power law of the angle; widths, channelling factors, tail width and
+    background linearly).
+
+    Parameters
+    ----------
+    calibrations : tuple of Calibration
+        One per (inner, outer) node of a full rectangular grid; equal elements, energy,
+        semi-angle and reference numerics.
+    """
+
+    calibrations: tuple
+
+    def __post_init__(self):
+        cals = tuple(
+            c if isinstance(c, Calibration) else Calibration.from_dict(c) for c in self.calibrations
+        )
+        if not cals:
+            raise ValueError("calibrations: a detector grid needs at least one calibration")
+        first = cals[0]
+
+        def same(c):
+            d = c.dependencies()
+            return {k: v for k, v in d.items() if not k.startswith("haadf_")}
+
+        for c in cals[1:]:
+            if same(c) != same(first):
+                raise ValueError(
+                    "calibrations: the nodes of a detector grid must share elements, energy, "
+                    f"semi-angle and reference numerics; {c.key} differs from {first.key}"
+                )
+        for c in cals:
+            if c.defocus_fits:
+                raise ValueError(
+                    f"calibrations: {c.key} has defocus fits; a detector grid takes focus-only "
+                    "calibrations"
+                )
+        nodes = {(c.haadf_inner_mrad, c.haadf_outer_mrad): c for c in cals}
+        inner = tuple(sorted({a for a, _ in nodes}))
+        outer = tuple(sorted({b for _, b in nodes}))
+        if len(nodes) != len(cals) or len(nodes) != len(inner) * len(outer):
+            raise ValueError(
+                f"calibrations: the detectors {sorted(nodes)} are not a full grid of distinct "
+                "(inner, outer) nodes"
+            )
+        if len(inner) > 1 and inner[0] <= 0:
+            raise ValueError("calibrations: a detector grid's inner angles must be > 0 mrad")
+        ordered = tuple(nodes[(a, b)] for a in inner for b in outer)
+        object.__setattr__(self, "calibrations", ordered)
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_outer", outer)
+
+    @property
+    def inner_mrad(self) -> tuple[float, ...]:
+        """Inner-angle nodes [mrad]."""
+        return self._inner
+
+    @property
+    def outer_mrad(self) -> tuple[float, ...]:
+        """Outer-angle nodes [mrad]."""
+        return self._outer
+
+    @property
+    def elements(self) -> tuple[str, ...]:
+        return self.calibrations[0].elements
+
+    @property
+    def key(self) -> str:
+        """:func:`detector_grid_key` of the nodes."""
+        return detector_grid_key([c.key for c in self.calibrations], self._inner, self._outer)
+
+    def _bracket(self, nodes, value, name):
+        v = float(value)
+        lo, hi = nodes[0], nodes[-1]
+        tol = CALIBRATION_RTOL * max(abs(lo), abs(hi))
+        if not lo - tol <= v <= hi + tol:
+            raise ValueError(
+                f"{name}: {v:g} mrad lies outside the calibrated detector grid "
+                f"({lo:g}–{hi:g} mrad); calibrate for the drawn range"
+            )
+        if len(nodes) == 1:
+            return 0, 0, 0.0
+        v = min(max(v, lo), hi)
+        j = int(np.clip(np.searchsorted(nodes, v) - 1, 0, len(nodes) - 2))
+        u = (math.log(v) - math.log(nodes[j])) / (math.log(nodes[j + 1]) - math.log(nodes[j]))
+        return j, j + 1, u
+
+    def at_detector(self, inner_mrad: float, outer_mrad: float) -> Calibration:
+        """The calibration of the detector ``(inner_mrad, outer_mrad)`` [mrad], interpolated
+        between the grid's nodes (exactly a node's calibration at a node). Its reference
+        records the grid's key, so its :attr:`~Calibration.key` is not a node's."""
+        i0, i1, u = self._bracket(self._inner, inner_mrad, "haadf_inner_mrad")
+        j0, j1, v = self._bracket(self._outer, outer_mrad, "haadf_outer_mrad")
+        n_out = len(self._outer)
+        share_i = {i0: 1.0 - u, i1: u} if i1 != i0 else {i0: 1.0}
+        share_j = {j0: 1.0 - v, j1: v} if j1 != j0 else {j0: 1.0}
+        corners = [
+            (self.calibrations[i * n_out + j], wi * wj)
+            for i, wi in share_i.items()
+            for j, wj in share_j.items()
+        ]
+        corners = [(c, w) for c, w in corners if w > 0] or corners[:1]
+        if (
+            len(corners) == 1
+            and corners[0][0].haadf_inner_mrad == float(inner_mrad)
+            and (corners[0][0].haadf_outer_mrad == float(outer_mrad))
+        ):
+            return corners[0][0]
+        total = sum(w for _, w in corners)
+        corners = [(c, w / total) for c, w in corners]
+        els = self.elements
+
+        def mix(name):
+            values = [(getattr(c, name), w) for c, w in corners]
+            if isinstance(values[0][0], Mapping):
+                out = {}
+                for e in els:
+                    vals = [(t[e], w) for t, w in values]
+                    if name in _LOG_FIELDS and all(x > 0 for x, _ in vals):
+                        out[e] = math.exp(sum(w * math.log(x) for x, w in vals))
+                    else:
+                        out[e] = sum(w * x for x, w in vals)
+                return out
+            return sum(w * x for x, w in values)
+
+        first = corners[0][0]
+        fields_ = ("weights_A2", "kappa", "widths_A", "tails_A2", "tail_width_A", "background")
+        return dataclasses.replace(
+            first,
+            **{n: mix(n) for n in fields_},
+            haadf_inner_mrad=float(inner_mrad),
+            haadf_outer_mrad=float(outer_mrad),
+            reference={**first.reference, "detector_grid": self.key},
+            fit={
+                **(
+                    {"correlation": min(corr)}
+                    if (
+                        corr := [c.fit["correlation"] for c, _ in corners if "correlation" in c.fit]
+                    )
+                    else {}
+                ),
+                "interpolated_from": [c.key for c, _ in corners],
+            },
+        )
+
+    def to_dict(self) -> dict:
+        """``{"kind": "detector_grid", "version", "key", "calibrations": [...]}``."""
+        return {
+            "kind": "detector_grid",
+            "version": CALIBRATION_VERSION,
+            "key": self.key,
+            "calibrations": [c.to_dict() for c in self.calibrations],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectorGrid:
+        """Inverse of :meth:`to_dict`."""
+        if not isinstance(data, Mapping) or data.get("kind") != "detector_grid":
+            raise ValueError("calibration: expected a detector grid (kind 'detector_grid')")
+        cals = data.get("calibrations")
+        if not isinstance(cals, list | tuple):
+            raise ValueError("calibration: a detector grid needs a list 'calibrations'")
+        grid = cls(tuple(Calibration.from_dict(c) for c in cals))
+        if "key" in data and data["key"] != grid.key:
+            raise ValueError(f"calibration: stored key {data['key']!r} != {grid.key!r}")
+        return grid
+
+
+def calibration_from_dict(data: Mapping[str, Any]) -> Calibration | DetectorGrid:
+    """A :class:`Calibration` or a :class:`DetectorGrid` from its ``to_dict()``."""
+    if isinstance(data, Mapping) and data.get("kind") == "detector_grid":
+        return DetectorGrid.from_dict(data)
+    return Calibration.from_dict(data)
 
 
 def pointsum_calibration(

@@ -217,10 +217,40 @@ def make_sample_params(cfg, index: int) -> dict:
     return params
 
 
+def detector_nodes(cfg) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The (inner, outer) detector-grid nodes [mrad] the incoherent model needs for
+    ``cfg``'s drawn detector angles (:func:`simgen.incoherent.detector_grid_nodes`), or
+    None for a fixed detector (one calibration)."""
+    from simgen.incoherent import detector_grid_nodes
+
+    o = cfg.optics
+    dists = {"haadf_inner_mrad": o.haadf_inner_mrad, "haadf_outer_mrad": o.haadf_outer_mrad}
+    if all(d.kind == "fixed" for d in dists.values()):
+        return None
+    for name, d in dists.items():
+        if d.kind in ("normal", "lognormal"):
+            raise ValueError(
+                f"optics.{name}: the incoherent model is calibrated over the drawn detector "
+                f"range; give a bounded distribution (fixed, uniform, loguniform or choice), "
+                f"got {d.to_config()}"
+            )
+    return detector_grid_nodes(*(d.bounds() for d in dists.values()))
+
+
 def calibration_request(cfg):
     """``(key, compute)``: the cache key of the calibration ``cfg`` needs, and a function
-    computing it (a JSON-able dict). The caller (CLI/store layer) caches it on disk."""
-    from simgen.calibrate import calibrate, calibration_key
+    computing it (a JSON-able dict). The caller (CLI/store layer) caches it on disk.
+
+    With drawn detector angles (:func:`detector_nodes`) the calibration is a
+    :class:`~simgen.incoherent.DetectorGrid`: its key starts with ``grid-`` and
+    ``compute(lookup=, save=, announce=)`` takes a function returning a node's cached
+    calibration (or None), one saving a newly computed node, and one told before any
+    reference simulation runs; the missing nodes are calibrated together (one reference
+    simulation for all of them, :func:`simgen.calibrate.calibrate_detectors`).
+    """
+    from simgen.calibrate import calibrate, calibrate_detectors, calibration_key
+    from simgen.config import GRID_FROZEN_PHONONS
+    from simgen.incoherent import DetectorGrid, detector_grid_key
 
     elements = dataset_elements(cfg)
     kwargs = {
@@ -229,21 +259,58 @@ def calibration_request(cfg):
         "potential_sampling_A": cfg.simulation.potential_sampling_A,
         "transmission_supersampling": cfg.simulation.transmission_supersampling,
     }
-    key = calibration_key(cfg.optics, elements, **kwargs)
+    nodes = detector_nodes(cfg)
+    n_fp = cfg.simulation.calibration_frozen_phonons
+    if n_fp is None:
+        n_fp = 0 if nodes is None else GRID_FROZEN_PHONONS
+    if n_fp:
+        kwargs["frozen_phonons"] = n_fp
+    if nodes is None:
+        key = calibration_key(cfg.optics, elements, **kwargs)
 
-    def compute() -> dict:
-        return calibrate(cfg.optics, elements, device=cfg.simulation.device, **kwargs).to_dict()
+        def compute(lookup=None, save=None, announce=None) -> dict:
+            return calibrate(cfg.optics, elements, device=cfg.simulation.device, **kwargs).to_dict()
 
-    return key, compute
+        return key, compute
+    inner, outer = nodes
+    nominal = cfg.optics.nominal()
+    detectors = [(a, b) for a in inner for b in outer]
+    node_optics = [{**nominal, "haadf_inner_mrad": a, "haadf_outer_mrad": b} for a, b in detectors]
+    node_keys = [calibration_key(o, elements, **kwargs) for o in node_optics]
+    key = detector_grid_key(node_keys, inner, outer)
+
+    def compute_grid(lookup=None, save=None, announce=None) -> dict:
+        found = {k: (lookup(k) if lookup is not None else None) for k in node_keys}
+        missing = [i for i, k in enumerate(node_keys) if found[k] is None]
+        if missing:
+            if announce is not None:
+                announce(
+                    f"calibrating the incoherent model for {len(missing)} of {len(node_keys)} "
+                    f"detectors of {key} (once, then cached) ..."
+                )
+            cals = calibrate_detectors(
+                nominal, elements, [detectors[i] for i in missing],
+                device=cfg.simulation.device, **kwargs,
+            )  # fmt: skip
+            for i, cal in zip(missing, cals, strict=True):
+                data = cal.to_dict()
+                if data["key"] != node_keys[i]:
+                    raise RuntimeError(f"calibration key {data['key']} != {node_keys[i]}")
+                found[node_keys[i]] = data
+                if save is not None:
+                    save(node_keys[i], data)
+        return DetectorGrid(tuple(found[k] for k in node_keys)).to_dict()
+
+    return key, compute_grid
 
 
 @lru_cache(maxsize=2)
 def _calibration_object(text: str):
     import json
 
-    from simgen.calibrate import Calibration
+    from simgen.incoherent import calibration_from_dict
 
-    return Calibration.from_dict(json.loads(text))
+    return calibration_from_dict(json.loads(text))
 
 
 def _build_structure(cfg, streams, fov_A, scheme):
@@ -384,6 +451,7 @@ def render_sample(
     """
     import json
 
+    from simgen.incoherent import Calibration
     from simgen.simulation import SimulationSettings, simulate
 
     drawn = dict(params or {})
@@ -396,6 +464,8 @@ def render_sample(
         if calibration is None:
             raise ValueError("the incoherent model needs a calibration (simgen calibrate)")
         cal = _calibration_object(json.dumps(calibration, sort_keys=True))
+        if not isinstance(cal, Calibration):  # a detector grid: this sample's detector
+            cal = cal.at_detector(optics["haadf_inner_mrad"], optics["haadf_outer_mrad"])
     elif model == "pointsum":  # the Z^n point-sum model: the incoherent renderer, no fit
         from simgen.incoherent import pointsum_calibration
 

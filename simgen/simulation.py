@@ -76,7 +76,7 @@ import numpy as np
 from simgen.backend import get_array_module, get_scipy_submodule, resolve_device
 from simgen.configbase import Config
 from simgen.distributions import as_rng
-from simgen.incoherent import Calibration, check_calibration, render_incoherent
+from simgen.incoherent import Calibration, DetectorGrid, check_calibration, render_incoherent
 from simgen.optics import (
     FWHM_TO_SIGMA,
     OpticsConfig,
@@ -100,6 +100,7 @@ __all__ = [
     "resolve_window",
     "simulate",
     "simulate_defocus_series",
+    "simulate_series",
 ]
 
 MODELS = ("incoherent", "prism", "multislice")
@@ -417,11 +418,37 @@ def _reference_specimen(atoms, cell_xy, optics, layout, origin, settings, rng):
     return work, gpts, slices, (sx0, sy0), z_mid, f
 
 
+def _common_step_mrad(detectors_mrad) -> float | None:
+    """The largest of 10, 5, 2, 1, 0.5 mrad that divides every detector edge, or None.
+
+    Several detectors are read from one radially binned detector with this bin width
+    (an annular detector integrates the diffraction pattern once per detector: 2 s per
+    detector and scan of a calibration cell on two cores)."""
+    edges = [float(v) for pair in detectors_mrad for v in pair]
+    for step in (10.0, 5.0, 2.0, 1.0, 0.5):
+        if all(abs(v / step - round(v / step)) < 1e-9 for v in edges):
+            return step
+    return None
+
+
 def _abtem_scan(
-    work, gpts, slices, start, z_mid, f, optics, layout, settings, device, dC10_A=(0.0,)
+    work,
+    gpts,
+    slices,
+    start,
+    z_mid,
+    f,
+    optics,
+    layout,
+    settings,
+    device,
+    dC10_A=(0.0,),  # noqa: N803 - the optics' name
+    detectors_mrad=None,
 ):
     """Focal-spread average of the HAADF signal of an abTEM scan, ``[x, y]`` float64, one
-    per defocus change in ``dC10_A`` [Å] (PRISM builds its S-matrix once for all)."""
+    per defocus change in ``dC10_A`` [Å] and detector ``(inner, outer)`` in
+    ``detectors_mrad`` (default: the optics' detector), defocus-major. PRISM builds its
+    S-matrix once for all of them; every detector reads the same exit waves."""
     import abtem
 
     s, _, _, (nsx, nsy), _ = layout
@@ -431,13 +458,22 @@ def _abtem_scan(
     energy = optics["energy_kV"] * 1e3
     alpha = optics["semiangle_mrad"]
     with _quiet_abtem():
-        detector = abtem.AnnularDetector(
-            inner=optics["haadf_inner_mrad"],
-            outer=optics["haadf_outer_mrad"],
-            to_cpu=device == "cpu",
-        )
+        if detectors_mrad is None:
+            detectors_mrad = [(optics["haadf_inner_mrad"], optics["haadf_outer_mrad"])]
+        n_det = len(detectors_mrad)
+        step = _common_step_mrad(detectors_mrad) if n_det > 1 else None
+        if step is not None:  # one radially binned detector read out per annulus
+            top = max(float(b) for _, b in detectors_mrad)
+            detectors = [
+                abtem.FlexibleAnnularDetector(step_size=step, outer=top, to_cpu=device == "cpu")
+            ]
+        else:
+            detectors = [
+                abtem.AnnularDetector(inner=float(a), outer=float(b), to_cpu=device == "cpu")
+                for a, b in detectors_mrad
+            ]
         scan = abtem.GridScan(start=(sx0, sy0), end=(sx0 + nsx * s, sy0 + nsy * s), gpts=(nsx, nsy))
-        acc = [None] * len(dC10_A)
+        acc = [None] * (len(dC10_A) * n_det)
         potentials = _potentials(work, gpts, slices, energy, settings, device)
         for potential, share in potentials:
             if settings.model == "prism":
@@ -457,7 +493,7 @@ def _abtem_scan(
                     ctf = abtem.CTF(
                         semiangle_cutoff=alpha, energy=energy, aberration_coefficients=aberrations
                     )
-                    meas = smatrix.reduce(scan=scan, ctf=ctf, detectors=[detector])
+                    meas = smatrix.reduce(scan=scan, ctf=ctf, detectors=detectors)
                 else:
                     probe = abtem.Probe(
                         energy=energy,
@@ -465,14 +501,22 @@ def _abtem_scan(
                         aberrations=aberrations,
                         device=device,
                     )
-                    meas = probe.scan(potential, scan=scan, detectors=detector, lazy=False)
-                if isinstance(meas, list):
-                    meas = meas[0]
-                arr = xp.asarray(meas.array, dtype=xp.float64)
-                while arr.ndim > 2:  # any ensemble axis left (frozen phonons): plain mean
-                    arr = arr.mean(axis=0)
-                term = (weight * share) * arr
-                acc[n_df] = term if acc[n_df] is None else acc[n_df] + term
+                    meas = probe.scan(potential, scan=scan, detectors=detectors, lazy=False)
+                if not isinstance(meas, list | tuple):
+                    meas = [meas]
+                if step is not None:  # annuli beyond the largest simulated angle: cut there
+                    top = meas[0].radial_offset + meas[0].shape[-2] * meas[0].radial_sampling
+                    meas = [
+                        meas[0].integrate_radial(float(a), min(float(b), top))
+                        for a, b in detectors_mrad
+                    ]
+                for k, one in enumerate(meas):
+                    arr = xp.asarray(one.array, dtype=xp.float64)
+                    while arr.ndim > 2:  # any ensemble axis left (frozen phonons): plain mean
+                        arr = arr.mean(axis=0)
+                    term = (weight * share) * arr
+                    n = n_df * n_det + k
+                    acc[n] = term if acc[n] is None else acc[n] + term
     return acc, len(nodes)
 
 
@@ -515,20 +559,31 @@ def _scan_to_pixels(img, optics, layout, p, h, w):
 
 
 def _reference(
-    atoms, cell_xy, optics, geom, settings: SimulationSettings, device, rng, dC10_A=None
+    atoms,
+    cell_xy,
+    optics,
+    geom,
+    settings: SimulationSettings,
+    device,
+    rng,
+    dC10_A=None,  # noqa: N803 - the optics' name
+    detectors_mrad=None,
 ):
     """PRISM or multislice image of the window ``geom`` and the numerical settings used;
-    with ``dC10_A`` [Å] a list of images, one per defocus change (one S-matrix)."""
+    with ``dC10_A`` [Å] (and ``detectors_mrad``) a list of images, one per defocus change
+    and detector, defocus-major (one S-matrix)."""
     x0, y0, h, w, p = geom
     _check_potential_sampling(optics, float(settings.potential_sampling_A))
     layout = _scan_layout(p, h, w, optics, settings.scan_sampling_A)
     work, gpts, slices, start, z_mid, f = _reference_specimen(
         atoms, cell_xy, optics, layout, (x0, y0), settings, rng
     )
+    series = dC10_A is not None or detectors_mrad is not None
     shifts = (0.0,) if dC10_A is None else tuple(float(d) for d in dC10_A)
     acc, n_nodes = _abtem_scan(
-        work, gpts, slices, start, z_mid, f, optics, layout, settings, device, shifts
-    )
+        work, gpts, slices, start, z_mid, f, optics, layout, settings, device, shifts,
+        detectors_mrad,
+    )  # fmt: skip
     outs = [_scan_to_pixels(a.T, optics, layout, p, h, w) for a in acc]  # [x, y] -> [y, x]
     s, _, _, (nsx, nsy), resample = layout
     info = {
@@ -547,7 +602,7 @@ def _reference(
     }
     xp = get_array_module(outs[0])
     images = [xp.ascontiguousarray(o, dtype=xp.float32) for o in outs]
-    return (images[0] if dC10_A is None else images), info
+    return (images if series else images[0]), info
 
 
 # -- public entry point ------------------------------------------------------------------------
@@ -655,7 +710,7 @@ def simulate(
     optics: Mapping[str, float] | OpticsConfig | None = None,
     settings: SimulationSettings | None = None,
     *,
-    calibration: Calibration | None = None,
+    calibration: Calibration | DetectorGrid | None = None,
     rng=None,
     **overrides,
 ) -> Simulated:
@@ -676,8 +731,9 @@ def simulate(
         An ``OpticsConfig`` is drawn with ``rng``.
     settings : SimulationSettings, optional
         Model, window and numerical settings (default :class:`SimulationSettings()`).
-    calibration : Calibration, optional
-        Required by the incoherent model; recorded in the result.
+    calibration : Calibration or DetectorGrid, optional
+        Required by the incoherent model; recorded in the result. A detector grid gives
+        the calibration of the optics' detector (:meth:`DetectorGrid.at_detector`).
     rng : Generator, int or None
         Random source (frozen-phonon displacements, drawing an ``OpticsConfig``).
     **overrides
@@ -701,6 +757,10 @@ def simulate(
     x0, y0, h, w = resolve_window(cell_xy, p, settings.window, settings.shape, settings.origin)
     geom = (x0, y0, h, w, p)
     if settings.model == "incoherent":
+        if isinstance(calibration, DetectorGrid):
+            calibration = calibration.at_detector(
+                optics["haadf_inner_mrad"], optics["haadf_outer_mrad"]
+            )
         check_calibration(calibration, optics)
         image, info = render_incoherent(
             x, y, counts, elements, optics, calibration, geom,
@@ -755,19 +815,66 @@ def simulate_defocus_series(
     list of Simulated
         One per defocus, in order.
     """
+    return simulate_series(atoms, columns, optics, settings, C10_A=C10_A, rng=rng, **overrides)
+
+
+def simulate_series(
+    atoms: Atoms,
+    columns,
+    optics: Mapping[str, float] | OpticsConfig | None,
+    settings: SimulationSettings | None = None,
+    *,
+    C10_A=None,  # noqa: N803 - the optics' name
+    detectors_mrad=None,
+    rng=None,
+    **overrides,
+) -> list[Simulated]:
+    """:func:`simulate` of a ``prism``/``multislice`` image at several defoci and HAADF
+    detectors at once, from one set of exit waves.
+
+    The S-matrix (or every multislice exit wave) does not depend on the defocus or the
+    detector: it is built once, then reduced per defocus and read by every detector, so
+    a series costs little more than one image.
+
+    Parameters
+    ----------
+    atoms, columns, optics, settings, rng, **overrides
+        As :func:`simulate` (``model`` must be ``prism`` or ``multislice``).
+    C10_A : sequence of float, optional
+        The defoci [Å] (replace ``optics["C10_A"]``); default the optics' own.
+    detectors_mrad : sequence of (float, float), optional
+        Annular detectors ``(inner, outer)`` [mrad]; default the optics' own.
+
+    Returns
+    -------
+    list of Simulated
+        One per (defocus, detector), defocus-major; each one's ``params`` hold its
+        ``C10_A``, ``haadf_inner_mrad`` and ``haadf_outer_mrad``.
+    """
     settings = _settings(settings, overrides)
     if settings.model not in ("prism", "multislice"):
         raise ValueError(
-            f"model: a defocus series needs prism or multislice, got {settings.model!r}"
+            f"model: a defocus or detector series needs prism or multislice, got {settings.model!r}"
         )
     device = resolve_device(settings.device)
     rng = as_rng(rng)
     optics = optics_values(optics, rng=rng)
     p = float(optics["pixel_size_A"] if settings.pixel_size_A is None else settings.pixel_size_A)
     optics["pixel_size_A"] = p
-    defoci = [float(c) for c in C10_A]
+    defoci = [float(optics["C10_A"])] if C10_A is None else [float(c) for c in C10_A]
     if not defoci:
         raise ValueError("C10_A: give at least one defocus")
+    if detectors_mrad is None:
+        detectors = [(optics["haadf_inner_mrad"], optics["haadf_outer_mrad"])]
+    else:
+        detectors = [(float(a), float(b)) for a, b in detectors_mrad]
+    if not detectors:
+        raise ValueError("detectors_mrad: give at least one (inner, outer) pair")
+    for a, b in detectors:
+        if not 0.0 <= a < b:
+            raise ValueError(
+                f"detectors_mrad: expected 0 <= inner < outer [mrad], got ({a:g}, {b:g})"
+            )
     base = defoci[0]
     cell_xy = _cell_xy(atoms)
     x, y, _, _ = _check_columns(columns)
@@ -776,15 +883,16 @@ def simulate_defocus_series(
         raise ValueError("atoms: the structure holds no atoms")
     images, info = _reference(
         atoms, cell_xy, {**optics, "C10_A": base}, (x0, y0, h, w, p), settings, device, rng,
-        dC10_A=[c - base for c in defoci],
+        dC10_A=[c - base for c in defoci], detectors_mrad=detectors,
     )  # fmt: skip
     info["periodic"] = bool(settings.periodic)
+    keys = [(c, a, b) for c in defoci for a, b in detectors]
     return [
         Simulated(
             image=img,
             rows=(y - y0) / p,
             cols=(x - x0) / p,
-            params={**optics, "C10_A": c},
+            params={**optics, "C10_A": c, "haadf_inner_mrad": a, "haadf_outer_mrad": b},
             model=settings.model,
             pixel_size_A=p,
             origin_A=(x0, y0),
@@ -793,5 +901,5 @@ def simulate_defocus_series(
             info=dict(info),
             columns=columns,
         )
-        for c, img in zip(defoci, images, strict=True)
+        for (c, a, b), img in zip(keys, images, strict=True)
     ]

@@ -227,3 +227,85 @@ def test_periodic_images_cover_the_box():
         (6.0, 5.0),
     ]
     assert np.all(idx == 0)
+
+
+def _toy_grid(base, inner, outer):
+    """Calibrations of ``base`` on a detector grid whose weights follow a power law of the
+    angles (w ∝ inner^-2 outer^0.3), kappa linear in log(inner angle)."""
+    import dataclasses
+
+    from simgen.incoherent import DetectorGrid
+
+    cals = []
+    for a in inner:
+        for b in outer:
+            scale = (a / 60.0) ** -2.0 * (b / 200.0) ** 0.3
+            cals.append(
+                dataclasses.replace(
+                    base,
+                    haadf_inner_mrad=a,
+                    haadf_outer_mrad=b,
+                    weights_A2={e: w * scale for e, w in base.weights_A2.items()},
+                    kappa={e: k + 0.05 * np.log(a / 60.0) for e, k in base.kappa.items()},
+                )
+            )
+    return DetectorGrid(tuple(reversed(cals)))  # any order: the grid sorts its nodes
+
+
+def test_detector_grid_interpolates_between_its_nodes(toy_calibration):
+    """A power law of the collection angles is reproduced exactly between nodes, a node
+    is returned as it is, the other fields are linear in log(angle), and the grid
+    round-trips."""
+    from simgen.incoherent import DetectorGrid, calibration_from_dict
+
+    grid = _toy_grid(toy_calibration, (40.0, 60.0, 80.0, 100.0), (150.0, 200.0))
+    assert grid.inner_mrad == (40.0, 60.0, 80.0, 100.0) and grid.outer_mrad == (150.0, 200.0)
+    node = grid.at_detector(60.0, 200.0)
+    assert node == grid.calibrations[3]  # (60, 200): a node is its own calibration
+    assert node.weights_A2 == pytest.approx(toy_calibration.weights_A2)
+    for a, b in ((50.0, 170.0), (73.0, 200.0), (95.0, 151.0)):
+        cal = grid.at_detector(a, b)
+        scale = (a / 60.0) ** -2.0 * (b / 200.0) ** 0.3
+        for e, w in toy_calibration.weights_A2.items():
+            assert cal.weights_A2[e] == pytest.approx(w * scale, rel=1e-9)
+        assert cal.kappa["W"] == pytest.approx(toy_calibration.kappa["W"] + 0.05 * np.log(a / 60))
+        assert (cal.haadf_inner_mrad, cal.haadf_outer_mrad) == (a, b)
+        assert cal.reference["detector_grid"] == grid.key and cal.key != node.key
+    again = calibration_from_dict(json.loads(json.dumps(grid.to_dict())))
+    assert isinstance(again, DetectorGrid) and again.key == grid.key
+    assert again.at_detector(73.0, 180.0) == grid.at_detector(73.0, 180.0)
+    with pytest.raises(ValueError, match="haadf_inner_mrad: 130 mrad lies outside"):
+        grid.at_detector(130.0, 200.0)
+    with pytest.raises(ValueError, match="haadf_outer_mrad"):
+        grid.at_detector(60.0, 260.0)
+
+
+def test_detector_grid_refuses_mixed_or_incomplete_nodes(toy_calibration):
+    import dataclasses
+
+    from simgen.incoherent import DetectorGrid
+
+    grid = _toy_grid(toy_calibration, (40.0, 60.0), (150.0, 200.0))
+    with pytest.raises(ValueError, match="full grid"):
+        DetectorGrid(grid.calibrations[:3])
+    other = dataclasses.replace(grid.calibrations[0], energy_kV=60.0)
+    with pytest.raises(ValueError, match="share elements, energy"):
+        DetectorGrid((other, *grid.calibrations[1:]))
+    data = grid.to_dict()
+    with pytest.raises(ValueError, match="stored key"):
+        DetectorGrid.from_dict({**data, "key": "grid-x"})
+
+
+def test_detector_grid_nodes_cover_the_drawn_range():
+    from simgen.incoherent import detector_grid_nodes
+
+    assert detector_grid_nodes((60.0, 60.0), (200.0, 200.0)) == ((60.0,), (200.0,))
+    assert detector_grid_nodes((45.0, 110.0), (200.0, 200.0)) == (
+        (40.0, 60.0, 80.0, 100.0, 120.0),
+        (200.0,),
+    )
+    assert detector_grid_nodes((40.0, 120.0), (160.0, 240.0))[1] == (150.0, 200.0, 250.0)
+    with pytest.raises(ValueError, match=">= 20 mrad"):
+        detector_grid_nodes((10.0, 60.0), (200.0, 200.0))
+    with pytest.raises(ValueError, match="below its outer nodes"):
+        detector_grid_nodes((40.0, 150.0), (160.0, 200.0))

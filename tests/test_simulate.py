@@ -240,6 +240,32 @@ def test_defocus_series_equals_single_images():
         simulate_defocus_series(atoms, columns, opt, [0.0], model="incoherent")
 
 
+def test_detector_series_equals_single_images():
+    """Several detectors read from one set of exit waves give the separate simulations'
+    images, and a higher inner angle collects less of the scattered beam."""
+    from simgen.simulation import simulate_series
+
+    atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(2, 1))
+    kw = {"model": "prism", "interpolation": 1, "periodic": True, "shape": (6, 8)}
+    opt = {"pixel_size_A": 0.3}
+    detectors = [(60.0, 200.0), (100.0, 200.0), (60.0, 150.0)]
+    series = simulate_series(atoms, columns, opt, C10_A=[0.0, 20.0], detectors_mrad=detectors, **kw)
+    assert len(series) == 6
+    for sim, (c10, (a, b)) in zip(
+        series, [(c, d) for c in (0.0, 20.0) for d in detectors], strict=True
+    ):
+        assert (sim.params["C10_A"], sim.params["haadf_inner_mrad"]) == (c10, a)
+        one = simulate(
+            atoms, columns, {**opt, "C10_A": c10, "haadf_inner_mrad": a, "haadf_outer_mrad": b},
+            **kw,
+        )  # fmt: skip
+        assert np.allclose(sim.image, one.image, rtol=1e-5, atol=1e-7)
+    assert series[1].image.max() < 0.7 * series[0].image.max()
+    assert series[2].image.max() < series[0].image.max()
+    with pytest.raises(ValueError, match="inner < outer"):
+        simulate_series(atoms, columns, opt, detectors_mrad=[(200.0, 60.0)], **kw)
+
+
 def test_plane_slices_start_at_atomic_planes():
     slices = plane_slices([1.25, 2.93, 4.42, 1.27], 5.67, 1.0)
     edges = np.cumsum((0.0,) + slices)
