@@ -10,7 +10,14 @@ from _fakestore import lattice_columns, render, write_fake_store
 from scipy import ndimage
 
 from training.config import PreprocessConfig, TrainConfig
-from training.preprocess import clahe, flatten_lines, parse_preprocess, plane_fit, preprocess_image
+from training.preprocess import (
+    clahe,
+    equalize,
+    flatten_lines,
+    parse_preprocess,
+    plane_fit,
+    preprocess_image,
+)
 
 
 def _lattice(shape=(64, 80), seed=0):
@@ -57,6 +64,25 @@ def test_gaussian_smoothing_in_angstrom_and_clahe():
     before = img[:, :64].std() / img[:, 64:].std()
     after = eq[:, :64].std() / eq[:, 64:].std()
     assert before < 0.15 and after > 0.5
+
+
+def test_equalize_is_invariant_to_monotonic_intensity_changes():
+    """Gain, offset, gamma and a log scale give the same equalised image; the ranks keep
+    the columns' order (metal above chalcogen) and fill (0, 1) uniformly."""
+    img = _lattice()
+    eq = equalize(img)
+    for changed in (3.0 * img + 7.0, img**2.2, np.log1p(img), np.sqrt(img) * 100):
+        np.testing.assert_array_equal(equalize(changed), eq)
+    assert 0.0 < eq.min() and eq.max() < 1.0
+    assert eq.mean() == pytest.approx(0.5, abs=1e-3)
+    peak = np.unravel_index(np.argmax(img), img.shape)
+    assert eq[peak] == eq.max()
+    assert np.all(equalize(np.ones((4, 4))) == 0.5)
+    # not invariant to a non-monotonic change (it is a rank transform, nothing more)
+    assert not np.array_equal(equalize((img - img.mean()) ** 2), eq)
+    cfg = PreprocessConfig.from_dict(parse_preprocess("equalize"))
+    assert cfg.active
+    np.testing.assert_allclose(preprocess_image(img**0.7, cfg, 0.3), eq, atol=1e-6)
 
 
 def test_steps_run_in_the_documented_order_whatever_the_order_asked():

@@ -132,8 +132,8 @@ class ModelConfig(Config):
 @dataclass(frozen=True)
 class PreprocessConfig(Config):
     """Image preprocessing before the normalisation (see ``training.preprocess``); the steps
-    run in the order plane, lines, gaussian, clahe. Stored with the model: labelling and
-    evaluation repeat it."""
+    run in the order plane, lines, gaussian, equalize, clahe. Stored with the model:
+    labelling and evaluation repeat it."""
 
     plane: bool = described("Subtract the least-squares plane a + b·x + c·y.", False)
     lines: str = described(
@@ -143,6 +143,11 @@ class PreprocessConfig(Config):
     )
     line_degree: int = described("Degree of the per-line polynomial (lines: poly).", 1)
     gaussian_sigma_A: float = described("σ of a Gaussian smoothing [Å]; 0 = none.", 0.0)
+    equalize: bool = described(
+        "Global histogram equalisation (rank transform): invariant to any monotonic change "
+        "of the intensity scale (gain, offset, gamma, display stretch).",
+        False,
+    )
     clahe: bool = described("Contrast-limited adaptive histogram equalisation (skimage).", False)
     clahe_clip: float = described("CLAHE clip limit (0..1).", 0.01)
     clahe_kernel_A: float = described("CLAHE tile size [Å].", 20.0)
@@ -158,7 +163,13 @@ class PreprocessConfig(Config):
     @property
     def active(self) -> bool:
         """Whether any step is on."""
-        return self.plane or self.lines != "none" or self.gaussian_sigma_A > 0 or self.clahe
+        return (
+            self.plane
+            or self.lines != "none"
+            or self.gaussian_sigma_A > 0
+            or self.equalize
+            or self.clahe
+        )
 
 
 @dataclass(frozen=True)

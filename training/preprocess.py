@@ -8,7 +8,11 @@ their U-Nets. The steps run in this fixed order, whatever order they are asked i
 2. **lines**: flatten each scan line (an image row): subtract its median (``median``) or a
    least-squares polynomial of degree ``line_degree`` along the line (``poly``);
 3. **gaussian**: Gaussian smoothing of σ = ``gaussian_sigma_A`` [Å];
-4. **clahe**: contrast-limited adaptive histogram equalisation
+4. **equalize**: global histogram equalisation, the rank transform ``rank(x) / N`` (ties
+   share their mean rank): any monotonic change of the intensity scale (detector gain,
+   offset, γ, an 8-bit display stretch) gives the same image, so the network sees the
+   order of the intensities, not their ratios;
+5. **clahe**: contrast-limited adaptive histogram equalisation
    (``skimage.exposure.equalize_adapthist``) on the image scaled to [0, 1] by its 0.5th and
    99.5th percentiles, tiles of ``clahe_kernel_A`` [Å], clip limit ``clahe_clip``.
 
@@ -16,7 +20,7 @@ The settings are a :class:`training.config.PreprocessConfig` (part of the traini
 so every checkpoint records them): training applies them to every image before the
 per-image normalisation, and :meth:`training.predict.Ensemble.predict` (labelling,
 evaluation, prediction) applies the model's again. :func:`parse_preprocess` reads the
-command-line form ``plane,lines=median,gauss=0.5,clahe``. Pure functions, no file access.
+command-line form ``plane,lines=median,gauss=0.5,equalize,clahe``. Pure functions, no file access.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 #: The order the steps run in.
-STEPS = ("plane", "lines", "gaussian", "clahe")
+STEPS = ("plane", "lines", "gaussian", "equalize", "clahe")
 
 
 def plane_fit(image) -> np.ndarray:
@@ -58,6 +62,15 @@ def flatten_lines(image, method: str = "median", degree: int = 1) -> np.ndarray:
     vander = np.polynomial.polynomial.polyvander(x, int(degree))  # [W, d+1]
     coef, *_ = np.linalg.lstsq(vander, img.T, rcond=None)  # all rows at once
     return img - (vander @ coef).T
+
+
+def equalize(image) -> np.ndarray:
+    """Global histogram equalisation: each pixel's rank over the image size, in (0, 1]
+    (equal values share their mean rank; a constant image maps to 0.5 everywhere)."""
+    from scipy.stats import rankdata
+
+    img = np.asarray(image, dtype=np.float64)
+    return (rankdata(img, method="average").reshape(img.shape) - 0.5) / img.size
 
 
 def clahe(image, kernel_px: int, clip: float) -> np.ndarray:
@@ -102,6 +115,8 @@ def preprocess_image(image, config, pixel_size_A: float) -> np.ndarray:
         img = flatten_lines(img, cfg.lines, cfg.line_degree)
     if cfg.gaussian_sigma_A > 0:
         img = ndimage.gaussian_filter(img, cfg.gaussian_sigma_A / pixel_size_A, mode="reflect")
+    if cfg.equalize:
+        img = equalize(img)
     if cfg.clahe:
         img = clahe(img, round(cfg.clahe_kernel_A / pixel_size_A), cfg.clahe_clip)
     return img.astype(np.float32)
@@ -129,7 +144,11 @@ def parse_preprocess(text: str | None) -> dict:
         key = key.strip().lower()
         try:
             if key == "none":
-                out.update(plane=False, lines="none", gaussian_sigma_A=0.0, clahe=False)
+                out.update(
+                    plane=False, lines="none", gaussian_sigma_A=0.0, equalize=False, clahe=False
+                )
+            elif key in ("equalize", "equalise") and not value:
+                out["equalize"] = True
             elif key == "plane" and not value:
                 out["plane"] = True
             elif key == "lines":
@@ -152,6 +171,7 @@ def parse_preprocess(text: str | None) -> dict:
         except ValueError:
             raise ValueError(
                 f"--preprocess: cannot read {item!r}; expected items plane, lines=median, "
-                "lines=poly2, gauss=0.5 (σ in Å), clahe or clahe=0.01, comma-separated"
+                "lines=poly2, gauss=0.5 (σ in Å), equalize, clahe or clahe=0.01, "
+                "comma-separated"
             ) from None
     return out
