@@ -15,8 +15,10 @@ training physics in one way:
     an 8-bit export with the brightest 2–4 % of the pixels saturated.
 
 Models: ``$SIMGEN_ROBUST_MODELS`` (``name=run,name=run``), else ``plain=runs/wse2`` (the
-recipe before the detector-response draws) and ``shipped=runs/wse2_v2`` (the shipped
-recipe: detector γ 0.8–1.25 and an 8-bit display export drawn per sample), those present.
+recipe before the detector-response draws), ``shipped=runs/wse2_v2`` (the shipped
+recipe: detector γ 0.8–1.25 and an 8-bit display export drawn per sample) and
+``robust=runs/wse2_v3`` (that plus HAADF detector angles drawn per sample, inner 40–120
+and outer 150–250 mrad, and ``preprocess.equalize``), those present.
 Printed per model and store: detection F1, recall of full chalcogen columns, precision and
 recall of single chalcogen vacancies (the classes a wrong contrast confuses).
 
@@ -53,7 +55,11 @@ STRUCTURE = {"structure.material": "WSe2", "structure.dopant": "V"}
 SIZES = {"prism": 96}
 #: Images per foreign store when the command line gives none (PRISM: at most 2).
 PRISM_IMAGES = 2
-DEFAULT_MODELS = {"plain": Path("runs/wse2"), "shipped": Path("runs/wse2_v2")}
+DEFAULT_MODELS = {
+    "plain": Path("runs/wse2"),
+    "shipped": Path("runs/wse2_v2"),
+    "robust": Path("runs/wse2_v3"),
+}
 
 
 def models() -> dict[str, Path]:
