@@ -39,7 +39,7 @@ from scipy.spatial import cKDTree
 
 from structures.defects import DEFECT_KINDS
 from structures.lattices import CHALCOGENS, METALS
-from structures.supercell import CHALCOGEN, METAL, Monolayer
+from structures.supercell import CHALCOGEN, METAL, Monolayer, atom_symbols
 
 #: Defect kinds a column can carry (a vacancy complex labels its columns vac_M/vac_X*).
 DEFECT_CLASSES = tuple(kind for kind in DEFECT_KINDS if kind != "vac_complex")
@@ -456,7 +456,7 @@ def column_table(ml: Monolayer, scheme: str | Mapping | LabelScheme = "defects")
     atoms = ml.atoms
     n = len(ml.sites)
     column = atoms.arrays["column"]
-    symbols = np.array(atoms.get_chemical_symbols(), dtype=object)
+    symbols = atom_symbols(atoms)
     counts, elements = _counts_matrix(symbols, column, n)
     n_atoms = counts.sum(axis=1)
     x, y = ml.sites.x.copy(), ml.sites.y.copy()
@@ -527,7 +527,7 @@ def columns_from_atoms(
     if tolerance <= 0:
         raise ValueError(f"tolerance must be > 0 Å, got {tolerance}")
     xy = atoms.positions[:, :2]
-    symbols = np.array(atoms.get_chemical_symbols(), dtype=object)
+    symbols = atom_symbols(atoms)
     pairs = cKDTree(xy).query_pairs(tolerance, output_type="ndarray")
     from scipy.sparse import coo_matrix
 

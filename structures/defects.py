@@ -34,7 +34,7 @@ from ase.data import atomic_numbers
 from scipy.spatial import cKDTree
 
 from structures.lattices import CHALCOGENS
-from structures.supercell import CHALCOGEN, METAL, Monolayer
+from structures.supercell import CHALCOGEN, METAL, Monolayer, atom_symbols, symbol_numbers
 
 DEFECT_KINDS = (
     "vac_X1",
@@ -242,7 +242,7 @@ def _rebuild_atoms(ml, defect, *, substituent, dopant, antisite, rng) -> Atoms:
     atoms = ml.atoms
     old = ml.sites.defect
     column = atoms.arrays["column"]
-    symbols = np.array(atoms.get_chemical_symbols(), dtype=object)
+    symbols = atom_symbols(atoms)
     positions = atoms.positions.copy()
     keep = np.ones(len(atoms), dtype=bool)
     extra_symbols, extra_pos, extra_col = [], [], []
@@ -278,7 +278,7 @@ def _rebuild_atoms(ml, defect, *, substituent, dopant, antisite, rng) -> Atoms:
     new_column = np.concatenate([column[keep], np.asarray(extra_col, dtype=np.int64)])
     order = np.argsort(new_column, kind="stable")
     out = Atoms(
-        symbols=[new_symbols[k] for k in order],
+        numbers=symbol_numbers(new_symbols)[order],
         positions=new_positions[order],
         cell=atoms.cell,
         pbc=atoms.pbc,

@@ -13,11 +13,28 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms
+from ase.data import atomic_numbers, chemical_symbols
 
 from structures.lattices import Composition, lattice_parameters, make_composition
 
 METAL, CHALCOGEN = 0, 1
 SITE_NAMES = ("metal", "chalcogen")
+
+
+def symbol_numbers(symbols) -> np.ndarray:
+    """Atomic numbers of a sequence of element symbols (one look-up per distinct symbol;
+    ASE's own conversion checks every string)."""
+    arr = np.asarray(symbols, dtype=object).astype(str)
+    if arr.size == 0:
+        return np.zeros(0, dtype=int)
+    distinct, index = np.unique(arr, return_inverse=True)
+    return np.array([atomic_numbers[e] for e in distinct], dtype=int)[index.ravel()]
+
+
+def atom_symbols(atoms: Atoms) -> np.ndarray:
+    """Element symbols of ``atoms`` as an object array (vectorised
+    ``get_chemical_symbols``)."""
+    return np.asarray(chemical_symbols, dtype=object)[atoms.numbers]
 
 
 @dataclass(frozen=True)
@@ -235,7 +252,7 @@ def build_monolayer(
         positions = positions + rng.normal(0.0, displacement_sigma, positions.shape)
     order = np.argsort(columns, kind="stable")
     atoms = Atoms(
-        symbols=[symbols[k] for k in order],
+        numbers=symbol_numbers(symbols)[order],
         positions=positions[order],
         cell=[extent[0], extent[1], lz],
         pbc=False,
