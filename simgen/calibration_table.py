@@ -6,9 +6,11 @@ cached_calibration` looks a key up in the user's cache, then in this table
 binaries (MoS2, WS2, MoSe2, WSe2, MoTe2, WTe2) at 60 and 80 kV, 25, 30 and 35 mrad, with
 the default 60–200 mrad detector, plus the default dopant (Re in MoS2) and the V-doped
 WSe2 of the docs at 30 mrad, all at the default reference numerics
-(:class:`simgen.calibrate.ReferenceSettings`: PRISM f = 1, 0.05 Å waves, potential ×4).
+(:class:`simgen.calibrate.ReferenceSettings`: PRISM f = 1, 0.05 Å waves, potential ×4),
+and detector grids (:data:`SHIPPED_GRIDS`: 80 kV, 30 mrad, inner 40–120 x outer
+150–250 mrad, frozen-phonon references) for the same materials, each node an entry.
 
-Rebuild (about 15 minutes on two CPU cores; deterministic, CPU)::
+Rebuild (about 45 minutes on two CPU cores; deterministic, CPU)::
 
     make calibrations        # = python -m simgen.calibration_table simgen/data/calibrations.json
 
@@ -23,7 +25,15 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["SHIPPED", "build_table", "shipped_calibration", "shipped_entries"]
+__all__ = [
+    "SHIPPED",
+    "SHIPPED_GRIDS",
+    "build_table",
+    "grid_node_keys",
+    "shipped_calibration",
+    "shipped_entries",
+    "shipped_keys",
+]
 
 #: Host binaries (metal, chalcogen) of the table.
 BINARIES = (("Mo", "S"), ("W", "S"), ("Mo", "Se"), ("W", "Se"), ("Mo", "Te"), ("W", "Te"))
@@ -60,6 +70,61 @@ def _entries() -> list[tuple[dict, tuple[str, ...]]]:
 #: :class:`simgen.calibrate.ReferenceSettings`; None = every pair).
 SHIPPED = tuple(_entries())
 
+#: Drawn detector ranges [mrad] the shipped detector grids cover (inner, outer): the
+#: contrast-robust recipe's (docs/physics.md, "Detector angles").
+GRID_INNER_MRAD = (40.0, 120.0)
+GRID_OUTER_MRAD = (150.0, 250.0)
+
+
+def _grids() -> list[tuple[dict, tuple[str, ...], Any, tuple]]:
+    from simgen.incoherent import detector_grid_nodes
+
+    inner, outer = detector_grid_nodes(GRID_INNER_MRAD, GRID_OUTER_MRAD)
+    detectors = tuple((a, b) for a in inner for b in outer)
+    optics = {"energy_kV": 80.0, "semiangle_mrad": 30.0}
+    optics |= {"haadf_inner_mrad": DETECTOR_MRAD[0], "haadf_outer_mrad": DETECTOR_MRAD[1]}
+    return [  # the docs' WSe2 (+ V) and the default MoS2 (+ Re) first
+        (optics, ("W", "V", "Se"), (("W", "Se"),), detectors),
+        (optics, ("W", "Se"), None, detectors),
+        (optics, ("Mo", "Re", "S"), (("Mo", "S"),), detectors),
+        (optics, ("Mo", "S"), None, detectors),
+    ] + [
+        (optics, pair, None, detectors)
+        for pair in BINARIES
+        if pair not in (("W", "Se"), ("Mo", "S"))
+    ]
+
+
+#: ``(optics, elements, hosts, detectors)`` of every shipped detector grid: 80 kV,
+#: 30 mrad, the nodes covering :data:`GRID_INNER_MRAD` x :data:`GRID_OUTER_MRAD`, frozen-
+#: phonon references (:data:`simgen.config.GRID_FROZEN_PHONONS`), as
+#: :func:`simgen.pipeline.calibration_request` asks for them.
+SHIPPED_GRIDS = tuple(_grids())
+
+
+def grid_node_keys(optics: Mapping, elements: Iterable[str], hosts, detectors) -> list[str]:
+    """The calibration keys of a detector grid's nodes."""
+    from simgen.calibrate import calibration_key
+    from simgen.config import GRID_FROZEN_PHONONS
+
+    return [
+        calibration_key(
+            {**optics, "haadf_inner_mrad": a, "haadf_outer_mrad": b},
+            tuple(elements),
+            hosts=hosts,
+            frozen_phonons=GRID_FROZEN_PHONONS,
+        )
+        for a, b in detectors
+    ]
+
+
+def shipped_keys() -> list[str]:
+    """Every key the shipped table must hold (single calibrations and grid nodes)."""
+    keys = [entry_key(o, e, h) for o, e, h in SHIPPED]
+    for grid in SHIPPED_GRIDS:
+        keys += grid_node_keys(*grid)
+    return keys
+
 
 def entry_key(optics: Mapping, elements: Iterable[str], hosts=None) -> str:
     """The calibration key of one entry."""
@@ -71,6 +136,7 @@ def entry_key(optics: Mapping, elements: Iterable[str], hosts=None) -> str:
 def build_table(
     entries: Iterable[tuple[Mapping, Iterable[str], Any]] = SHIPPED,
     *,
+    grids: Iterable[tuple[Mapping, Iterable[str], Any, tuple]] = SHIPPED_GRIDS,
     existing: Mapping | None = None,
     progress=None,
     checkpoint=None,
@@ -80,6 +146,9 @@ def build_table(
     Parameters
     ----------
     entries : iterable of (optics, elements, hosts)
+    grids : iterable of (optics, elements, hosts, detectors)
+        Detector grids: each node is an entry of its own; the missing nodes of a grid are
+        calibrated together from one frozen-phonon reference simulation.
     existing : mapping, optional
         A previous table: entries whose key is still wanted are kept, not recomputed.
     progress : callable, optional
@@ -96,7 +165,8 @@ def build_table(
     import dataclasses
     import platform
 
-    from simgen.calibrate import ReferenceSettings, calibrate
+    from simgen.calibrate import ReferenceSettings, calibrate, calibrate_detectors
+    from simgen.config import GRID_FROZEN_PHONONS
     from simgen.store import package_versions
 
     versions = {**package_versions(), "python": platform.python_version()}  # fail early
@@ -113,6 +183,27 @@ def build_table(
         table[cal.key] = data
         if progress is not None:
             progress(f"{cal.key}: corr {cal.fit['correlation']:.5f}")
+        if checkpoint is not None:
+            checkpoint({"versions": versions, "entries": dict(table)})
+    for optics, elements, hosts, detectors in grids:
+        keys = grid_node_keys(optics, elements, hosts, detectors)
+        table |= {k: old[k] for k in keys if k in old}
+        missing = [i for i, k in enumerate(keys) if k not in table]
+        if not missing:
+            continue
+        cals = calibrate_detectors(
+            dict(optics), tuple(elements), [detectors[i] for i in missing], device="cpu",
+            hosts=hosts, frozen_phonons=GRID_FROZEN_PHONONS,
+        )  # fmt: skip
+        for i, cal in zip(missing, cals, strict=True):
+            if cal.key != keys[i]:
+                raise RuntimeError(f"calibration key {cal.key} != {keys[i]}")
+            data = cal.to_dict()
+            data["fit"].pop("reference_seconds", None)
+            table[cal.key] = data
+        if progress is not None:
+            worst = min(c.fit["correlation"] for c in cals)
+            progress(f"grid {''.join(elements)} {len(cals)} detectors: corr >= {worst:.5f}")
         if checkpoint is not None:
             checkpoint({"versions": versions, "entries": dict(table)})
     return {
@@ -149,11 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m simgen.calibration_table OUT.json [--keep]", file=sys.stderr)
         return 2
-    existing = json.loads(Path(args[0]).read_text()) if keep and Path(args[0]).is_file() else None
     out = Path(args[0])
     partial = out.with_name(out.name + ".partial")
-    if existing is None and keep and partial.is_file():
-        existing = json.loads(partial.read_text())
+    existing = None
+    if keep:  # the finished table's entries and those of a stopped rebuild
+        entries = {}
+        for f in (out, partial):
+            if f.is_file():
+                entries |= json.loads(f.read_text()).get("entries", {})
+        existing = {"entries": entries}
 
     def save_partial(table):
         atomic_write(partial, json.dumps(table, indent=1, sort_keys=True))

@@ -293,3 +293,40 @@ def test_bad_input_is_a_one_line_error_before_any_work(args, message, tmp_path, 
     assert result.exit_code != 0
     assert message in result.output, result.output
     assert not out.exists()
+
+
+def test_drawn_detector_changes_the_column_contrast(cache_dir, monkeypatch):
+    """With drawn detector angles each sample is rendered with its own detector's
+    calibration (a shipped grid): a high inner angle darkens S2 against Mo, and the
+    drawn angles are stored with the sample."""
+    from simgen.api import calibration_for
+    from simgen.pipeline import make_sample_params
+
+    monkeypatch.setenv("SIMGEN_CACHE", str(cache_dir))
+    cfg = load_config().with_overrides(
+        {
+            **SMALL,
+            "optics.haadf_inner_mrad": {"uniform": [40.0, 120.0]},
+            "optics.haadf_outer_mrad": {"uniform": [150.0, 250.0]},
+            "acquisition.contamination.rel": 0.0,
+            "acquisition.contamination.blob_density_per_nm2": 0.0,
+        }
+    )
+    grid = calibration_for(cfg)
+    assert grid["kind"] == "detector_grid"
+    inner = [make_sample_params(cfg, i)["haadf_inner_mrad"] for i in range(12)]
+    low, high = int(np.argmin(inner)), int(np.argmax(inner))
+    assert inner[low] < 60 and inner[high] > 100
+
+    def s2_over_mo(index):
+        s = make_sample(cfg, index, calibration=grid)
+        assert s.params["haadf_inner_mrad"] == inner[index]
+        from conftest import peak_values
+
+        c = s.columns
+        values = peak_values(s.noise_free, c["y"], c["x"])
+        metal = (c["n_atoms"] == 1) & (np.asarray(c["site"]) == 0)  # structures' METAL
+        full_x = c["n_atoms"] == 2
+        return values[full_x].mean() / values[metal].mean()
+
+    assert s2_over_mo(high) < 0.9 * s2_over_mo(low)
