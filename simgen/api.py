@@ -229,7 +229,7 @@ def simulate(
         ``structures.ColumnTable`` imaged (same order; class ids under ``scheme``).
     """
     from simgen.calibrate import calibrate, calibration_key
-    from simgen.incoherent import Calibration
+    from simgen.incoherent import calibration_from_dict
     from simgen.optics import OpticsConfig
     from simgen.simulation import SimulationSettings
     from simgen.simulation import simulate as run
@@ -248,5 +248,5 @@ def simulate(
             lambda: calibrate(nominal, elements, device=opts.device, hosts=hosts).to_dict(),
         )
     if isinstance(calibration, Mapping):
-        calibration = Calibration.from_dict(calibration)
+        calibration = calibration_from_dict(calibration)  # a Calibration or a DetectorGrid
     return run(cell, columns, optics, opts, calibration=calibration, rng=rng)

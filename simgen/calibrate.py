@@ -753,9 +753,11 @@ def calibrate_detectors(
     """:func:`calibrate` for several HAADF detectors from one set of reference simulations.
 
     The exit waves do not depend on the detector: each reference cell is simulated once
-    and read by every detector, then the model is fitted per detector. Each result equals
-    :func:`calibrate` with that detector in ``optics`` (same key, same numbers): a
-    detector grid costs one reference simulation plus one fit (≈ 10 s) per detector.
+    and read by every detector (one radially binned detector), then the model is fitted
+    per detector. Each result has the key of :func:`calibrate` with that detector in
+    ``optics`` and its numbers to ≈ 1e-6 (:func:`calibrate` integrates one annular
+    detector directly): a detector grid costs one reference simulation plus a fit of a
+    few seconds per detector.
 
     Parameters
     ----------
@@ -776,6 +778,8 @@ def calibrate_detectors(
         detectors = [(opt["haadf_inner_mrad"], opt["haadf_outer_mrad"])]
     else:
         detectors = [(float(a), float(b)) for a, b in detectors_mrad]
+        if len(set(detectors)) != len(detectors):
+            raise ValueError(f"detectors_mrad: a detector is listed twice: {detectors}")
         for a, b in detectors:
             optics_values({**opt, "haadf_inner_mrad": a, "haadf_outer_mrad": b})  # validates
     t0 = time.perf_counter()

@@ -394,10 +394,11 @@ def detector_grid_nodes(
             f"haadf_inner_mrad: a drawn inner angle must stay >= {GRID_MIN_INNER_MRAD:g} mrad "
             f"(the model is calibrated on a grid of HAADF detectors), got {inner_mrad[0]:g}"
         )
-    if inner[-1] >= outer[0]:
+    if outer[0] <= 0 or inner[-1] >= outer[0]:
         raise ValueError(
             f"haadf_inner_mrad: the detector grid's inner nodes ({inner[0]:g}–{inner[-1]:g} "
-            f"mrad) must stay below its outer nodes ({outer[0]:g}–{outer[-1]:g} mrad); "
+            f"mrad, multiples of {GRID_STEP_MRAD[0]:g}) must stay below its outer nodes "
+            f"({outer[0]:g}–{outer[-1]:g} mrad, multiples of {GRID_STEP_MRAD[1]:g}); "
             "narrow the drawn ranges"
         )
     return inner, outer
@@ -499,11 +500,11 @@ class DetectorGrid:
     def _bracket(self, nodes, value, name):
         v = float(value)
         lo, hi = nodes[0], nodes[-1]
-        tol = CALIBRATION_RTOL * max(abs(lo), abs(hi))
-        if not lo - tol <= v <= hi + tol:
+        if not lo * (1 - CALIBRATION_RTOL) <= v <= hi * (1 + CALIBRATION_RTOL):
+            where = f"fixed at {lo:g} mrad" if lo == hi else f"{lo:g}–{hi:g} mrad"
             raise ValueError(
                 f"{name}: {v:g} mrad lies outside the calibrated detector grid "
-                f"({lo:g}–{hi:g} mrad); calibrate for the drawn range"
+                f"({where}); calibrate for the drawn range"
             )
         if len(nodes) == 1:
             return 0, 0, 0.0

@@ -274,6 +274,18 @@ def calibration_request(cfg):
         return key, compute
     inner, outer = nodes
     nominal = cfg.optics.nominal()
+    from simgen.simulation import _check_potential_sampling
+
+    try:  # the top node, not only the drawn range, must be resolved by the wave grid
+        _check_potential_sampling(
+            {**nominal, "haadf_outer_mrad": outer[-1]}, cfg.simulation.potential_sampling_A
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"optics.haadf_outer_mrad: the detector grid covering the drawn range needs an "
+            f"outer node at {outer[-1]:g} mrad (nodes on multiples of 50 mrad), but "
+            f"simulation.{err}; narrow the range or refine the sampling"
+        ) from None
     detectors = [(a, b) for a in inner for b in outer]
     node_optics = [{**nominal, "haadf_inner_mrad": a, "haadf_outer_mrad": b} for a, b in detectors]
     node_keys = [calibration_key(o, elements, **kwargs) for o in node_optics]

@@ -421,9 +421,12 @@ def _reference_specimen(atoms, cell_xy, optics, layout, origin, settings, rng):
 def _common_step_mrad(detectors_mrad) -> float | None:
     """The largest of 10, 5, 2, 1, 0.5 mrad that divides every detector edge, or None.
 
-    Several detectors are read from one radially binned detector with this bin width
-    (an annular detector integrates the diffraction pattern once per detector: 2 s per
-    detector and scan of a calibration cell on two cores)."""
+    The detectors of a series (``detectors_mrad`` given) are read from one radially binned
+    detector with this bin width (an annular detector integrates the diffraction pattern
+    once per detector: 2 s per detector and scan of a calibration cell on two CPU cores),
+    so every node of a detector grid is computed the same way whichever nodes are
+    computed together. On a GPU abTEM's binning kernel runs one thread per bin: not
+    measured there yet."""
     edges = [float(v) for pair in detectors_mrad for v in pair]
     for step in (10.0, 5.0, 2.0, 1.0, 0.5):
         if all(abs(v / step - round(v / step)) < 1e-9 for v in edges):
@@ -458,10 +461,11 @@ def _abtem_scan(
     energy = optics["energy_kV"] * 1e3
     alpha = optics["semiangle_mrad"]
     with _quiet_abtem():
+        binned = detectors_mrad is not None  # a series: every detector read the same way
         if detectors_mrad is None:
             detectors_mrad = [(optics["haadf_inner_mrad"], optics["haadf_outer_mrad"])]
         n_det = len(detectors_mrad)
-        step = _common_step_mrad(detectors_mrad) if n_det > 1 else None
+        step = _common_step_mrad(detectors_mrad) if binned else None
         if step is not None:  # one radially binned detector read out per annulus
             top = max(float(b) for _, b in detectors_mrad)
             detectors = [
@@ -504,12 +508,8 @@ def _abtem_scan(
                     meas = probe.scan(potential, scan=scan, detectors=detectors, lazy=False)
                 if not isinstance(meas, list | tuple):
                     meas = [meas]
-                if step is not None:  # annuli beyond the largest simulated angle: cut there
-                    top = meas[0].radial_offset + meas[0].shape[-2] * meas[0].radial_sampling
-                    meas = [
-                        meas[0].integrate_radial(float(a), min(float(b), top))
-                        for a, b in detectors_mrad
-                    ]
+                if step is not None:
+                    meas = [meas[0].integrate_radial(float(a), float(b)) for a, b in detectors_mrad]
                 for k, one in enumerate(meas):
                     arr = xp.asarray(one.array, dtype=xp.float64)
                     while arr.ndim > 2:  # any ensemble axis left (frozen phonons): plain mean
@@ -875,6 +875,10 @@ def simulate_series(
             raise ValueError(
                 f"detectors_mrad: expected 0 <= inner < outer [mrad], got ({a:g}, {b:g})"
             )
+    if len(set(detectors)) != len(detectors):
+        raise ValueError(f"detectors_mrad: a detector is listed twice: {detectors}")
+    top = max(b for _, b in detectors)
+    _check_potential_sampling({**optics, "haadf_outer_mrad": top}, settings.potential_sampling_A)
     base = defoci[0]
     cell_xy = _cell_xy(atoms)
     x, y, _, _ = _check_columns(columns)
@@ -883,7 +887,8 @@ def simulate_series(
         raise ValueError("atoms: the structure holds no atoms")
     images, info = _reference(
         atoms, cell_xy, {**optics, "C10_A": base}, (x0, y0, h, w, p), settings, device, rng,
-        dC10_A=[c - base for c in defoci], detectors_mrad=detectors,
+        dC10_A=[c - base for c in defoci],
+        detectors_mrad=None if detectors_mrad is None else detectors,
     )  # fmt: skip
     info["periodic"] = bool(settings.periodic)
     keys = [(c, a, b) for c in defoci for a, b in detectors]

@@ -276,6 +276,10 @@ def test_detector_grid_interpolates_between_its_nodes(toy_calibration):
     assert again.at_detector(73.0, 180.0) == grid.at_detector(73.0, 180.0)
     with pytest.raises(ValueError, match="haadf_inner_mrad: 130 mrad lies outside"):
         grid.at_detector(130.0, 200.0)
+    with pytest.raises(ValueError, match="37.6 mrad lies outside"):  # 2 % of the low end
+        grid.at_detector(37.6, 200.0)
+    edge = grid.calibrations[1]  # (40, 200): within 2 % below the grid, clamped to it
+    assert grid.at_detector(39.5, 200.0).weights_A2 == pytest.approx(edge.weights_A2)
     with pytest.raises(ValueError, match="haadf_outer_mrad"):
         grid.at_detector(60.0, 260.0)
 

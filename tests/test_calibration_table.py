@@ -141,12 +141,16 @@ def test_a_drawn_detector_takes_a_shipped_grid(tmp_path, monkeypatch):
     assert said == []
 
 
-def test_a_normal_detector_distribution_is_refused():
+def test_unusable_detector_distributions_are_refused():
     from simgen.config import SimgenConfig
     from simgen.pipeline import calibration_request
 
     cfg = SimgenConfig().with_overrides({"optics.haadf_inner_mrad": {"normal": [60.0, 10.0]}})
     with pytest.raises(ValueError, match="optics.haadf_inner_mrad: .*bounded distribution"):
+        calibration_request(cfg)
+    # outer draws up to 260 mrad need a 300 mrad node, beyond the 0.05 Å wave grid (278)
+    cfg = SimgenConfig().with_overrides({"optics.haadf_outer_mrad": {"uniform": [150, 260]}})
+    with pytest.raises(ValueError, match="outer node at 300 mrad .*resolves scattering only"):
         calibration_request(cfg)
 
 

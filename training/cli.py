@@ -188,7 +188,7 @@ def train(
         str | None,
         typer.Option(
             help="Preprocess images (stored with the model): plane,lines=median|polyN,"
-            "gauss=σÅ,clahe[=clip]; runs in that order."
+            "gauss=σÅ,equalize,clahe[=clip]; runs in that order."
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
@@ -281,8 +281,8 @@ def finetune(
     preprocess: Annotated[
         str | None,
         typer.Option(
-            help="Change the run's preprocessing: plane,lines=median|polyN,gauss=σÅ,clahe[=clip] "
-            "(`none`: off)."
+            help="Change the run's preprocessing: "
+            "plane,lines=median|polyN,gauss=σÅ,equalize,clahe[=clip] (`none`: off)."
         ),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
@@ -575,7 +575,7 @@ def label(
         str | None,
         typer.Option(
             help="Preprocessing instead of the model's (default: the model's own, as trained): "
-            "plane,lines=median|polyN,gauss=σÅ,clahe[=clip]."
+            "plane,lines=median|polyN,gauss=σÅ,equalize,clahe[=clip]."
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

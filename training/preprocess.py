@@ -65,11 +65,13 @@ def flatten_lines(image, method: str = "median", degree: int = 1) -> np.ndarray:
 
 
 def equalize(image) -> np.ndarray:
-    """Global histogram equalisation: each pixel's rank over the image size, in (0, 1]
+    """Global histogram equalisation: each pixel's rank over the image size, in (0, 1)
     (equal values share their mean rank; a constant image maps to 0.5 everywhere)."""
     from scipy.stats import rankdata
 
     img = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(img).all():
+        raise ValueError("equalize: the image holds NaN or infinite pixels")
     return (rankdata(img, method="average").reshape(img.shape) - 0.5) / img.size
 
 
