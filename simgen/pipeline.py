@@ -274,10 +274,10 @@ def calibration_request(cfg):
         return key, compute
     inner, outer = nodes
     nominal = cfg.optics.nominal()
-    from simgen.simulation import _check_potential_sampling
+    from simgen.simulation import check_potential_sampling
 
     try:  # the top node, not only the drawn range, must be resolved by the wave grid
-        _check_potential_sampling(
+        check_potential_sampling(
             {**nominal, "haadf_outer_mrad": outer[-1]}, cfg.simulation.potential_sampling_A
         )
     except ValueError as err:

@@ -368,7 +368,9 @@ def _max_sigma(sigma) -> float:
     return float(np.max(sigma))
 
 
-def _check_potential_sampling(optics, potential_sampling_A: float) -> None:
+def check_potential_sampling(optics, potential_sampling_A: float) -> None:
+    """Raise ``ValueError`` unless a wave grid of ``potential_sampling_A`` [Å] resolves
+    scattering out to ``optics["haadf_outer_mrad"]`` (abTEM's 2/3 antialias cutoff)."""
     lam = wavelength_A(optics["energy_kV"])
     cutoff_mrad = 2.0 / 3.0 / (2.0 * potential_sampling_A) * lam * 1e3
     if cutoff_mrad < optics["haadf_outer_mrad"]:
@@ -573,7 +575,7 @@ def _reference(
     with ``dC10_A`` [Å] (and ``detectors_mrad``) a list of images, one per defocus change
     and detector, defocus-major (one S-matrix)."""
     x0, y0, h, w, p = geom
-    _check_potential_sampling(optics, float(settings.potential_sampling_A))
+    check_potential_sampling(optics, float(settings.potential_sampling_A))
     layout = _scan_layout(p, h, w, optics, settings.scan_sampling_A)
     work, gpts, slices, start, z_mid, f = _reference_specimen(
         atoms, cell_xy, optics, layout, (x0, y0), settings, rng
@@ -878,7 +880,7 @@ def simulate_series(
     if len(set(detectors)) != len(detectors):
         raise ValueError(f"detectors_mrad: a detector is listed twice: {detectors}")
     top = max(b for _, b in detectors)
-    _check_potential_sampling({**optics, "haadf_outer_mrad": top}, settings.potential_sampling_A)
+    check_potential_sampling({**optics, "haadf_outer_mrad": top}, settings.potential_sampling_A)
     base = defoci[0]
     cell_xy = _cell_xy(atoms)
     x, y, _, _ = _check_columns(columns)
