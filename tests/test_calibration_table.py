@@ -167,3 +167,25 @@ def test_calibrate_cli_lists_a_shipped_grid(tmp_path, monkeypatch):
     assert "detector grid of 5 calibrations" in result.output  # 40..120 x 200 mrad
     assert "120-200: weights_A2" in result.output
     assert "calibrating" not in result.output
+
+
+@pytest.mark.slow
+def test_a_shipped_grid_node_is_reproduced():
+    """Recomputing one node of the MoS2 grid alone (80 kV, 30 mrad, 80–200 mrad, 8
+    frozen-phonon configurations) gives the shipped numbers, although the table computed
+    it together with 14 other detectors."""
+    from simgen.calibrate import calibrate_detectors
+    from simgen.calibration_table import SHIPPED_GRIDS, grid_node_keys
+    from simgen.config import GRID_FROZEN_PHONONS
+
+    grid = next(g for g in SHIPPED_GRIDS if g[1] == ("Mo", "S"))
+    optics, elements, hosts, detectors = grid
+    key = grid_node_keys(*grid)[detectors.index((80.0, 200.0))]
+    shipped = Calibration.from_dict(shipped_entries()[key])
+    (again,) = calibrate_detectors(
+        optics, elements, [(80.0, 200.0)], hosts=hosts, frozen_phonons=GRID_FROZEN_PHONONS
+    )
+    assert again.key == shipped.key
+    for name, rel in (("weights_A2", 2e-3), ("kappa", 2e-3), ("widths_A", 2e-2)):
+        for e in elements:
+            assert getattr(again, name)[e] == pytest.approx(getattr(shipped, name)[e], rel=rel)
