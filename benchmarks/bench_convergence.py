@@ -40,14 +40,17 @@ ELEMENTS = ("S", "Se", "Te", "V", "Mo", "Re", "W")
 #: Sub-pixel positions (fractions of a grid step along x, y): a node and places off the
 #: nodes of every supersampled grid (quarters alone would sit on the 4x grid's nodes).
 OFFSETS = ((0.0, 0.0), (0.125, 0.125), (0.1, 0.55), (0.37, 0.88), (0.63, 0.21), (0.875, 0.375))
-IDEAL_80KV = {
-    "energy_kV": 80.0,
-    "semiangle_mrad": 30.0,
-    "haadf_inner_mrad": 60.0,
-    "haadf_outer_mrad": 200.0,
-    "source_size_A": 0.0,
-    "focal_spread_A": 0.0,
-}
+
+
+def _ideal_80kv() -> dict:
+    from simgen.optics import ideal_optics
+
+    return ideal_optics(energy_kV=80.0, semiangle_mrad=30.0, haadf_inner_mrad=60.0,
+                        haadf_outer_mrad=200.0)  # fmt: skip
+
+
+#: 80 kV, 30 mrad, 60–200 mrad, ideal probe.
+IDEAL_80KV = _ideal_80kv()
 
 
 # -- 1. lone atoms -------------------------------------------------------------------------------

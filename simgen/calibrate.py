@@ -64,7 +64,7 @@ from simgen.incoherent import (
     key_number,
     periodic_images,
 )
-from simgen.optics import OpticsConfig, nyquist_sampling_A, optics_values
+from simgen.optics import OpticsConfig, ideal_optics, nyquist_sampling_A, optics_values
 from simgen.simulation import Columns, simulate_series
 
 __all__ = [
@@ -306,12 +306,7 @@ def reference_cells(
 # -- fit -----------------------------------------------------------------------------------------
 def _calibration_optics(optics) -> dict:
     """Nominal energy, aperture and detector; ideal probe otherwise."""
-    values = optics.nominal() if isinstance(optics, OpticsConfig) else optics_values(optics)
-    values = optics_values(values)
-    for key in values:
-        if key.startswith(("C", "phi")) or key in ("source_size_A", "focal_spread_A"):
-            values[key] = 0.0
-    return values
+    return ideal_optics(optics)
 
 
 def fit_calibration(

@@ -46,6 +46,7 @@ __all__ = [
     "abtem_aberrations",
     "focal_quadrature",
     "geometric_blur_A",
+    "ideal_optics",
     "nyquist_sampling_A",
     "optics_values",
     "probe_intensity",
@@ -298,6 +299,25 @@ def optics_values(optics: Mapping[str, float] | OpticsConfig | None, rng=None) -
             f"{values['haadf_inner_mrad']} >= {values['haadf_outer_mrad']}"
         )
     return values
+
+
+def ideal_optics(optics: Mapping[str, float] | OpticsConfig | None = None, **values) -> dict:
+    """:func:`optics_values` (a config's nominal values) with an ideal probe: every
+    aberration, the source size and the focal spread zero.
+
+    Parameters
+    ----------
+    optics : mapping, OpticsConfig or None
+        Optics values or a config (its :meth:`OpticsConfig.nominal` values); None: defaults.
+    **values
+        Values to set, e.g. ``energy_kV=60.0``.
+    """
+    base = optics.nominal() if isinstance(optics, OpticsConfig) else dict(optics or {})
+    out = optics_values({**base, **values})
+    for key in out:
+        if key.startswith(("C", "phi")) or key in ("source_size_A", "focal_spread_A"):
+            out[key] = 0.0
+    return out
 
 
 def wavelength_A(energy_kV: float) -> float:

@@ -8,7 +8,7 @@ from conftest import hollow_sites, make_tmd_cell, peak_values
 
 from simgen import backend
 from simgen.incoherent import IncoherentRenderer
-from simgen.optics import OpticsConfig
+from simgen.optics import OpticsConfig, ideal_optics
 from simgen.simulation import Columns, plane_slices, simulate
 
 
@@ -275,15 +275,10 @@ def test_plane_slices_start_at_atomic_planes():
     assert max(slices) <= 1.0
 
 
-_IDEAL_80KV = {
-    "energy_kV": 80.0,
-    "semiangle_mrad": 30.0,
-    "haadf_inner_mrad": 60.0,
-    "haadf_outer_mrad": 200.0,
-    "source_size_A": 0.0,
-    "focal_spread_A": 0.0,
-    "pixel_size_A": 0.2,
-}
+_IDEAL_80KV = ideal_optics(
+    energy_kV=80.0, semiangle_mrad=30.0, haadf_inner_mrad=60.0, haadf_outer_mrad=200.0,
+    pixel_size_A=0.2,
+)  # fmt: skip
 
 
 #: Sub-pixel positions of the atom (fractions of the 0.05 Å step along x, y): a node, and
