@@ -146,7 +146,7 @@ def bench_label(
     import zarr
 
     from training.experiments.label import label_image, write_outputs
-    from training.experiments.readers import ExperimentImage
+    from simgen.experiment.readers import ExperimentImage
     from training.predict import Ensemble
 
     threads = threads or torch.get_num_threads()

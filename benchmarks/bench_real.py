@@ -67,7 +67,7 @@ def main(model: str | None = None) -> None:
     if not files:
         print("   skipped: ../shared/real/ is absent (development data, not shipped)")
         return
-    from training.experiments.readers import ReaderError, read_image
+    from simgen.experiment.readers import ReaderError, read_image
 
     model = model or os.environ.get("SIMGEN_REAL_MODEL") or DEFAULT_MODEL
     model = Path(model) if Path(model).exists() else None

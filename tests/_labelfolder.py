@@ -23,7 +23,7 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from training.experiments.lattice import scheme_names
+from simgen.experiment.lattice import scheme_names
 
 SCHEME = "defects"
 NAMES = scheme_names(SCHEME)

@@ -23,7 +23,7 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from training.experiments.lattice import UNASSIGNED, fit_lattice
+from simgen.experiment.lattice import UNASSIGNED, fit_lattice
 
 NAMES = get_scheme("defects").names
 ID = {n: i for i, n in enumerate(NAMES)}

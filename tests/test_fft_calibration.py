@@ -15,7 +15,7 @@ import pytest
 from scipy import ndimage
 from test_lattice import lattice_constant, render_haadf
 
-from training.experiments.calibration import CalibrationError, calibrate_lattice
+from simgen.experiment.calibration import CalibrationError, calibrate_lattice
 
 
 def stressed_image(

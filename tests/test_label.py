@@ -32,7 +32,7 @@ from training.experiments.label import (
     sample_disks,
     to_original_px,
 )
-from training.experiments.readers import ExperimentImage
+from simgen.experiment.readers import ExperimentImage
 from training.metrics import match_columns
 
 runner = CliRunner()
@@ -610,7 +610,7 @@ def _distorted(experiment, i, anisotropy, shear):
 
 
 def test_scan_distortion_is_corrected_and_positions_stay_in_file_pixels(ensemble, experiment):
-    from training.experiments.calibration import calibrate_lattice, lattice_constant_of
+    from simgen.experiment.calibration import calibrate_lattice, lattice_constant_of
 
     data, truth = _distorted(experiment, 1, anisotropy=0.07, shear=0.04)
     lattice = calibrate_lattice(data, lattice_constant_of(MATERIAL))

@@ -24,13 +24,13 @@ from structures import (
     get_scheme,
     parse_material,
 )
-from training.experiments.calibration import (
+from simgen.experiment.calibration import (
     CalibrationError,
     calibrate_lattice,
     calibrate_pixel_size,
     find_lattice_spots,
 )
-from training.experiments.lattice import (
+from simgen.experiment.lattice import (
     UNASSIGNED,
     allowed_sites,
     apply_site_constraint,

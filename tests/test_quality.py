@@ -1,4 +1,4 @@
-"""Quality figures of a labelled image (training/experiments/quality.py) on known geometry."""
+"""Quality figures of a labelled image (simgen/experiment/quality.py) on known geometry."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from test_lattice import render_haadf
 
 from structures import CHALCOGEN, METAL
-from training.experiments.quality import (
+from simgen.experiment.quality import (
     contrast_ratio,
     honeycomb_consistency,
     quality_figures,

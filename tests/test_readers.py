@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 from test_lattice import render_haadf
 
-from training.experiments.readers import ExperimentImage, ReaderError, length_to_A, read_image
+from simgen.experiment.readers import ExperimentImage, ReaderError, length_to_A, read_image
 
 RNG = np.random.default_rng(0)
 STACK = RNG.random((3, 40, 50)).astype(np.float32)

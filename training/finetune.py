@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from training.experiments.label import LABEL_MARKER, resample_image
-from training.experiments.lattice import scheme_names
+from simgen.experiment.lattice import scheme_names
 
 #: Name of the store of human labels inside a finetune / train output folder.
 HUMAN_STORE = "human_labels.zarr"
@@ -95,7 +95,7 @@ def _reviewed(folder: Path, names, reviewed_only: bool) -> list[HumanSample]:
 
 def _elsewhere(folder: Path, names, pixel_size_A: float | None) -> list[HumanSample]:
     """Images with a points CSV (``NAME.csv``) or a mask (``NAME_mask.*``) beside them."""
-    from training.experiments.readers import FORMATS, read_image
+    from simgen.experiment.readers import FORMATS, read_image
 
     out = []
     images = sorted(

@@ -90,7 +90,7 @@ class DynamicsResult:
 def _model_columns(frames, pixel_size_A, model, material, bar):
     """Columns and their classes from a trained network, frame by frame."""
     from training.experiments.label import label_image
-    from training.experiments.readers import ExperimentImage
+    from simgen.experiment.readers import ExperimentImage
     from training.predict import Ensemble
 
     ensemble = Ensemble.load(model, "cpu")
@@ -146,7 +146,7 @@ def analyse_stack(
         raise StackError(f"expected a stack (T >= 2, H, W), got shape {frames.shape}")
     a_A = settings.lattice_constant_A
     if material:
-        from training.experiments.calibration import lattice_constant_of
+        from simgen.experiment.calibration import lattice_constant_of
 
         a_A = float(lattice_constant_of(material))
     bond_px = a_A / math.sqrt(3) / pixel_size_A

@@ -51,7 +51,7 @@ def read_stack(path, *, pixel_size_A: float | None = None, material: str | None 
     Parameters
     ----------
     path : path-like
-        A stack file (any format :func:`training.experiments.readers.read_image` reads), a
+        A stack file (any format :func:`simgen.experiment.readers.read_image` reads), a
         folder of single-frame files (sorted by name), or a simgen store (``*.zarr``; a
         movie store's ground truth is kept).
     pixel_size_A : float, optional
@@ -64,7 +64,7 @@ def read_stack(path, *, pixel_size_A: float | None = None, material: str | None 
     StackError
         Missing path, unreadable file, a single image, frames of different sizes.
     """
-    from training.experiments.readers import FORMATS, ReaderError, read_image
+    from simgen.experiment.readers import FORMATS, ReaderError, read_image
 
     p = Path(path)
     if not p.exists():

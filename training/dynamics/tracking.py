@@ -7,7 +7,7 @@
    On a periodic lattice the correlation has a peak at every lattice translation, so a
    first registration pass (3.) fixes each frame only up to a lattice translation
    ``n₁a₁ + n₂a₂`` (lattice vectors from the lattice fit of frame 0,
-   :func:`training.experiments.lattice.assign_sublattices`). For each pair of frames the
+   :func:`simgen.experiment.lattice.assign_sublattices`). For each pair of frames the
    aperiodic part of the specimen (dopants, vacancies) gives the evidence for each
    translation, and the drift path through the whole stack is the one with the most
    evidence and a smooth stage drift (:func:`drift_path`, Viterbi), so one pair with a
@@ -19,7 +19,7 @@
    against the same sites, so registration errors do not accumulate.
 4. **Sites**: the columns of frame 0, then columns of later frames that match no site
    (columns entering the field, vacancies filled), then empty lattice sites the lattice fit
-   predicts (:func:`training.experiments.lattice.find_empty_sites`). A site keeps its
+   predicts (:func:`simgen.experiment.lattice.find_empty_sites`). A site keeps its
    identity whether or not a column is seen on it in a frame.
 5. **Linking**: in each frame the columns are assigned to the predicted site positions by
    minimum total distance (Hungarian, :func:`scipy.optimize.linear_sum_assignment`, on each
@@ -544,7 +544,7 @@ def track_stack(frames, bond_px: float, *, columns=None, progress=None) -> Track
     StackError
         No lattice in frame 0, or a frame that cannot be registered.
     """
-    from training.experiments.lattice import assign_sublattices, fit_lattice
+    from simgen.experiment.lattice import assign_sublattices, fit_lattice
 
     frames = np.asarray(frames, dtype=np.float32)
     highpass: dict = {}
@@ -673,7 +673,7 @@ def _supported(xy, good_xy, bond):
 def _sublattices(site_xy, bond, frames, xy, in_view):
     """Metal or chalcogen per site: topology of the site set, the brighter sublattice metal
     (the mean intensity over the frames)."""
-    from training.experiments.lattice import fit_lattice
+    from simgen.experiment.lattice import fit_lattice
 
     inten = np.zeros(len(site_xy))
     n = np.zeros(len(site_xy))

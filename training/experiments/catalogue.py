@@ -1,7 +1,7 @@
 """Column catalogue of a labelled experimental image, its summary and the files written.
 
 A :class:`Catalogue` holds one row per lattice site: every detected column, plus the empty
-lattice sites found by :func:`training.experiments.lattice.find_empty_sites` (``detected = False``).
+lattice sites found by :func:`simgen.experiment.lattice.find_empty_sites` (``detected = False``).
 :func:`summarize` turns it into counts per class and concentrations per nm², per cm² and per
 eligible site; :func:`write_columns_csv`, :func:`write_summary_json` and
 :func:`write_run_summary_csv` write ``columns.csv``, ``summary.json`` and a run-level CSV.
@@ -24,7 +24,7 @@ import numpy as np
 
 from simgen.store import atomic_write, write_json
 from structures import CHALCOGEN, METAL, defect_classes
-from training.experiments.lattice import (
+from simgen.experiment.lattice import (
     UNASSIGNED,
     LatticeFit,
     allowed_sites,
@@ -180,7 +180,7 @@ def build_catalogue(
         ``(x, y)`` [px].
     class_id : array_like of int, shape (N,)
     scheme : str, mapping or label scheme
-        Gives the class names (:func:`training.experiments.lattice.scheme_names`).
+        Gives the class names (:func:`simgen.experiment.lattice.scheme_names`).
     pixel_size_A : float
         [Å/px].
     site : array_like of int, shape (N,)
@@ -242,7 +242,7 @@ def catalogue_from_lattice(
     """Catalogue of detected columns and empty sites, with the site constraint applied.
 
     Each detected column takes the most probable class allowed on its site
-    (:func:`~training.experiments.lattice.apply_site_constraint`); its ``probability`` is
+    (:func:`~simgen.experiment.lattice.apply_site_constraint`); its ``probability`` is
     that class's probability renormalised over the allowed classes. Empty sites take the same
     rule on
     ``empty_probs`` when given (the network's probabilities sampled there), else the
@@ -251,7 +251,7 @@ def catalogue_from_lattice(
     Parameters
     ----------
     fit : LatticeFit
-        From :func:`training.experiments.lattice.fit_lattice` on ``positions_px``.
+        From :func:`simgen.experiment.lattice.fit_lattice` on ``positions_px``.
     positions_px : array_like, shape (N, 2)
     probs : array_like, shape (N, K)
         Per-column class probabilities (ensemble mean).
@@ -332,7 +332,7 @@ def summarize(
       ``per_cm2_err`` from ``count_err``;
     * ``per_site`` = count / number of eligible sites: metal-site classes per metal site,
       chalcogen-site classes per chalcogen site
-      (:func:`~training.experiments.lattice.allowed_sites`),
+      (:func:`~simgen.experiment.lattice.allowed_sites`),
       others per site of either kind. Sites are all catalogue rows of that site, detected
       or empty.
 

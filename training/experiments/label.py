@@ -13,7 +13,7 @@ The user-facing end of a model's life (``simgen-train label``). One image goes t
    probability-weighted sub-pixel centroids of the foreground blobs, merged blobs split by
    a watershed) and each column's class probabilities and ensemble variance averaged over
    a small disk,
-5. the **lattice fit** (:func:`~training.experiments.lattice.fit_lattice`: two sublattices by
+5. the **lattice fit** (:func:`~simgen.experiment.lattice.fit_lattice`: two sublattices by
    topology,
    metal sublattice from the probabilities, empty lattice sites),
 6. the **site constraint** (metal-site classes only on metal sites, chalcogen-site classes
@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from training.experiments.calibration import lattice_constant_of
+from simgen.experiment.calibration import lattice_constant_of
 from training.experiments.catalogue import (
     Catalogue,
     build_catalogue,
@@ -59,15 +59,15 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from training.experiments.lattice import (
+from simgen.experiment.lattice import (
     UNASSIGNED,
     LatticeFit,
     constrain_probabilities,
     fit_lattice,
     scheme_names,
 )
-from training.experiments.quality import quality_figures, store_contrast_range
-from training.experiments.readers import FORMATS, ExperimentImage, ReaderError, read_image
+from simgen.experiment.quality import quality_figures, store_contrast_range
+from simgen.experiment.readers import FORMATS, ExperimentImage, ReaderError, read_image
 
 #: Relative pixel-size difference below which an image is not resampled.
 RESAMPLE_TOLERANCE = 1e-3
@@ -528,12 +528,12 @@ def label_image(
     **overrides,
 ) -> LabelResult:
     """Label one experimental image: columns, sublattices, classes, vacancies, summary, and
-    quality figures (:mod:`training.experiments.quality`).
+    quality figures (:mod:`simgen.experiment.quality`).
 
     Parameters
     ----------
     image : ExperimentImage
-        From :func:`training.experiments.readers.read_image` (data and pixel size [Å/px]).
+        From :func:`simgen.experiment.readers.read_image` (data and pixel size [Å/px]).
     ensemble : Ensemble or path-like
         A :class:`training.predict.Ensemble` (or any object with its ``predict``,
         ``scheme``, ``infos`` and ``config``), or a checkpoint / run / ensemble directory to
@@ -933,7 +933,7 @@ def expand_inputs(inputs: Iterable) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files named by paths, glob patterns and folders.
 
     Folders are searched recursively for the readable extensions
-    (:data:`~training.experiments.readers.FORMATS`); glob patterns (``*``, ``?``, ``[``;
+    (:data:`~simgen.experiment.readers.FORMATS`); glob patterns (``*``, ``?``, ``[``;
     ``**`` recurses)
     are expanded; a file given by name is kept whatever its extension (the reader then says
     what is wrong with it). Duplicates are dropped, order is sorted per input.
@@ -1041,7 +1041,7 @@ def label_files(
     sum_frames : bool
         Label the sum of a stack's frames instead of each frame.
     calibrate : {"auto", "fft", "file"}
-        Pixel-size policy of :func:`training.experiments.readers.read_image`.
+        Pixel-size policy of :func:`simgen.experiment.readers.read_image`.
     device : str
         ``cpu``, ``auto``, ``cuda``...
     progress : bool
@@ -1172,7 +1172,7 @@ def label(
     Parameters
     ----------
     image : path-like or array_like, shape (H, W)
-        A microscope file (any format of :func:`~training.experiments.readers.read_image`) or
+        A microscope file (any format of :func:`~simgen.experiment.readers.read_image`) or
         an array of intensities.
     model : path-like or Ensemble
         Checkpoint, run directory or ensemble directory (or a loaded
@@ -1240,7 +1240,7 @@ def _array_image(data, pixel_size_A, material) -> ExperimentImage:
         raise ValueError("image: contains NaN or infinite values")
     lattice, source, uncertainty = None, "user", None
     if material is not None:
-        from training.experiments.calibration import calibrate_lattice, lattice_constant_of
+        from simgen.experiment.calibration import calibrate_lattice, lattice_constant_of
 
         lattice = calibrate_lattice(
             arr, lattice_constant_of(material), nominal_pixel_size_A=pixel_size_A

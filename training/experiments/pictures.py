@@ -75,7 +75,7 @@ def overlay_png(
     -------
     pathlib.Path
     """
-    from training.experiments.lattice import scheme_names
+    from simgen.experiment.lattice import scheme_names
 
     img = _check_image(image)
     names = scheme_names(scheme)
@@ -158,7 +158,7 @@ def class_averages(image, catalogue, scheme, patch_px: int | None = None) -> dic
     """
     from scipy import ndimage
 
-    from training.experiments.lattice import scheme_names
+    from simgen.experiment.lattice import scheme_names
 
     img = _check_image(image)
     names = scheme_names(scheme)

@@ -56,7 +56,7 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
 )
 from training.experiments.label import LABEL_MARKER
-from training.experiments.lattice import UNASSIGNED, allowed_sites
+from simgen.experiment.lattice import UNASSIGNED, allowed_sites
 
 CORRECTIONS = "corrections.csv"
 COLUMNS_CORRECTED = "columns_corrected.csv"
@@ -555,7 +555,7 @@ class ImageReview:
         ReviewError
             The source file is gone or no longer matches the catalogue's image size.
         """
-        from training.experiments.readers import ReaderError, read_image
+        from simgen.experiment.readers import ReaderError, read_image
 
         source = self.summary.get("source")
         if not source or not Path(source).is_file():

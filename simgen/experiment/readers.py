@@ -8,7 +8,7 @@ imagecodecs), ``.mrc`` (mrcfile), ``.npy`` and ``.png``. Torch-free: the result 
 
 The pixel size comes from the file's calibration, from the ``pixel_size_A`` argument, or
 from the hexagonal FFT spots of the named material
-(:func:`training.experiments.calibration.calibrate_lattice`, which also measures scan
+(:func:`simgen.experiment.calibration.calibrate_lattice`, which also measures scan
 anisotropy and shear). When the file has a calibration and a material is named, both are
 measured: a disagreement above :data:`CALIBRATION_MISMATCH` is logged as a warning and kept
 in the metadata; the file's value wins unless ``calibrate="fft"``. Every failure is a
@@ -530,7 +530,7 @@ def _pixel_size(p: Path, frames, scale, pixel_size_A, material, calibrate, meta)
             meta["pixel_size_user_A"] = float(pixel_size_A)
     lattice = None
     if material is not None and calibrate != "file":
-        from training.experiments.calibration import (
+        from simgen.experiment.calibration import (
             CalibrationError,
             calibrate_lattice,
             lattice_constant_of,

@@ -286,7 +286,7 @@ def store_contrast_range(stores, scheme, *, n_samples: int = 24, quantiles=(0.05
     -------
     (float, float) or None
     """
-    from training.experiments.lattice import allowed_sites, scheme_names
+    from simgen.experiment.lattice import allowed_sites, scheme_names
 
     names = scheme_names(scheme)
     allowed = allowed_sites(scheme)
