@@ -92,8 +92,8 @@ def _truth(root, i):
 
 def corrupt(folder: Path, rng) -> None:
     """Swap 25 % of the classes, drop 5 % of the rows, add 5 spurious ones, in columns.csv."""
-    from training.experiments.catalogue import build_catalogue, read_columns_csv, write_columns_csv
     from simgen.experiment.lattice import allowed_sites
+    from training.experiments.catalogue import build_catalogue, read_columns_csv, write_columns_csv
 
     summary = json.loads((folder / "summary.json").read_text())
     names = summary["model"]["class_names"]

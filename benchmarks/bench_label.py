@@ -145,8 +145,8 @@ def bench_label(
     import torch
     import zarr
 
-    from training.experiments.label import label_image, write_outputs
     from simgen.experiment.readers import ExperimentImage
+    from training.experiments.label import label_image, write_outputs
     from training.predict import Ensemble
 
     threads = threads or torch.get_num_threads()

@@ -14,6 +14,7 @@ BENCHES = (
     "bench_training",
     "bench_label",
     "bench_real",
+    "bench_match",
     "bench_robustness",
     "bench_dynamics",
 )

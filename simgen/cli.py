@@ -660,6 +660,158 @@ def calibrate(
 
 
 @app.command()
+def match(
+    images: Annotated[
+        list[str],
+        typer.Argument(
+            help="Experimental images (.dm3 .dm4 .emd .ser .tif .mrc .npy .png), folders or globs"
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Matched config (YAML) to write")
+    ] = Path("matched.yaml"),
+    material: Annotated[
+        str | None,
+        typer.Option("--material", "-m", help="E.g. WSe2 (default: the config's material)"),
+    ] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    pixel_size: Annotated[
+        float | None,
+        typer.Option("--pixel-size", help="Pixel size [Å/px] for files without one"),
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="PNG: image beside the matched simulation")
+    ] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", min=1, help="Simulated images per refinement round")
+    ] = 6,
+):
+    """Estimate the acquisition from experimental images (pixel size, distortion, noise,
+    resolution, contrast, contamination, line jitter, export clipping) and write a config
+    whose distributions are centred on it: `simgen generate -c matched.yaml` then makes
+    training data that look like that microscope."""
+    import io
+
+    import numpy as np
+
+    from simgen import store
+    from simgen.api import cached_calibration
+    from simgen.experiment.readers import ReaderError, expand_inputs, read_image
+    from simgen.incoherent import DetectorGrid, calibration_from_dict
+    from simgen.match import (
+        MatchError,
+        combine_figures,
+        describe,
+        measure_tiles,
+        report_figure,
+    )
+    from simgen.match import (
+        match as run_match,
+    )
+    from simgen.pipeline import calibration_request
+
+    cfg = build_config(config, overrides)
+    if material is None:
+        material = (
+            cfg.structure.material.to_config()
+            if hasattr(cfg.structure.material, "to_config")
+            else cfg.structure.material
+        )
+        if not isinstance(material, str):
+            fail("--material: the config draws several materials; name the image's one")
+    for path in (output, report):
+        if path is not None and path.is_dir():
+            fail(f"{path}: is a folder; give a file name")
+    files, missing = expand_inputs(images)
+    for text, why in missing:
+        fail(f"{text}: {why}")
+    per_image, sites_of, data_of, lattices = {}, {}, {}, []
+    for path in files:
+        try:
+            frames = read_image(path, material=material, pixel_size_A=pixel_size)
+        except (ReaderError, ValueError) as err:
+            fail(str(err))
+        for k, frame in enumerate(frames):
+            name = path.name if len(frames) == 1 else f"{path.name}[{k}]"
+            try:
+                figures, sites = measure_tiles(
+                    frame.data, frame.pixel_size_A, material, cfg.dataset.image_size
+                )
+            except MatchError as err:
+                typer.secho(f"skipped {name}: {err}", fg=typer.colors.YELLOW, err=True)
+                continue
+            per_image[name], sites_of[name], data_of[name] = figures, sites, frame.data
+            if frame.lattice is not None:
+                lattices.append((frame.lattice.anisotropy, frame.lattice.shear))
+            typer.echo(
+                f"measured {name}: {frame.pixel_size_A:.4f} Å/px ({frame.pixel_size_source}), "
+                f"contrast {figures.contrast:.3f}, noise {figures.noise_level:.3f}",
+                err=True,
+            )
+    if not per_image:
+        fail("no image could be measured (see the messages above)")
+    target = combine_figures(list(per_image.values()))
+    anisotropy, shear = (
+        (float(np.median([a for a, _ in lattices])), float(np.median([b for _, b in lattices])))
+        if lattices
+        else (float("nan"), float("nan"))
+    )
+    grid_cfg = cfg.with_overrides(
+        {
+            "structure.material": material,
+            "simulation.model": "incoherent",
+            "optics.haadf_inner_mrad": {"uniform": [40.0, 120.0]},
+            "optics.haadf_outer_mrad": {"uniform": [150.0, 250.0]},
+        }
+    )
+    try:
+        key, compute = calibration_request(grid_cfg)
+        grid = calibration_from_dict(
+            cached_calibration(key, compute, announce=lambda m: typer.echo(m, err=True))
+        )
+        if not isinstance(grid, DetectorGrid):
+            fail("the calibration for the detector-angle sweep is not a detector grid")
+        result = run_match(
+            target,
+            cfg,
+            grid,
+            material=material,
+            anisotropy=anisotropy,
+            shear=shear,
+            n_check=samples,
+            progress=lambda m: typer.echo(m, err=True),
+        )
+    except (MatchError, ValueError, RuntimeError) as err:
+        fail(str(err))
+    text = describe(result, per_image)
+    typer.echo(text)
+    header = "".join(
+        f"# {line}\n"
+        for line in [
+            f"simgen match: {len(per_image)} image(s) of {material}; generate with",
+            f"#   simgen generate -c {output.name} -o data/matched.zarr",
+            "",
+            *text.splitlines(),
+        ]
+    )
+    try:
+        store.atomic_write(output, header + result.config.to_yaml())
+        typer.echo(f"wrote {output}")
+        if report is not None:
+            first = next(iter(per_image))
+            fig = report_figure(
+                result, data_of[first], sites_of[first], title=f"simgen match: {first}"
+            )
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
+            store.atomic_write(report, buf.getvalue(), binary=True)
+            typer.echo(f"wrote {report}")
+    except OSError as err:
+        fail(f"cannot write the output ({err.strerror or type(err).__name__}: {err.filename})")
+
+
+@app.command()
 def check(
     store_path: Annotated[Path, typer.Argument(help="Dataset store (*.zarr)")],
     index: Annotated[list[int] | None, typer.Option("--index", "-i", help="Samples")] = None,

@@ -14,6 +14,7 @@ import json
 import numpy as np
 from _fakestore import lattice_columns, render
 
+from simgen.experiment.lattice import scheme_names
 from structures import CHALCOGEN, METAL
 from training.experiments.catalogue import (
     build_catalogue,
@@ -23,7 +24,6 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from simgen.experiment.lattice import scheme_names
 
 SCHEME = "defects"
 NAMES = scheme_names(SCHEME)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_lattice import detected_columns
 
+from simgen.experiment.lattice import UNASSIGNED, fit_lattice
 from structures import CHALCOGEN, METAL, get_scheme
 from training.experiments.catalogue import (
     COLUMN_FIELDS,
@@ -23,7 +24,6 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from simgen.experiment.lattice import UNASSIGNED, fit_lattice
 
 NAMES = get_scheme("defects").names
 ID = {n: i for i, n in enumerate(NAMES)}

@@ -76,6 +76,7 @@ SHRINK = {
         *("--set", "train.model={depth: 1, width: 4}", "--set", "train.num_threads=1"),
         *("--set", "evaluate.tile=64", "--set", "evaluate.overlap=16"),
     ],
+    ("simgen", "match"): ["--samples", "1", "--set", "dataset.image_size=[128,128]"],
     ("simgen-train", "evaluate"): ["-q", "--device", "cpu", "--tile", "64"],
     ("simgen-train", "predict"): ["-q", "--device", "cpu", "--tile", "64"],
     ("simgen-train", "label"): ["-q", "--device", "cpu", "--tile", "64", "--overlap", "16"],
@@ -308,7 +309,8 @@ def _fixture_kind(token: str) -> str | None:
 
 def _fixture(env, kind: str) -> Path:
     """The tiny stand-in of one kind: a real 4-sample store, a 1-epoch U-Net on it, an
-    ImageJ TIFF (pixel size in its metadata) of one of its images, a MoS2 cell file."""
+    ImageJ TIFF (pixel size in its metadata) of one of its images, a folder with one WSe2
+    TIFF at 0.1 Å/px (for ``simgen match``), a MoS2 cell file."""
     base, made = env["base"] / "fixtures", env["made"]
     if kind in made:
         return made[kind]
@@ -336,6 +338,31 @@ def _fixture(env, kind: str) -> Path:
             image, root["images"][0], imagej=True, resolution=(res, res), metadata=meta
         )
         made["image"], made["image_dir"] = image, folder
+    elif kind == "lattice_dir":  # one WSe2 image at 0.1 Å/px: enough columns to measure
+        import tifffile
+        import zarr
+
+        store = base / "wse2.zarr"
+        _invoke(
+            "simgen",
+            [
+                *("generate", "-o", str(store), "--n", "1", "--size", "160"),
+                *("--model", "incoherent", "--device", "cpu", "--cluster", "none"),
+                *("--set", "structure.material=WSe2", "--set", "structure.dopant=V"),
+                *("--set", "optics.pixel_size_A=0.1"),
+            ],
+        )
+        folder = base / "wse2_images"
+        folder.mkdir()
+        image = zarr.open_group(str(store), mode="r")["images"][0]
+        tifffile.imwrite(
+            folder / "scan_001.tif",
+            image,
+            imagej=True,
+            resolution=(100, 100),
+            metadata={"unit": "nm"},
+        )
+        made[kind] = folder
     elif kind == "cell":
         import ase.io
         from ase.build import mx2
@@ -362,6 +389,8 @@ def prepare(cmd: DocCommand, env, cwd: Path) -> list[str]:
             i += 1  # its value is written, or is not a path
         elif not token.startswith("-") and token not in names and not (cwd / token).exists():
             kind = _fixture_kind(token)
+            if kind == "image_dir" and (cmd.program, sub) == ("simgen", "match"):
+                kind = "lattice_dir"  # match needs a lattice it can measure
             if kind is not None:
                 source, target = _fixture(env, kind), cwd / token.rstrip("/")
                 target.parent.mkdir(parents=True, exist_ok=True)

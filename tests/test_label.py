@@ -21,6 +21,7 @@ from scipy import ndimage
 from test_readers import dm3_bytes
 from typer.testing import CliRunner
 
+from simgen.experiment.readers import ExperimentImage
 from structures import CHALCOGEN, METAL
 from training.experiments.catalogue import read_columns_csv
 from training.experiments.label import (
@@ -32,7 +33,6 @@ from training.experiments.label import (
     sample_disks,
     to_original_px,
 )
-from simgen.experiment.readers import ExperimentImage
 from training.metrics import match_columns
 
 runner = CliRunner()

@@ -14,16 +14,6 @@ import pytest
 from ase.data import atomic_numbers
 from scipy import ndimage
 
-from structures import (
-    CHALCOGEN,
-    LATTICE_TABLE,
-    METAL,
-    apply_defects,
-    build_monolayer,
-    column_table,
-    get_scheme,
-    parse_material,
-)
 from simgen.experiment.calibration import (
     CalibrationError,
     calibrate_lattice,
@@ -40,6 +30,16 @@ from simgen.experiment.lattice import (
     fit_lattice,
     metal_is_brighter,
     scheme_names,
+)
+from structures import (
+    CHALCOGEN,
+    LATTICE_TABLE,
+    METAL,
+    apply_defects,
+    build_monolayer,
+    column_table,
+    get_scheme,
+    parse_material,
 )
 
 

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from test_lattice import detected_columns
 
+from simgen.experiment.lattice import fit_lattice
 from structures import CHALCOGEN, METAL, get_scheme
 from training.experiments.catalogue import build_catalogue, catalogue_from_lattice
-from simgen.experiment.lattice import fit_lattice
 from training.experiments.pictures import (
     class_averages,
     class_averages_png,

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from test_lattice import render_haadf
 
-from structures import CHALCOGEN, METAL
 from simgen.experiment.quality import (
     contrast_ratio,
     honeycomb_consistency,
     quality_figures,
     verdict,
 )
+from structures import CHALCOGEN, METAL
 
 
 def honeycomb(size=200, bond=10.0):

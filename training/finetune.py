@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.experiments.label import LABEL_MARKER, resample_image
 from simgen.experiment.lattice import scheme_names
+from training.experiments.label import LABEL_MARKER, resample_image
 
 #: Name of the store of human labels inside a finetune / train output folder.
 HUMAN_STORE = "human_labels.zarr"

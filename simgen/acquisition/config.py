@@ -307,6 +307,10 @@ class DetectorConfig(_StageConfig):
     export_bits : {None, 8, 16}
         Export with display contrast to unsigned integers of this many bits (None: the
         detector output as it is).
+    smoothing_px : Distribution
+        Standard deviation [px] of a Gaussian smoothing of the recorded image before the
+        response and export (0: none): images that were filtered or upsampled after the
+        acquisition have spatially correlated noise (``simgen match`` measures it).
     """
 
     _PREFIX: ClassVar[str] = "detector"
@@ -318,6 +322,7 @@ class DetectorConfig(_StageConfig):
         "gamma": (0.2, 5.0),
         "stretch_low_percent": (0.0, 49.0),
         "stretch_high_percent": (0.0, 49.0),
+        "smoothing_px": (0.0, 10.0),
     }
 
     gain: Distribution = _fixed(1.0)
@@ -330,6 +335,7 @@ class DetectorConfig(_StageConfig):
     stretch_low_percent: Distribution = _fixed(0.0)
     stretch_high_percent: Distribution = _fixed(0.0)
     export_bits: int | None = None
+    smoothing_px: Distribution = _fixed(0.0)
 
     def __post_init__(self):
         super().__post_init__()

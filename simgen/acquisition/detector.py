@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from simgen.acquisition.base import (
     check_image,
     device_generator,
+    ndimage_of,
     nonneg_param,
     param_value,
 )
@@ -37,7 +38,8 @@ def apply_detector(
         ``detector_gain`` (output units per count), ``detector_offset``,
         ``detector_read_noise`` (σ in counts, or relative to the image mean); optional
         ``detector_gamma`` (response exponent, default 1), ``detector_stretch_low_percent``
-        and ``detector_stretch_high_percent`` (export clipping [%], default 0).
+        and ``detector_stretch_high_percent`` (export clipping [%], default 0),
+        ``detector_smoothing_px`` (Gaussian smoothing after the read noise [px], default 0).
     rng : Generator, int or SeedSequence
         Drawn on the image's device.
     read_noise_mode : {"counts", "relative"}
@@ -49,6 +51,9 @@ def apply_detector(
     export_bits : {None, 8, 16}
         Clip the stretch percentiles, stretch the rest onto ``[0, 2^export_bits − 1]`` and
         round (an image exported with its display contrast).
+
+    Order: read noise, smoothing, response (γ), gain and offset, saturation, quantisation,
+    export.
 
     Returns
     -------
@@ -78,6 +83,11 @@ def apply_detector(
         sigma = sigma * float(xp.mean(y))
     if sigma > 0:
         y = y + sigma * device_generator(xp, rng).standard_normal(y.shape)
+    smoothing = (
+        nonneg_param(params, "detector_smoothing_px") if "detector_smoothing_px" in params else 0.0
+    )
+    if smoothing > 0:
+        y = ndimage_of(y).gaussian_filter(y, smoothing, mode="nearest")
     if gamma != 1.0:
         y = detector_response(y, gamma)
     y = gain * y + offset

@@ -58,7 +58,9 @@ def host_classes(class_id, site, n_classes: int | None = None) -> dict[int, int]
     return out
 
 
-def _disk_means(image: np.ndarray, xy: np.ndarray, radius_px: float) -> np.ndarray:
+def disk_means(image: np.ndarray, xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """Mean of ``image`` in a disk of ``radius_px`` about each ``(x, y)`` [px] (rounded to
+    the nearest pixel; pixels beyond the edge repeat the edge)."""
     h, w = image.shape
     r = max(float(radius_px), 0.5)
     half = int(math.ceil(r))
@@ -100,17 +102,43 @@ def contrast_ratio(
     if len(m) < 3 or len(x) < 3 or not bond_length_px > 0:
         return float("nan")
     radius = 0.25 * bond_length_px if radius_px is None else radius_px
+    hollow = hollow_sites(m, x, bond_length_px, img.shape)
+    if len(hollow) < 3:
+        return float("nan")
+    i_h = float(np.median(disk_means(img, hollow, radius)))
+    i_m = float(np.median(disk_means(img, m, radius))) - i_h
+    i_x = float(np.median(disk_means(img, x, radius))) - i_h
+    return i_m / i_x if i_x > 0 else float("nan")
+
+
+def hollow_sites(metal_xy, chalcogen_xy, bond_length_px: float, shape) -> np.ndarray:
+    """Hollow sites (hexagon centres) of the 2H lattice inside an image: ``2·M − X`` for
+    each metal column ``M`` and each of its (up to three) chalcogen neighbours ``X`` within
+    1.25 bond lengths.
+
+    Parameters
+    ----------
+    metal_xy, chalcogen_xy : array_like, shape (N, 2)
+        ``(x, y)`` [px].
+    bond_length_px : float
+        Projected metal–chalcogen distance [px].
+    shape : (H, W)
+        Image shape; sites outside it are dropped.
+
+    Returns
+    -------
+    ndarray, shape (M, 2)
+    """
+    m = np.asarray(metal_xy, dtype=np.float64).reshape(-1, 2)
+    x = np.asarray(chalcogen_xy, dtype=np.float64).reshape(-1, 2)
+    if len(m) == 0 or len(x) < 3:
+        return np.zeros((0, 2))
     d, j = cKDTree(x).query(m, k=3, distance_upper_bound=1.25 * bond_length_px)
     ok = np.isfinite(d)
     hollow = (2.0 * m[:, None, :] - x[np.where(ok, j, 0)])[ok]
-    h, w = img.shape
+    h, w = shape
     inside = (hollow[:, 0] >= 0) & (hollow[:, 0] < w) & (hollow[:, 1] >= 0) & (hollow[:, 1] < h)
-    if inside.sum() < 3:
-        return float("nan")
-    i_h = float(np.median(_disk_means(img, hollow[inside], radius)))
-    i_m = float(np.median(_disk_means(img, m, radius))) - i_h
-    i_x = float(np.median(_disk_means(img, x, radius))) - i_h
-    return i_m / i_x if i_x > 0 else float("nan")
+    return hollow[inside]
 
 
 def honeycomb_consistency(

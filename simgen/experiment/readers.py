@@ -17,10 +17,11 @@ in the metadata; the file's value wins unless ``calibrate="fft"``. Every failure
 
 from __future__ import annotations
 
+import glob
 import logging
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -590,3 +591,50 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def expand_inputs(inputs: Iterable) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named by paths, glob patterns and folders.
+
+    Folders are searched recursively for the readable extensions
+    (:data:`~simgen.experiment.readers.FORMATS`); glob patterns (``*``, ``?``, ``[``;
+    ``**`` recurses)
+    are expanded; a file given by name is kept whatever its extension (the reader then says
+    what is wrong with it). Duplicates are dropped, order is sorted per input.
+
+    Returns
+    -------
+    files : list of Path
+    missing : list of (str, str)
+        Inputs that name nothing, with the reason.
+    """
+    files: list[Path] = []
+    seen: set[Path] = set()
+    missing: list[tuple[str, str]] = []
+
+    def add(path: Path):
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for item in inputs:
+        text = str(item)
+        p = Path(text)
+        if p.is_dir():
+            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in FORMATS)
+            if not found:
+                missing.append((text, f"no image files ({', '.join(sorted(FORMATS))}) in folder"))
+            for q in found:
+                add(q)
+        elif p.is_file():
+            add(p)
+        elif any(ch in text for ch in "*?["):
+            found = sorted(Path(q) for q in glob.glob(text, recursive=True) if Path(q).is_file())
+            if not found:
+                missing.append((text, "pattern matches no file"))
+            for q in found:
+                add(q)
+        else:
+            missing.append((text, "file not found"))
+    return files, missing

@@ -89,8 +89,8 @@ class DynamicsResult:
 
 def _model_columns(frames, pixel_size_A, model, material, bar):
     """Columns and their classes from a trained network, frame by frame."""
-    from training.experiments.label import label_image
     from simgen.experiment.readers import ExperimentImage
+    from training.experiments.label import label_image
     from training.predict import Ensemble
 
     ensemble = Ensemble.load(model, "cpu")

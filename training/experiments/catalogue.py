@@ -22,8 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-from simgen.store import atomic_write, write_json
-from structures import CHALCOGEN, METAL, defect_classes
 from simgen.experiment.lattice import (
     UNASSIGNED,
     LatticeFit,
@@ -31,6 +29,8 @@ from simgen.experiment.lattice import (
     constrain_probabilities,
     scheme_names,
 )
+from simgen.store import atomic_write, write_json
+from structures import CHALCOGEN, METAL, defect_classes
 
 #: Columns of ``columns.csv``, in order.
 COLUMN_FIELDS = (

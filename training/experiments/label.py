@@ -35,7 +35,6 @@ centres at integers; lengths in Å, areas in nm².
 from __future__ import annotations
 
 import dataclasses
-import glob
 import math
 import numbers
 import sys
@@ -48,6 +47,20 @@ import numpy as np
 from scipy import ndimage
 
 from simgen.experiment.calibration import lattice_constant_of
+from simgen.experiment.lattice import (
+    UNASSIGNED,
+    LatticeFit,
+    constrain_probabilities,
+    fit_lattice,
+    scheme_names,
+)
+from simgen.experiment.quality import quality_figures, store_contrast_range
+from simgen.experiment.readers import (
+    ExperimentImage,
+    ReaderError,
+    expand_inputs,
+    read_image,
+)
 from training.experiments.catalogue import (
     Catalogue,
     build_catalogue,
@@ -59,15 +72,6 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
     write_summary_json,
 )
-from simgen.experiment.lattice import (
-    UNASSIGNED,
-    LatticeFit,
-    constrain_probabilities,
-    fit_lattice,
-    scheme_names,
-)
-from simgen.experiment.quality import quality_figures, store_contrast_range
-from simgen.experiment.readers import FORMATS, ExperimentImage, ReaderError, read_image
 
 #: Relative pixel-size difference below which an image is not resampled.
 RESAMPLE_TOLERANCE = 1e-3
@@ -927,53 +931,6 @@ def quality_line(name: str, summary: Mapping) -> str:
     if q.get("reasons"):
         line += " — " + "; ".join(q["reasons"])
     return line
-
-
-def expand_inputs(inputs: Iterable) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files named by paths, glob patterns and folders.
-
-    Folders are searched recursively for the readable extensions
-    (:data:`~simgen.experiment.readers.FORMATS`); glob patterns (``*``, ``?``, ``[``;
-    ``**`` recurses)
-    are expanded; a file given by name is kept whatever its extension (the reader then says
-    what is wrong with it). Duplicates are dropped, order is sorted per input.
-
-    Returns
-    -------
-    files : list of Path
-    missing : list of (str, str)
-        Inputs that name nothing, with the reason.
-    """
-    files: list[Path] = []
-    seen: set[Path] = set()
-    missing: list[tuple[str, str]] = []
-
-    def add(path: Path):
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            files.append(path)
-
-    for item in inputs:
-        text = str(item)
-        p = Path(text)
-        if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in FORMATS)
-            if not found:
-                missing.append((text, f"no image files ({', '.join(sorted(FORMATS))}) in folder"))
-            for q in found:
-                add(q)
-        elif p.is_file():
-            add(p)
-        elif any(ch in text for ch in "*?["):
-            found = sorted(Path(q) for q in glob.glob(text, recursive=True) if Path(q).is_file())
-            if not found:
-                missing.append((text, "pattern matches no file"))
-            for q in found:
-                add(q)
-        else:
-            missing.append((text, "file not found"))
-    return files, missing
 
 
 def _output_names(files: Sequence[Path]) -> list[str]:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simgen.experiment.lattice import UNASSIGNED, allowed_sites
 from simgen.store import atomic_write, write_json
 from structures import CHALCOGEN, METAL
 from training.experiments.catalogue import (
@@ -56,7 +57,6 @@ from training.experiments.catalogue import (
     write_run_summary_csv,
 )
 from training.experiments.label import LABEL_MARKER
-from simgen.experiment.lattice import UNASSIGNED, allowed_sites
 
 CORRECTIONS = "corrections.csv"
 COLUMNS_CORRECTED = "columns_corrected.csv"
