@@ -680,6 +680,10 @@ def match(
         float | None,
         typer.Option("--pixel-size", help="Pixel size [Å/px] for files without one"),
     ] = None,
+    frame: Annotated[int | None, typer.Option("--frame", help="Only this frame of a stack")] = None,
+    sum_frames: Annotated[
+        bool, typer.Option("--sum-frames", help="Match a stack's sum, not each frame")
+    ] = False,
     report: Annotated[
         Path | None, typer.Option("--report", help="PNG: image beside the matched simulation")
     ] = None,
@@ -692,8 +696,7 @@ def match(
     whose distributions are centred on it: `simgen generate -c matched.yaml` then makes
     training data that look like that microscope."""
     import io
-
-    import numpy as np
+    import math
 
     from simgen import store
     from simgen.api import cached_calibration
@@ -701,62 +704,60 @@ def match(
     from simgen.incoherent import DetectorGrid, calibration_from_dict
     from simgen.match import (
         MatchError,
-        combine_figures,
+        combined_config,
         describe,
+        match_images,
         measure_tiles,
         report_figure,
-    )
-    from simgen.match import (
-        match as run_match,
+        summary_table,
     )
     from simgen.pipeline import calibration_request
 
     cfg = build_config(config, overrides)
     if material is None:
-        material = (
-            cfg.structure.material.to_config()
-            if hasattr(cfg.structure.material, "to_config")
-            else cfg.structure.material
-        )
+        material = cfg.structure.material.to_config()
         if not isinstance(material, str):
             fail("--material: the config draws several materials; name the image's one")
+        typer.echo(f"material: {material} (from the config; --material to change)", err=True)
     for path in (output, report):
         if path is not None and path.is_dir():
             fail(f"{path}: is a folder; give a file name")
+        if path is not None and not path.resolve().parent.is_dir():
+            fail(f"{path}: its folder does not exist")
     files, missing = expand_inputs(images)
     for text, why in missing:
         fail(f"{text}: {why}")
-    per_image, sites_of, data_of, lattices = {}, {}, {}, []
+    measured, sites_of, source_of = {}, {}, {}
+    names = [f.name for f in files]
     for path in files:
+        base_name = path.name if names.count(path.name) == 1 else str(path)
         try:
-            frames = read_image(path, material=material, pixel_size_A=pixel_size)
+            frames = read_image(
+                path, material=material, pixel_size_A=pixel_size, frame=frame, sum_frames=sum_frames
+            )
         except (ReaderError, ValueError) as err:
-            fail(str(err))
-        for k, frame in enumerate(frames):
-            name = path.name if len(frames) == 1 else f"{path.name}[{k}]"
+            typer.secho(f"skipped {base_name}: {err}", fg=typer.colors.YELLOW, err=True)
+            continue
+        for image in frames:
+            name = base_name if len(frames) == 1 else f"{base_name}[{image.frame}]"
             try:
                 figures, sites = measure_tiles(
-                    frame.data, frame.pixel_size_A, material, cfg.dataset.image_size
+                    image.data, image.pixel_size_A, material, cfg.dataset.image_size
                 )
             except MatchError as err:
                 typer.secho(f"skipped {name}: {err}", fg=typer.colors.YELLOW, err=True)
                 continue
-            per_image[name], sites_of[name], data_of[name] = figures, sites, frame.data
-            if frame.lattice is not None:
-                lattices.append((frame.lattice.anisotropy, frame.lattice.shear))
+            lat = image.lattice
+            distortion = (lat.anisotropy, lat.shear) if lat is not None else (math.nan,) * 2
+            measured[name] = (figures, *distortion)
+            sites_of[name], source_of[name] = sites, (path, image.frame)
             typer.echo(
-                f"measured {name}: {frame.pixel_size_A:.4f} Å/px ({frame.pixel_size_source}), "
+                f"measured {name}: {image.pixel_size_A:.4f} Å/px ({image.pixel_size_source}), "
                 f"contrast {figures.contrast:.3f}, noise {figures.noise_level:.3f}",
                 err=True,
             )
-    if not per_image:
+    if not measured:
         fail("no image could be measured (see the messages above)")
-    target = combine_figures(list(per_image.values()))
-    anisotropy, shear = (
-        (float(np.median([a for a, _ in lattices])), float(np.median([b for _, b in lattices])))
-        if lattices
-        else (float("nan"), float("nan"))
-    )
     grid_cfg = cfg.with_overrides(
         {
             "structure.material": material,
@@ -770,42 +771,55 @@ def match(
         grid = calibration_from_dict(
             cached_calibration(key, compute, announce=lambda m: typer.echo(m, err=True))
         )
-        if not isinstance(grid, DetectorGrid):
-            fail("the calibration for the detector-angle sweep is not a detector grid")
-        result = run_match(
-            target,
+    except (ValueError, RuntimeError) as err:
+        fail(str(err))
+    if not isinstance(grid, DetectorGrid):
+        fail("the calibration for the detector-angle sweep is not a detector grid")
+    try:
+        results = match_images(
+            measured,
             cfg,
             grid,
             material=material,
-            anisotropy=anisotropy,
-            shear=shear,
             n_check=samples,
             progress=lambda m: typer.echo(m, err=True),
         )
-    except (MatchError, ValueError, RuntimeError) as err:
+        if not results:
+            fail("no image could be matched (see the messages above)")
+        matched_cfg = combined_config(cfg, material, results)
+    except (MatchError, ValueError) as err:
         fail(str(err))
-    text = describe(result, per_image)
+    first = next(iter(results))
+    text = describe(results[first]) if len(results) == 1 else summary_table(results)
     typer.echo(text)
-    header = "".join(
-        f"# {line}\n"
-        for line in [
-            f"simgen match: {len(per_image)} image(s) of {material}; generate with",
-            f"#   simgen generate -c {output.name} -o data/matched.zarr",
-            "",
-            *text.splitlines(),
-        ]
-    )
+    lines = [
+        f"simgen match: {len(results)} image(s) of {material}; generate with",
+        f"  simgen generate -c {output} -o data/matched.zarr",
+        "",
+        *text.splitlines(),
+    ]
+    header = "".join(f"# {line}\n" for line in lines)
+    png = None
+    if report is not None:  # drawn before anything is written: no half output
+        path, index = source_of[first]  # read again: no image kept in memory meanwhile
+        again = read_image(
+            path,
+            material=material,
+            pixel_size_A=pixel_size,
+            frame=index,
+            sum_frames=sum_frames and index is None,
+        )[0]
+        fig = report_figure(
+            results[first], again.data, sites_of[first], title=f"simgen match: {first}"
+        )
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        png = buf.getvalue()
     try:
-        store.atomic_write(output, header + result.config.to_yaml())
+        store.atomic_write(output, header + matched_cfg.to_yaml())
         typer.echo(f"wrote {output}")
-        if report is not None:
-            first = next(iter(per_image))
-            fig = report_figure(
-                result, data_of[first], sites_of[first], title=f"simgen match: {first}"
-            )
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", dpi=100)
-            store.atomic_write(report, buf.getvalue(), binary=True)
+        if png is not None:
+            store.atomic_write(report, png, binary=True)
             typer.echo(f"wrote {report}")
     except OSError as err:
         fail(f"cannot write the output ({err.strerror or type(err).__name__}: {err.filename})")

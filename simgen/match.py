@@ -351,9 +351,14 @@ def measure_image(image, pixel_size_A: float, material: str) -> tuple[ImageFigur
     inner = (slice(m, img.shape[0] - m), slice(m, img.shape[1] - m))
     rest = float(np.std((img - low)[inner]))
     eight, clip_lo, clip_hi = _clipping(img)
+    contrast = float(contrast_ratio(img, metal, chalc, bond))
+    if not (math.isfinite(contrast) and contrast > 0):
+        raise MatchError("the chalcogen columns are not brighter than the hollow sites")
+    if not (math.isfinite(noise) and noise > 0):
+        raise MatchError("no pixel noise measurable (a noise-free or saturated image?)")
     figures = ImageFigures(
         pixel_size_A=float(pixel_size_A),
-        contrast=float(contrast_ratio(img, metal, chalc, bond)),
+        contrast=contrast,
         noise_level=noise,
         noise_correlation=corr,
         site_scatter=spread / span,
@@ -494,6 +499,9 @@ class Matched:
     drift_vy_A_per_s : float
         ``gamma`` (the detector response exponent) stays 1 unless the image's contrast is
         beyond what any detector angle gives.
+    eight_bit : bool
+        The image is an 8-bit export (the config exports 8-bit with its clipping; else no
+        export).
     notes : tuple of str
         What could not be matched and why.
     """
@@ -510,6 +518,7 @@ class Matched:
     stretch_high_percent: float
     smoothing_px: float = 0.0
     gamma: float = 1.0
+    eight_bit: bool = True
     drift_vx_A_per_s: float = 0.0
     drift_vy_A_per_s: float = 0.0
     notes: tuple = field(default=())
@@ -614,66 +623,76 @@ def drift_from_distortion(anisotropy: float, shear: float, pixel_size_A: float, 
     return s * pixel_size_A / line_time_s, a * pixel_size_A / line_time_s
 
 
-def matched_overrides(matched: Matched, *, widths: bool) -> dict:
-    """Dotted config overrides for ``matched``: fixed values (``widths=False``, the centre
-    of the match) or distributions about them (``widths=True``, what training draws)."""
-    m = matched
+#: Width of the written distribution about each matched value: (field, config key, kind,
+#: half-width, relative?, low, high, smallest half-width). ``log``: log-uniform over
+#: ``v·(1 ∓ w)``; a relative width about 0 is no width unless the smallest is > 0.
+WIDTHS = (
+    ("inner_mrad", "optics.haadf_inner_mrad", "uniform", 8.0, False, 40.0, 120.0, 0.0),
+    ("source_size_A", "optics.source_size_A", "uniform", 0.2, False, 0.05, None, 0.0),
+    ("lambda_counts", "acquisition.shot.lambda_counts", "log", 0.35, True, None, None, 0.0),
+    ("line_jitter_A", "acquisition.jitter.line_x_A", "uniform", 0.5, True, 0.0, None, 0.0),
+    ("line_current_rel", "acquisition.current.line_rel", "uniform", 0.5, True, 0.0, None, 0.0),
+    ("current_drift_rel", "acquisition.current.drift_rel", "uniform", 0.5, True, 0.0, None, 0.0),
+    ("contamination_rel", "acquisition.contamination.rel", "uniform", 0.5, True, 0.0, None, 0.02),
+    ("drift_vx_A_per_s", "acquisition.drift.vx_A_per_s", "normal", 0.05, False, None, None, 0.0),
+    ("drift_vy_A_per_s", "acquisition.drift.vy_A_per_s", "normal", 0.05, False, None, None, 0.0),
+    ("gamma", "acquisition.detector.gamma", "uniform", 0.08, True, 0.2, 5.0, 0.0),
+    ("smoothing_px", "acquisition.detector.smoothing_px", "uniform", 0.15, True, 0.0, None, 0.0),
+)
+_STRETCH = (
+    ("stretch_low_percent", "acquisition.detector.stretch_low_percent"),
+    ("stretch_high_percent", "acquisition.detector.stretch_high_percent"),
+)
 
-    def around(v, rel, lo=None, hi=None, log=False):
-        if not widths:
-            return float(v)
-        a, b = v * (1 - rel), v * (1 + rel)
-        if lo is not None:
-            a = max(a, lo)
-        if hi is not None:
-            b = min(b, hi)
-        return {("loguniform" if log else "uniform"): [round(a, 4), round(b, 4)]}
 
-    def plus_minus(v, d, lo=None, hi=None):
+def matched_overrides(matched: Matched | Sequence[Matched], *, widths: bool) -> dict:
+    """Dotted config overrides for a match: fixed values (``widths=False``: one match's
+    centre) or distributions (``widths=True``, what training draws) about one match or
+    spanning several (a folder: from the smallest to the largest matched value, each
+    widened by :data:`WIDTHS`).
+    """
+    many = [matched] if isinstance(matched, Matched) else list(matched)
+    if not many:
+        raise MatchError("nothing matched")
+    if not widths and len(many) > 1:
+        raise ValueError("fixed values need one match")
+
+    def span(name, kind, width, relative, lo, hi, least=0.0):
+        vals = [float(getattr(m, name)) for m in many]
         if not widths:
-            return float(v)
-        a, b = v - d, v + d
+            return vals[0]
+        if kind == "normal":  # drift: the mean of the matches, their spread added
+            return {
+                "normal": [round(float(np.mean(vals)), 4), round(width + float(np.std(vals)), 4)]
+            }
+        half = [max(abs(v) * width if relative else width, least) for v in vals]
+        a = min(v - d for v, d in zip(vals, half, strict=True))
+        b = max(v + d for v, d in zip(vals, half, strict=True))
+        if kind == "log":
+            a = min(v * (1 - width) for v in vals)
+            b = max(v * (1 + width) for v in vals)
         a = a if lo is None else max(a, lo)
         b = b if hi is None else min(b, hi)
-        return {"uniform": [round(a, 4), round(b, 4)]}
+        if b <= a:
+            return round(a, 4)
+        return {("loguniform" if kind == "log" else "uniform"): [round(a, 4), round(b, 4)]}
 
+    # one pixel size (training needs one per store; labelling resamples each image to it)
+    sizes = [m.pixel_size_A for m in many]
     out = {
-        "optics.pixel_size_A": around(m.pixel_size_A, 0.015),
-        "optics.haadf_inner_mrad": plus_minus(m.inner_mrad, 8.0, 40.0, 120.0),
-        "optics.source_size_A": plus_minus(m.source_size_A, 0.2, 0.05),
+        "optics.pixel_size_A": round(float(np.median(sizes)), 5) if widths else sizes[0],
         "acquisition.shot.mode": "lambda",
-        "acquisition.shot.lambda_counts": around(m.lambda_counts, 0.35, log=True),
-        "acquisition.jitter.line_x_A": plus_minus(m.line_jitter_A, 0.5 * m.line_jitter_A, 0.0)
-        if m.line_jitter_A > 0
-        else 0.0,
-        "acquisition.current.line_rel": plus_minus(
-            m.line_current_rel, 0.5 * m.line_current_rel, 0.0
-        ),
-        "acquisition.current.drift_rel": plus_minus(
-            m.current_drift_rel, 0.5 * m.current_drift_rel, 0.0
-        ),
-        "acquisition.contamination.rel": plus_minus(
-            m.contamination_rel, max(0.5 * m.contamination_rel, 0.02), 0.0
-        ),
-        "acquisition.drift.vx_A_per_s": {"normal": [round(m.drift_vx_A_per_s, 4), 0.05]}
-        if widths
-        else m.drift_vx_A_per_s,
-        "acquisition.drift.vy_A_per_s": {"normal": [round(m.drift_vy_A_per_s, 4), 0.05]}
-        if widths
-        else m.drift_vy_A_per_s,
     }
-    out["acquisition.detector.gamma"] = plus_minus(m.gamma, 0.08 * m.gamma, 0.2, 5.0)
-    out["acquisition.detector.smoothing_px"] = plus_minus(
-        m.smoothing_px, 0.15 * m.smoothing_px, 0.0
-    )
-    if m.stretch_low_percent > 0 or m.stretch_high_percent > 0:
+    for name, key, kind, width, relative, lo, hi, least in WIDTHS:
+        out[key] = span(name, kind, width, relative, lo, hi, least)
+    if any(m.eight_bit for m in many):  # exported with the images' clipping
         out["acquisition.detector.export_bits"] = 8
-        out["acquisition.detector.stretch_low_percent"] = plus_minus(
-            m.stretch_low_percent, 0.25 * m.stretch_low_percent, 0.0
-        )
-        out["acquisition.detector.stretch_high_percent"] = plus_minus(
-            m.stretch_high_percent, 0.25 * m.stretch_high_percent, 0.0
-        )
+        for name, key in _STRETCH:
+            out[key] = span(name, "uniform", 0.25, True, 0.0, 49.0)
+    else:  # float images: the detector output as it is
+        out["acquisition.detector.export_bits"] = None
+        for _, key in _STRETCH:
+            out[key] = 0.0
     return out
 
 
@@ -693,6 +712,8 @@ def _solve_curve(x, y, target, prefer):
     """``x`` where the piecewise-linear ``y(x)`` crosses ``target``, the crossing nearest
     ``prefer``; the ``x`` of the closest ``y`` when none does (second value False)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
+    if not math.isfinite(target) or not np.isfinite(y).any():
+        return float(prefer), False
     roots = []
     for i in range(len(x) - 1):
         a, b = y[i] - target, y[i + 1] - target
@@ -704,7 +725,7 @@ def _solve_curve(x, y, target, prefer):
         roots.append(x[-1])
     if roots:
         return float(min(roots, key=lambda r: abs(r - prefer))), True
-    return float(x[int(np.argmin(np.abs(y - target)))]), False
+    return float(x[int(np.nanargmin(np.abs(y - target)))]), False
 
 
 def match(
@@ -853,6 +874,7 @@ def match(
         stretch_low_percent=target.clip_low_percent,
         stretch_high_percent=target.clip_high_percent,
         smoothing_px=smoothing,
+        eight_bit=bool(target.eight_bit),
         drift_vx_A_per_s=vx,
         drift_vy_A_per_s=vy,
     )
@@ -954,6 +976,81 @@ def match(
         contrast_curve=(np.array(sweep_inner, float), curve),
         history=history,
     )
+
+
+def match_images(
+    measured: Mapping[str, tuple[ImageFigures, float, float]],
+    base_cfg,
+    grid,
+    *,
+    material: str,
+    n_check: int = 6,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, MatchResult]:
+    """:func:`match` for each image of a session.
+
+    Parameters
+    ----------
+    measured : mapping
+        ``{name: (figures, anisotropy, shear)}``.
+    base_cfg, grid, material, n_check, seed, progress
+        As for :func:`match`.
+
+    Returns
+    -------
+    dict of name to MatchResult
+        Images that cannot be matched (:class:`MatchError`) are left out, with a line
+        through ``progress``.
+    """
+    say = progress or (lambda _m: None)
+    out = {}
+    for k, (name, (figures, anisotropy, shear)) in enumerate(measured.items()):
+        say(f"matching {name} ({k + 1}/{len(measured)}) ...")
+        try:
+            out[name] = match(
+                figures,
+                base_cfg,
+                grid,
+                material=material,
+                anisotropy=anisotropy,
+                shear=shear,
+                n_check=n_check,
+                seed=seed,
+            )
+        except MatchError as err:  # one image must not cost the others
+            say(f"skipped {name}: {err}")
+    return out
+
+
+def combined_config(base_cfg, material: str, results: Mapping[str, MatchResult]):
+    """The config for a session: ``base_cfg`` with distributions spanning every image's
+    matched values (:func:`matched_overrides` of all of them)."""
+    matched = [r.matched for r in results.values()]
+    return base_cfg.with_overrides(
+        {"structure.material": material, **matched_overrides(matched, widths=True)}
+    )
+
+
+def summary_table(results: Mapping[str, MatchResult]) -> str:
+    """One line per image: its contrast and noise level beside the matched simulation's,
+    and the main matched values."""
+    lines = [
+        f"{'image':<28} {'contrast img/sim':>17} {'noise img/sim':>15} {'inner':>6} "
+        f"{'gamma':>6} {'lambda':>7} {'smooth':>7} {'source':>7} {'clip %':>7} ok"
+    ]
+    for name, r in results.items():
+        a = r.agreement()
+        c, n, m = a["contrast"], a["noise_level"], r.matched
+        lines.append(
+            f"{name[-28:]:<28} {c[0]:>8.3f}/{c[1]:<8.3f} {n[0]:>7.3f}/{n[1]:<7.3f} "
+            f"{m.inner_mrad:>6.1f} {m.gamma:>6.2f} {m.lambda_counts:>7.2f} "
+            f"{m.smoothing_px:>7.2f} {m.source_size_A:>7.2f} {m.stretch_low_percent:>7.2f} "
+            + ("yes" if all(v[3] for v in a.values()) else "NO")
+        )
+    notes = sorted({note for r in results.values() for note in r.matched.notes})
+    lines += [f"note: {note}" for note in notes]
+    return "\n".join(lines)
 
 
 def describe(result: MatchResult, per_image: Mapping[str, ImageFigures] | None = None) -> str:

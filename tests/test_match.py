@@ -179,10 +179,11 @@ def test_cli_match_writes_a_config_that_generates(tmp_path):
     assert "contrast" in res.output and f"wrote {out}" in res.output
     cfg = load_config(out)
     assert cfg.structure.material.to_config() == "WSe2"
-    assert math.isclose(np.mean(cfg.optics.pixel_size_A.bounds()), P, rel_tol=0.02)
+    assert cfg.optics.pixel_size_A.kind == "fixed"
+    assert math.isclose(cfg.optics.pixel_size_A.args[0], P, rel_tol=0.02)
     assert report.stat().st_size > 10_000
     text = out.read_text()
-    assert text.startswith("# simgen match") and "simgen generate -c matched.yaml" in text
+    assert text.startswith("# simgen match") and f"simgen generate -c {out}" in text
 
     # bad input: one line, exit 1, nothing written
     missing = tmp_path / "none.tif"
@@ -219,3 +220,64 @@ def test_real_series_match_within_tolerance_and_differ():
     a, b = matched
     assert abs(a.stretch_low_percent - b.stretch_low_percent) > 5.0  # 7xxx clip ~20 % dark
     assert abs(a.smoothing_px - b.smoothing_px) > 0.2  # 13xx exports are smoothed
+
+
+def test_a_session_config_spans_every_image_match():
+    from simgen.match import Matched, matched_overrides
+
+    one = Matched(
+        pixel_size_A=0.096, inner_mrad=60.0, lambda_counts=2.0, source_size_A=0.8,
+        line_jitter_A=0.0, line_current_rel=0.0, contamination_rel=0.05,
+        current_drift_rel=0.01, stretch_low_percent=0.1, stretch_high_percent=0.1,
+        smoothing_px=0.8, gamma=1.0,
+    )  # fmt: skip
+    two = Matched(**{**one.values(), "inner_mrad": 80.0, "gamma": 2.0, "stretch_low_percent": 20.0})
+    fixed = matched_overrides(one, widths=False)
+    assert (
+        fixed["optics.haadf_inner_mrad"] == 60.0 and fixed["acquisition.shot.lambda_counts"] == 2.0
+    )
+    both = matched_overrides([one, two], widths=True)
+    assert both["optics.haadf_inner_mrad"] == {"uniform": [52.0, 88.0]}
+    lo, hi = both["acquisition.detector.gamma"]["uniform"]
+    assert lo < 1.0 and hi > 2.0
+    assert both["acquisition.detector.stretch_low_percent"]["uniform"][1] == 25.0
+    assert both["acquisition.jitter.line_x_A"] == 0.0  # nothing to draw
+    cfg = load_config().with_overrides(both)  # a valid config
+    assert cfg.acquisition.detector.export_bits == 8
+    with pytest.raises(ValueError, match="fixed values need one match"):
+        matched_overrides([one, two], widths=False)
+    floating = matched_overrides(Matched(**{**one.values(), "eight_bit": False}), widths=True)
+    assert floating["acquisition.detector.export_bits"] is None  # a float image: no export
+    assert floating["acquisition.detector.stretch_low_percent"] == 0.0
+    assert both["acquisition.contamination.rel"]["uniform"][1] >= 0.07  # smallest width 0.02
+
+
+def test_drift_from_the_fft_distortion_reproduces_the_drift():
+    """A linear drift simulated, measured back through the FFT calibration's anisotropy and
+    shear, and converted by drift_from_distortion: same velocities, same signs."""
+    from simgen.experiment.calibration import calibrate_lattice, lattice_constant_of
+    from simgen.match import drift_from_distortion
+    from simgen.pipeline import make_sample
+
+    vx, vy = 0.4, -0.6  # Å/s
+    cfg = centred_config(
+        load_config().with_overrides(
+            {
+                **BASE,
+                "dataset.image_size": [384, 384],
+                "optics.haadf_inner_mrad": 70.0,
+                "acquisition.drift.vx_A_per_s": vx,
+                "acquisition.drift.vy_A_per_s": vy,
+                "acquisition.drift.nonlinear_A": 0.0,
+                "acquisition.jitter.line_x_A": 0.0,
+                "acquisition.shot.lambda_counts": 200.0,
+                "structure.defects": {},
+            }
+        )
+    )
+    sample = make_sample(cfg, 0, calibration=wse2_grid().at_detector(70.0, 200.0).to_dict())
+    cal = calibrate_lattice(sample.image, lattice_constant_of("WSe2"), nominal_pixel_size_A=P)
+    line_time_s = (384 * 20.0 + 500.0) * 1e-6  # the default scan timing
+    got_vx, got_vy = drift_from_distortion(cal.anisotropy, cal.shear, P, line_time_s)
+    assert got_vy == pytest.approx(vy, rel=0.25)
+    assert got_vx == pytest.approx(vx, rel=0.35)

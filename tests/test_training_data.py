@@ -65,6 +65,13 @@ def test_missing_array_is_reported(tmp_path):
         open_store(path)
 
 
+def test_store_with_drawn_pixel_size_is_refused(tmp_path):
+    path = write_fake_store(tmp_path / "p.zarr", 2, (32, 32))
+    zarr.open_group(str(path), mode="a").attrs["pixel_size_A"] = None  # drawn per sample
+    with pytest.raises(StoreError, match="one pixel size per store"):
+        open_store(path)
+
+
 def test_label_scheme_mismatch_between_stores(tmp_path, store):
     other = {"ids": [1, 2, 3, 4, 5], "names": ["M", "X2", "vac_X2", "vac_X1", "vac_M"]}
     path = write_fake_store(tmp_path / "b.zarr", 2, (32, 32), scheme=other)

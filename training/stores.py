@@ -185,6 +185,11 @@ def open_store(path: str | os.PathLike) -> StoreInfo:
         complete = simgen_store.complete_flags(root, strict=True)
     except simgen_store.StoreError as err:  # a damaged flag chunk
         raise StoreError(f"{path}: {err}; run `simgen check --integrity {path}`") from None
+    if attrs.get("pixel_size_A") is None:
+        raise StoreError(
+            f"{path}: its samples have different pixel sizes (optics.pixel_size_A is drawn); "
+            "training needs one pixel size per store: generate it with a fixed pixel size"
+        )
     return StoreInfo(
         path=path,
         scheme=scheme,
