@@ -41,7 +41,7 @@ from scipy import ndimage
 from structures import CHALCOGEN, METAL
 
 #: Figures compared between the image and the matched simulation, with the relative
-#: tolerance the check reports against (contrast 5 %, noise level 20 %).
+#: tolerance the check reports against (contrast 5 %, noise level 20 %, peak width 10 %).
 CHECKED = {"contrast": 0.05, "noise_level": 0.20, "peak_width_A": 0.10}
 #: Inner angles [mrad] over which the contrast curve is computed (the shipped grids).
 INNER_SWEEP_MRAD = tuple(range(40, 121, 5))
@@ -62,6 +62,7 @@ class ImageFigures:
     Attributes
     ----------
     pixel_size_A : float
+        [Å/px].
     contrast : float
         ``(I_M − I_H)/(I_X − I_H)``: host metal over full chalcogen columns above the
         hollow sites.
@@ -92,6 +93,7 @@ class ImageFigures:
     n_metal, n_chalcogen : int
         Lattice sites found.
     bond_length_px : float
+        Projected metal–chalcogen distance [px].
     """
 
     pixel_size_A: float
@@ -535,7 +537,7 @@ class MatchResult:
     ----------
     matched : Matched
     target : ImageFigures
-        The image's figures (median over images).
+        The image's figures (median over its tiles).
     simulated : ImageFigures
         The same figures on images simulated from the matched centres.
     config : SimgenConfig
@@ -650,6 +652,22 @@ def matched_overrides(matched: Matched | Sequence[Matched], *, widths: bool) -> 
     centre) or distributions (``widths=True``, what training draws) about one match or
     spanning several (a folder: from the smallest to the largest matched value, each
     widened by :data:`WIDTHS`).
+
+    Parameters
+    ----------
+    matched : Matched or sequence of Matched
+    widths : bool
+
+    Returns
+    -------
+    dict
+        ``{"optics.haadf_inner_mrad": {"uniform": [a, b]}, ...}`` (one pixel size: the
+        median; float images get no 8-bit export).
+
+    Raises
+    ------
+    ValueError
+        Fixed values asked for several matches.
     """
     many = [matched] if isinstance(matched, Matched) else list(matched)
     if not many:
@@ -1025,7 +1043,18 @@ def match_images(
 
 def combined_config(base_cfg, material: str, results: Mapping[str, MatchResult]):
     """The config for a session: ``base_cfg`` with distributions spanning every image's
-    matched values (:func:`matched_overrides` of all of them)."""
+    matched values (:func:`matched_overrides` of all of them).
+
+    Parameters
+    ----------
+    base_cfg : SimgenConfig
+    material : str
+    results : mapping of name to MatchResult
+
+    Returns
+    -------
+    SimgenConfig
+    """
     matched = [r.matched for r in results.values()]
     return base_cfg.with_overrides(
         {"structure.material": material, **matched_overrides(matched, widths=True)}
@@ -1034,7 +1063,16 @@ def combined_config(base_cfg, material: str, results: Mapping[str, MatchResult])
 
 def summary_table(results: Mapping[str, MatchResult]) -> str:
     """One line per image: its contrast and noise level beside the matched simulation's,
-    and the main matched values."""
+    the main matched values, and whether every checked figure agrees.
+
+    Parameters
+    ----------
+    results : mapping of name to MatchResult
+
+    Returns
+    -------
+    str
+    """
     lines = [
         f"{'image':<28} {'contrast img/sim':>17} {'noise img/sim':>15} {'inner':>6} "
         f"{'gamma':>6} {'lambda':>7} {'smooth':>7} {'source':>7} {'clip %':>7} ok"
@@ -1053,23 +1091,19 @@ def summary_table(results: Mapping[str, MatchResult]) -> str:
     return "\n".join(lines)
 
 
-def describe(result: MatchResult, per_image: Mapping[str, ImageFigures] | None = None) -> str:
-    """Plain-text table: the image's figures beside the matched simulation's, then the
-    matched values (what the CLI prints and the YAML header holds)."""
+def describe(result: MatchResult) -> str:
+    """Plain-text table of one match: the image's figures beside the matched simulation's,
+    then the matched values (what the CLI prints and the YAML header holds).
+
+    Parameters
+    ----------
+    result : MatchResult
+
+    Returns
+    -------
+    str
+    """
     lines = []
-    if per_image:
-        lines.append(
-            f"{'image':<32} {'contrast':>8} {'noise':>7} {'corr':>6} {'width Å':>8} "
-            f"{'jitter Å':>9} {'bg':>6} {'clip % low/high':>16}"
-        )
-        for name, f in per_image.items():
-            clip = f"{f.clip_low_percent:.2f}/{f.clip_high_percent:.2f}"
-            lines.append(
-                f"{name[-32:]:<32} {f.contrast:>8.3f} {f.noise_level:>7.3f} "
-                f"{f.noise_correlation:>6.2f} {f.peak_width_A:>8.3f} {f.line_jitter_A:>9.3f} "
-                f"{f.background:>6.3f} {clip:>16}"
-            )
-        lines.append("")
     lines.append(f"{'figure':<14} {'image':>8} {'matched':>8} {'diff':>7}")
     for name, (a, b, rel, ok) in result.agreement().items():
         lines.append(f"{name:<14} {a:>8.3f} {b:>8.3f} {100 * rel:>+6.1f}% {'ok' if ok else 'OFF'}")
