@@ -50,10 +50,10 @@ def wse2_grid():
     )
     key, compute = calibration_request(cfg)
 
-    def refuse(**_):
-        raise AssertionError("the WSe2+V grid should be shipped")
+    def refuse(message):  # told before any reference simulation would run
+        raise AssertionError(f"the WSe2+V grid should be shipped: {message}")
 
-    return calibration_from_dict(cached_calibration(key, refuse))
+    return calibration_from_dict(cached_calibration(key, compute, announce=refuse))
 
 
 KNOWN = {  # the acquisition of the "experimental" test image
@@ -190,10 +190,20 @@ def test_cli_match_writes_a_config_that_generates(tmp_path):
     out2 = tmp_path / "other.yaml"
     res = runner.invoke(app, ["match", str(missing), "-m", "WSe2", "-o", str(out2)])
     assert res.exit_code == 1 and "file not found" in res.output and not out2.exists()
+    res = runner.invoke(
+        app, ["match", str(image), "--set", "structure.material={choice: [MoS2, WSe2]}"]
+    )
+    assert res.exit_code == 1 and "draws several materials" in res.output
+    res = runner.invoke(app, ["match", str(image), "-m", "WSe2", "-o", str(tmp_path / "no/x.yaml")])
+    assert res.exit_code == 1 and "its folder does not exist" in res.output
     flat = tmp_path / "flat.npy"
     np.save(flat, np.full((128, 128), 5.0))
-    res = runner.invoke(app, ["match", str(flat), "-m", "WSe2", "--pixel-size", "0.1"])
+    out3 = tmp_path / "flat.yaml"
+    res = runner.invoke(
+        app, ["match", str(flat), "-m", "WSe2", "--pixel-size", "0.1", "-o", str(out3)]
+    )
     assert res.exit_code == 1 and "no image could be measured" in res.output
+    assert not out3.exists()
 
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "real" / "wse2_80kV_adf"
