@@ -185,6 +185,24 @@ def test_cli_match_writes_a_config_that_generates(tmp_path):
     text = out.read_text()
     assert text.startswith("# simgen match") and f"simgen generate -c {out}" in text
 
+    # a session of two images (equal names in two folders): one line each, one config
+    for sub in ("day1", "day2"):
+        (tmp_path / sub).mkdir()
+        np.save(tmp_path / sub / "scan.npy", known_image().image)
+    session = tmp_path / "session.yaml"
+    res = runner.invoke(
+        app,
+        [
+            *("match", str(tmp_path / "day1"), str(tmp_path / "day2"), "-m", "WSe2"),
+            *("--pixel-size", str(P), "-o", str(session), *sets, "--samples", "1"),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    rows = [line for line in res.output.splitlines() if "scan.npy" in line and "/" in line]
+    assert len(rows) >= 2 and "1 image" not in session.read_text().splitlines()[0]
+    assert "2 image(s)" in session.read_text().splitlines()[0]
+    load_config(session)
+
     # bad input: one line, exit 1, nothing written
     missing = tmp_path / "none.tif"
     out2 = tmp_path / "other.yaml"
