@@ -115,6 +115,19 @@ class Distribution:
             return (math.exp(a[0] - 4 * a[1]), math.exp(a[0] + 4 * a[1]))
         return (min(a), max(a))
 
+    def centre(self):
+        """The typical value: the fixed value, the mean of a normal, the middle of a uniform
+        range, the geometric mean of a log-uniform one, ``exp(mean)`` of a lognormal, the
+        first choice."""
+        a = self.args
+        if self.kind == "uniform":
+            return 0.5 * (a[0] + a[1])
+        if self.kind == "loguniform":
+            return math.sqrt(a[0] * a[1])
+        if self.kind == "lognormal":
+            return math.exp(a[0])
+        return a[0]
+
     def check_range(self, name: str, low: float | None = None, high: float | None = None):
         """Raise ``ValueError`` naming ``name`` when any value could leave [low, high]."""
         if self.kind == "choice" and not all(isinstance(v, int | float) for v in self.args):

@@ -580,17 +580,7 @@ def _is_distribution(value) -> bool:
 def _centre(value):
     from simgen.distributions import Distribution
 
-    d = Distribution.parse(value)
-    a = d.args
-    if d.kind in ("normal",):
-        return a[0]
-    if d.kind == "uniform":
-        return 0.5 * (a[0] + a[1])
-    if d.kind == "loguniform":
-        return math.sqrt(a[0] * a[1])
-    if d.kind == "lognormal":
-        return math.exp(a[0])
-    return a[0]  # choice: the first option
+    return Distribution.parse(value).centre()
 
 
 def centred_config(cfg):

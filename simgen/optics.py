@@ -201,22 +201,7 @@ class OpticsConfig(Config):
 
     def nominal(self) -> dict[str, float]:
         """Centre values (fixed value, mean, mid-range, geometric mean, first choice)."""
-        out = {}
-        for name in _LIMITS:
-            d: Distribution = getattr(self, name)
-            a = d.args
-            if d.kind in ("fixed", "normal"):
-                v = a[0]
-            elif d.kind == "uniform":
-                v = 0.5 * (a[0] + a[1])
-            elif d.kind == "loguniform":
-                v = math.sqrt(a[0] * a[1])
-            elif d.kind == "lognormal":
-                v = math.exp(a[0])
-            else:
-                v = a[0]
-            out[name] = float(v)
-        return out
+        return {name: float(getattr(self, name).centre()) for name in _LIMITS}
 
     @classmethod
     def stem_learning(cls) -> OpticsConfig:
