@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 #: (image side, samples) per run: enough tasks for the start-up to amortise.
-RUNS = ((256, 48), (512, 32))
+RUNS = ((256, 64), (512, 48))
 
 
 def _calibration(cfg):

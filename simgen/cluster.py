@@ -139,6 +139,24 @@ def _quiet_distributed_logs() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+#: glibc malloc settings of the worker processes. distributed's nanny sets
+#: ``MALLOC_TRIM_THRESHOLD_=65536`` (to return memory to the OS early), which also turns
+#: off glibc's adaptive mmap threshold: every image-sized temporary was then a fresh
+#: ``mmap`` with its pages faulted in, and a 512² sample cost ~1.7× the CPU time
+#: (1.7–2.0 against 2.8–3.4 samples/s per core, benchmarks/bench_generate.py). These keep
+#: temporaries up to 256 MB on the heap and at most 256 MB of freed heap per worker.
+#: An environment variable set by the user wins (distributed's precedence).
+WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 1 << 28, "MALLOC_MMAP_THRESHOLD_": 1 << 28}
+
+
+def _worker_environ():
+    """Dask config that gives spawned workers :data:`WORKER_MALLOC_ENV`."""
+    import dask
+
+    key = "distributed.nanny.pre-spawn-environ"
+    return dask.config.set({key: {**dask.config.get(key, default={}), **WORKER_MALLOC_ENV}})
+
+
 def _start_cluster(spec: ClusterSpec):
     import distributed  # noqa: F401  (creates its loggers, which we then quiet)
 
@@ -148,20 +166,22 @@ def _start_cluster(spec: ClusterSpec):
         from distributed import LocalCluster
 
         n = spec.workers or default_workers()
-        return LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",  # any free port: never "8787 is already in use"
-            silence_logs=logging.ERROR,
-            preload=["simgen.cluster"],  # workers ignore Ctrl-C (dask_setup)
-        )
+        with _worker_environ():
+            return LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",  # any free port: never "8787 is already in use"
+                silence_logs=logging.ERROR,
+                preload=["simgen.cluster"],  # workers ignore Ctrl-C (dask_setup)
+            )
     if spec.kind == "cuda":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
             raise RuntimeError("cluster 'cuda' needs dask-cuda: pip install -e .[gpu]") from None
-        return LocalCUDACluster(threads_per_worker=1, dashboard_address=None)
+        with _worker_environ():
+            return LocalCUDACluster(threads_per_worker=1, dashboard_address=None)
     return _start_jobqueue(spec)
 
 
@@ -219,6 +239,11 @@ def job_settings(spec: ClusterSpec) -> dict:
 
     configured = dask.config.get(f"jobqueue.{spec.kind}", default={}) or {}
     kwargs = {k: v for k, v in JOB_DEFAULTS.items() if configured.get(k) is None}
+    prologue = configured.get("job-script-prologue") or configured.get("job_script_prologue")
+    if not prologue:  # the workers' malloc settings
+        kwargs["job_script_prologue"] = [
+            f"export {k}=${{{k}:-{v}}}" for k, v in WORKER_MALLOC_ENV.items()
+        ]
     kwargs.update(spec.jobqueue)
     return kwargs
 

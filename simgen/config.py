@@ -198,6 +198,9 @@ class DatasetConfig(Config):
     image_size: tuple[int, int] = (256, 256)
     seed: int = 0
     samples_per_chunk: int = 1
+    #: Consecutive samples per task (a multiple of ``samples_per_chunk``); None: 8 for the
+    #: fast models (incoherent, pointsum), ``samples_per_chunk`` for abTEM's.
+    samples_per_task: int | None = None
 
     def __post_init__(self):
         if self.n_samples < 1:
@@ -213,6 +216,12 @@ class DatasetConfig(Config):
         if self.samples_per_chunk < 1:
             raise ValueError(
                 f"dataset.samples_per_chunk: expected >= 1, got {self.samples_per_chunk}"
+            )
+        t = self.samples_per_task
+        if t is not None and (t < 1 or t % self.samples_per_chunk):
+            raise ValueError(
+                f"dataset.samples_per_task: expected a positive multiple of samples_per_chunk "
+                f"({self.samples_per_chunk}), got {t}"
             )
 
 

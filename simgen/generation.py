@@ -1,9 +1,10 @@
 """Dataset generation: plan a store, run the missing samples through Dask, resume.
 
-Samples are independent tasks (``samples_per_chunk`` consecutive samples per task when the
-store packs several per chunk). Each task computes its samples from (config, seed, i) and
-writes whole chunks of the store, then the completion flags. Re-running the same command
-continues a store; a different config is refused unless ``overwrite``.
+Samples are computed in tasks of consecutive samples (8 for the fast models, see
+:func:`simgen.pipeline.samples_per_task`). Each task computes its samples from
+(config, seed, i) and writes whole chunks of the store, then the completion flags.
+Re-running the same command continues a store; a different config is refused unless
+``overwrite``.
 """
 
 from __future__ import annotations
@@ -51,11 +52,11 @@ def _task(store_path: str, config_dict: dict, calibration: dict | None, indices:
         _WORKER_CACHE.update(
             key=key,
             config=SimgenConfig.from_dict(config_dict),
-            root=store.open_store(store_path, mode="r+"),
+            writer=store.SampleWriter(store.open_store(store_path, mode="r+")),
         )
-    cfg, root = _WORKER_CACHE["config"], _WORKER_CACHE["root"]
+    cfg, writer = _WORKER_CACHE["config"], _WORKER_CACHE["writer"]
     samples = [make_sample(cfg, i, calibration=calibration) for i in indices]
-    store.write_samples(root, indices, samples)
+    writer.write(indices, samples)
     return len(indices)
 
 
@@ -96,7 +97,10 @@ def generate(
     config_dict = cfg.to_dict()
     with store.WriterLock(out):
         if out.exists() and not overwrite and not store.creation_unfinished(out):
-            root = store.open_for_resume(out, config_dict, layout)
+            normalize = type(cfg).from_dict
+            root = store.open_for_resume(
+                out, config_dict, layout, normalize=lambda d: normalize(d).to_dict()
+            )
             created = False
         else:  # new, replaced, or killed while being created (holds no sample)
             replace = overwrite or store.creation_unfinished(out)
@@ -117,7 +121,7 @@ def _run_tasks(
 ):
     """Compute the store's pending samples as tasks (under the caller's writer lock)."""
     pending = store.pending_indices(root)
-    k = cfg.dataset.samples_per_chunk
+    k = store.samples_per_task(root)  # a task owns whole chunks of every array
     groups = sorted({int(i) // k for i in pending})
     tasks = [list(range(g * k, min((g + 1) * k, layout.n_samples))) for g in groups]
     if stop_after is not None:

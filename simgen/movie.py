@@ -287,7 +287,8 @@ def movie_layout(cfg: MovieConfig):
 
     layout = store_layout(cfg)
     names = tuple(sorted(set(layout.param_names) | set(MOVIE_PARAMS)))
-    return dataclasses.replace(layout, param_names=names)
+    # frames are written one by one (read-modify-write of shared chunks): one per chunk
+    return dataclasses.replace(layout, param_names=names, samples_per_task=None)
 
 
 def is_movie_store(root) -> bool:
@@ -350,7 +351,12 @@ def generate_movie(
     with store.WriterLock(out):
         root = None
         if out.exists() and not overwrite and not store.creation_unfinished(out):
-            root = store.open_for_resume(out, cfg.to_dict(), movie_layout(cfg))
+            root = store.open_for_resume(
+                out,
+                cfg.to_dict(),
+                movie_layout(cfg),
+                normalize=lambda d: type(cfg).from_dict(d).to_dict(),
+            )
             if not is_movie_store(root):
                 root = None  # killed before its tables were written: holds no frame
         if root is None:

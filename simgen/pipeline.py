@@ -132,7 +132,27 @@ def store_layout(cfg):
         elements=dataset_elements(cfg),
         param_names=param_names(cfg),
         samples_per_chunk=cfg.dataset.samples_per_chunk,
+        samples_per_task=samples_per_task(cfg),
     )
+
+
+#: Samples per task of the fast models (``incoherent``, ``pointsum``): a task of ~1 s at
+#: 512², so that Zarr's per-chunk cost is paid once per 8 samples, not per sample.
+FAST_TASK_SAMPLES = 8
+
+
+def samples_per_task(cfg) -> int:
+    """Consecutive samples a worker computes and writes together (they share the chunks of
+    the store's small arrays): ``dataset.samples_per_task`` when set, else
+    :data:`FAST_TASK_SAMPLES` rounded to a multiple of ``dataset.samples_per_chunk`` for the
+    fast models and ``samples_per_chunk`` for abTEM's (seconds to minutes per sample: a
+    killed run loses at most one task per worker)."""
+    k = cfg.dataset.samples_per_chunk
+    if cfg.dataset.samples_per_task is not None:
+        return cfg.dataset.samples_per_task
+    if resolve_model(cfg) in ("incoherent", "pointsum"):
+        return k * max(1, FAST_TASK_SAMPLES // k)
+    return k
 
 
 def _file_columns_capacity(cfg, area):

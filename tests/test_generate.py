@@ -73,14 +73,15 @@ def test_one_and_two_workers_give_identical_stores(small_cfg, calibration, tmp_p
         calibration=calibration,
         progress=False,
     )
-    generate(
-        small_cfg,
+    generate(  # two tasks of two samples, one per worker, written concurrently
+        small_cfg.with_overrides({"dataset.samples_per_task": 2}),
         tmp_path / "two.zarr",
         cluster=ClusterSpec("local", workers=2),
         calibration=calibration,
         progress=False,
     )
     assert stores_identical(tmp_path / "serial.zarr", tmp_path / "two.zarr")
+    assert store.samples_per_task(store.open_store(tmp_path / "serial.zarr")) == 8  # > n
     root = zarr.open_group(str(tmp_path / "two.zarr"), mode="r")  # plain zarr reads it
     assert root["complete"][:].all() and root["images"].shape == (4, 64, 64)
     assert np.isfinite(root["params/shot_lambda_counts"][:]).all()
@@ -88,20 +89,20 @@ def test_one_and_two_workers_give_identical_stores(small_cfg, calibration, tmp_p
 
 def test_resume_computes_only_unfinished_samples(small_cfg, calibration, tmp_path):
     out = tmp_path / "s.zarr"
+    cfg = small_cfg.with_overrides({"dataset.samples_per_task": 2})  # 2 tasks of 2
     r1 = generate(
-        small_cfg,
+        cfg,
         out,
         cluster=ClusterSpec("none"),
         calibration=calibration,
         progress=False,
-        stop_after=2,
+        stop_after=1,
     )
     assert r1.computed == 2
-    r2 = generate(
-        small_cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False
-    )
+    assert store.samples_per_task(store.open_store(out)) == 2
+    r2 = generate(cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
     assert (r2.computed, r2.skipped) == (2, 2)
-    generate(
+    generate(  # the automatic task size (all 4 in one task): the same samples
         small_cfg,
         tmp_path / "ref.zarr",
         cluster=ClusterSpec("none"),
@@ -109,7 +110,7 @@ def test_resume_computes_only_unfinished_samples(small_cfg, calibration, tmp_pat
         progress=False,
     )
     assert stores_identical(out, tmp_path / "ref.zarr")
-    other = small_cfg.with_overrides({"dataset.seed": 9})
+    other = cfg.with_overrides({"dataset.seed": 9})
     with pytest.raises(store.StoreError, match="different config"):
         generate(other, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
 
@@ -330,3 +331,28 @@ def test_drawn_detector_changes_the_column_contrast(cache_dir, monkeypatch):
         return values[full_x].mean() / values[metal].mean()
 
     assert s2_over_mo(high) < 0.9 * s2_over_mo(low)
+
+
+def test_a_store_from_before_tasks_grouped_samples_resumes_one_sample_per_task(
+    small_cfg, calibration, tmp_path
+):
+    """Stores written before ``dataset.samples_per_task`` existed have one chunk per sample
+    and no such key in their config: today's code resumes them (the key read at its
+    default), one sample per task as their chunks require, and gives the same samples."""
+    out = tmp_path / "old.zarr"
+    old = small_cfg.with_overrides({"dataset.samples_per_task": 1})
+    generate(
+        old, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False,
+        stop_after=1,
+    )  # fmt: skip
+    root = zarr.open_group(str(out), mode="r+")
+    config = dict(root.attrs["config"])
+    config["dataset"] = {k: v for k, v in config["dataset"].items() if k != "samples_per_task"}
+    root.attrs["config"] = config  # as written before the key existed
+    assert store.samples_per_task(store.open_store(out)) == 1
+    r = generate(small_cfg, out, cluster=ClusterSpec("none"), calibration=calibration,
+                 progress=False)  # fmt: skip
+    assert (r.computed, r.skipped) == (3, 1)
+    generate(small_cfg, tmp_path / "ref.zarr", cluster=ClusterSpec("none"),
+             calibration=calibration, progress=False)  # fmt: skip
+    assert stores_identical(out, tmp_path / "ref.zarr")

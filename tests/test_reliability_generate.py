@@ -161,7 +161,8 @@ def test_ctrl_c_with_the_local_cluster_is_one_line_exit_130_and_resumable(
     it) while two local Dask workers generate: one line, exit 130, no worker traceback, no
     process left, no lock left, and the store resumes to the uninterrupted one."""
     n = 24
-    cfg = small_cfg.with_overrides({"dataset.n_samples": n})
+    # one sample per task: the Ctrl-C lands while tasks are still pending
+    cfg = small_cfg.with_overrides({"dataset.n_samples": n, "dataset.samples_per_task": 1})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg.to_yaml())
     out = tmp_path / "s.zarr"
