@@ -26,6 +26,11 @@ __all__ = [
     "make_labels",
 ]
 
+#: Mask value of a pixel without a label: class masks of simulations never hold it; the
+#: pseudo-labels of ``simgen-train adapt`` leave the sites the network was unsure of
+#: unlabelled, and training gives those pixels no loss and no score.
+UNLABELLED = 255
+
 _KINDS = ("mask", "heatmap", "both")
 _TABLE_FIELDS = ("class_id", "site", "n_atoms", "counts", "composition", "defect")
 

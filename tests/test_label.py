@@ -707,3 +707,63 @@ def test_an_image_too_big_for_memory_is_refused_alone_and_the_batch_goes_on(
     what, reason = run.failures[0]
     assert what == str(big) and "GB of memory, over the limit" in reason
     assert not (tmp_path / "out" / "big").exists()
+
+
+def test_adapt_pseudo_labels_only_sure_lattice_sites_and_reports_before_and_after(
+    model_dir, experiment, tmp_path
+):
+    """``simgen-train adapt``: the sites the network is sure of (on the lattice, probability
+    at the threshold) carry their class in the pseudo-label mask, the others are unlabelled
+    (no loss); the adapted folder is a model; the report holds the quality figures and the
+    simulated held-out F1 before and after, and the exit code follows the F1 rule."""
+    from training.adapt import REPORT, pseudo_labels
+    from training.cli import app
+    from training.experiments.review import ImageReview
+    from training.predict import Ensemble
+
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"exp{i}.npy")
+        np.save(paths[-1], experiment["images"][i])
+    out = tmp_path / "adapted"
+    args = ["adapt", str(model_dir), *map(str, paths), "-o", str(out), "--pixel-size", "0.16"]
+    args += ["--rounds", "1", "--epochs", "1", "--min-probability", "0.8", "--min-kept", "0.2"]
+    args += ["--set", "data.samples_per_epoch=32", "-q"]
+    result = runner.invoke(app, args)
+    assert (out / REPORT).is_file(), result.output
+    report = json.loads((out / REPORT).read_text())
+    assert result.exit_code == (0 if report["f1_ok"] else 1), result.output
+    assert "before: simulated held-out macro F1" in result.output and "after:" in result.output
+    assert set(report["images_before"]) == set(report["images_after"]) == {"exp0", "exp1"}
+    assert report["images_before"]["exp0"]["verdict"] in ("ok", "check", "poor")
+    assert 0 < report["f1_before"]["mean"] <= 1 and 0 <= report["f1_after"]["mean"] <= 1
+    assert Ensemble.load(out, "cpu").class_names == Ensemble.load(model_dir, "cpu").class_names
+    # the pseudo-label mask of exp0 (resampled 0.16 -> 0.2 Å/px) at every site
+    rv = ImageReview(out / "labels_round_0", "exp0")
+    want = pseudo_labels(rv.site, rv.class_id, rv.probability, 0.8)
+    assert 0 < np.sum(want == 255) < len(want)  # some sure, some not
+    mask = np.asarray(zarr.open_group(str(out / "round_1" / "human_labels.zarr"))["masks"][0])
+    f = 0.16 / 0.2
+    rows = np.round((rv.y + 0.5) * f - 0.5).astype(int)
+    cols = np.round((rv.x + 0.5) * f - 0.5).astype(int)
+    inside = (rows >= 0) & (rows < 204) & (cols >= 0) & (cols < 204)
+    np.testing.assert_array_equal(mask[rows[inside], cols[inside]], want[inside])
+    # bad input: one line, exit 1, nothing written
+    bad = runner.invoke(app, ["adapt", str(model_dir), str(tmp_path / "nope.tif"), "-o",
+                              str(tmp_path / "x")])  # fmt: skip
+    assert bad.exit_code == 1 and "nope.tif: file not found" in bad.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_pseudo_labels_keep_sure_sites_on_the_lattice():
+    from training.adapt import pseudo_labels
+
+    got = pseudo_labels(
+        site=[0, 1, -1, 1, 0],
+        class_id=[1, 2, 2, 3, 4],
+        probability=[0.95, 0.89, 0.99, float("nan"), 0.9],
+        min_probability=0.9,
+    )
+    assert got.tolist() == [1, 255, 255, 255, 4]
+    with pytest.raises(ValueError, match="one value per site"):
+        pseudo_labels([0], [1, 2], [0.9], 0.9)

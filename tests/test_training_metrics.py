@@ -169,3 +169,31 @@ def test_confusion_png_and_history_csv(tmp_path):
     path = write_history_csv(hist, tmp_path / "h.csv")
     back = read_history_csv(path)
     assert back[1]["epoch"] == 2 and back[1]["train_loss"] == 0.25 and back[0]["val_f1"] is None
+
+
+def test_unlabelled_pixels_carry_no_loss_and_no_score():
+    """Pseudo-labels leave unsure sites UNLABELLED: no gradient there, the loss equals the
+    one on the labelled pixels alone, and pixel scores skip them."""
+    import torch
+
+    from simgen.labels import UNLABELLED
+    from training.losses import SegmentationLoss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, generator=gen, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8), generator=gen)
+    part = target.clone()
+    part[:, :4] = UNLABELLED
+    loss_fn = SegmentationLoss([1.0, 2.0, 3.0], dice_weight=1.0)
+    loss_fn(logits, part).backward()
+    assert torch.all(logits.grad[:, :, :4] == 0) and torch.any(logits.grad[:, :, 4:] != 0)
+    # the same as the loss of the labelled half alone
+    half = logits.detach()[:, :, 4:].clone().requires_grad_(True)
+    torch.testing.assert_close(loss_fn(logits, part), loss_fn(half, target[:, 4:]))
+    nothing = torch.full_like(target, UNLABELLED)
+    assert float(loss_fn(logits, nothing).detach()) == 0.0
+    scores = ColumnScores(("background", "a", "b"))
+    scores.add_pixels(
+        np.zeros((4, 4), int), np.r_[np.full(8, UNLABELLED), np.zeros(8)].reshape(4, 4)
+    )
+    assert scores.pixels.sum() == 8

@@ -317,6 +317,76 @@ def finetune(
     _report_runs(results)
 
 
+# -- adapt -------------------------------------------------------------------------------
+@app.command()
+@_clean_errors
+def adapt(
+    run: Annotated[Path, typer.Argument(help="Checkpoint, run directory or ensemble to adapt.")],
+    images: Annotated[
+        list[str], typer.Argument(help="Unlabelled real images: files, folders or glob patterns.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder: the adapted model.")],
+    material: Annotated[
+        str | None,
+        typer.Option("--material", "-m", help="E.g. WSe2: FFT pixel-size calibration."),
+    ] = None,
+    pixel_size: Annotated[
+        float | None, typer.Option("--pixel-size", help="[Å/px] for files without one.")
+    ] = None,
+    rounds: Annotated[int, typer.Option(help="Label → pseudo-label → train rounds.")] = 2,
+    min_probability: Annotated[
+        float, typer.Option(help="A site keeps its class from this probability on.")
+    ] = 0.9,
+    min_kept: Annotated[
+        float, typer.Option(help="An image joins a round with this fraction of sites labelled.")
+    ] = 0.5,
+    real_fraction: Annotated[
+        float, typer.Option(help="Share of training draws from the real images (0..1).")
+    ] = 0.3,
+    epochs: Annotated[int, typer.Option(help="Training epochs per round.")] = 4,
+    lr_scale: Annotated[
+        float, typer.Option(help="Learning rate of the rounds / the run's learning rate.")
+    ] = 0.1,
+    store: Annotated[
+        list[str] | None,
+        typer.Option("--store", "-s", help="Simulated stores to mix in (default: the run's)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a training config key: dotted.key=value (repeat)."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+):
+    """Self-train a model on unlabelled real images: confident, lattice-consistent sites
+    become pseudo-labels, mixed with simulated batches, for a few rounds. Prints the
+    quality figures and the simulated held-out F1 before and after (exit 1 when that F1
+    drops by more than 0.5 %)."""
+    from simgen.configbase import parse_overrides
+    from training.adapt import AdaptSettings
+    from training.adapt import adapt as run_adapt
+
+    settings = AdaptSettings(
+        rounds=rounds, min_probability=min_probability, min_kept=min_kept,
+        real_fraction=real_fraction, epochs=epochs, lr_scale=lr_scale,
+    )  # fmt: skip
+    overrides = parse_overrides(set_ or [])
+    if quiet:
+        overrides["progress"] = False
+    report = run_adapt(
+        run, images, out, settings=settings, stores=store or None, material=material,
+        pixel_size_A=pixel_size, progress=not quiet, echo=typer.echo, overrides=overrides,
+    )  # fmt: skip
+    typer.echo(f"adapted model: {out} (report {out / 'adapt.json'})")
+    if not report.f1_ok:
+        typer.echo(
+            f"error: the simulated held-out macro F1 dropped by {report.f1_drop:.4f} "
+            f"(> {settings.max_f1_loss}); keep the original model or adapt more gently "
+            "(--real-fraction, --epochs, --min-probability)",
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
 # -- evaluate ----------------------------------------------------------------------------
 @app.command()
 @_clean_errors

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from simgen.labels import UNLABELLED
 from structures.columns import LabelScheme
 from training.augment import augment, normalize_image, random_crop
 from training.config import AugmentConfig, DataConfig, PreprocessConfig
@@ -407,6 +408,7 @@ def class_frequencies(dataset: SegmentationDataset, n_classes: int, max_samples:
     for j in pick:
         s, i = dataset.items[j]
         m = dataset.stores[s].mask(i)
+        m = m[m != UNLABELLED]
         if m.size and int(m.max()) >= n_classes:
             raise StoreError(
                 f"{dataset.stores[s].path}: mask of sample {i} has class {int(m.max())}, "

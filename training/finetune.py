@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from simgen.experiment.lattice import scheme_names
+from simgen.labels import UNLABELLED
 from training.experiments.label import LABEL_MARKER, resample_image
 
 #: Name of the store of human labels inside a finetune / train output folder.
@@ -53,6 +54,8 @@ class HumanSample:
     x, y : ndarray of float, shape (N,)
         Column (and empty-site) positions [px]; empty for a mask sample.
     class_id : ndarray of int, shape (N,)
+        :data:`simgen.labels.UNLABELLED` for a site left without a label (its disk gets no
+        loss in training).
     mask : ndarray of uint8, shape (H, W) or None
         A class mask drawn elsewhere (then ``x, y, class_id`` may be empty).
     """
@@ -262,6 +265,8 @@ def write_human_store(
             mask = np.asarray(
                 class_mask(y, x, cid, img.shape, radius_px=disk_radius_A / pixel_size_A)
             ).astype(np.uint8)
+            labelled = cid != UNLABELLED  # unlabelled sites: in the mask only
+            x, y, cid = x[labelled], y[labelled], cid[labelled]
         prepared.append((img, mask, x, y, cid))
     h = max(p[0].shape[0] for p in prepared)
     w = max(p[0].shape[1] for p in prepared)
@@ -328,8 +333,16 @@ def human_store_for(paths, out_dir, stores, *, reviewed_only=True, pixel_size_A=
         paths, scheme_names(ref.scheme.to_dict()), reviewed_only=reviewed_only,
         pixel_size_A=pixel_size_A,
     )  # fmt: skip
+    return store_for(samples, out_dir, stores)
+
+
+def store_for(samples, out_dir, stores) -> Path:
+    """``out_dir/human_labels.zarr`` from ``samples``, matching the simulated ``stores``
+    (their scheme, pixel size and mask disk radius); claims ``out_dir`` as a run folder."""
+    from training.stores import open_store
     from training.train import claim_run_folder
 
+    ref = open_store(stores[0])
     cfg = dict(ref.root.attrs.get("config") or {})
     radius = float((cfg.get("labels") or {}).get("disk_radius_A", 0.7))
     claim_run_folder(out_dir)  # the human store goes inside the run folder: claim it first
@@ -393,9 +406,34 @@ def finetune(
     -------
     list of training.train.RunResult
     """
+    config = continued_config(run, out, stores=stores, members=members, overrides=overrides)
+    human = human_store_for(
+        corrected, out, config.data.train_stores, reviewed_only=reviewed_only,
+        pixel_size_A=pixel_size_A,
+    )  # fmt: skip
+    return train_config(mix_config(config, human, real_fraction), out)
+
+
+def continued_config(run, out, *, stores=None, members=None, overrides=None):
+    """The training config that continues ``run`` (every member from its own weights) on
+    ``stores`` (default the run's simulated stores) into the new run folder ``out``.
+
+    Parameters
+    ----------
+    run : path-like
+        Checkpoint, run directory or ensemble directory.
+    out : path-like
+        New run directory; refused when it already holds a run.
+    stores, members, overrides
+        As in :func:`finetune`.
+
+    Returns
+    -------
+    training.config.TrainConfig
+    """
     from training.config import TrainConfig
     from training.predict import resolve_checkpoints
-    from training.train import load_checkpoint_dict, train_ensemble, train_model
+    from training.train import load_checkpoint_dict
 
     target = Path(out)
     if (target / "last.pt").exists() or (target / "ensemble.json").exists():
@@ -411,10 +449,13 @@ def finetune(
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     if changes:
         config = config.with_overrides(changes)
-    human = human_store_for(
-        corrected, out, sim, reviewed_only=reviewed_only, pixel_size_A=pixel_size_A
-    )
-    config = mix_config(config, human, real_fraction)
+    return config
+
+
+def train_config(config, out):
+    """Train ``config`` into ``out``: an ensemble when it has several members."""
+    from training.train import train_ensemble, train_model
+
     if config.members > 1:
         return train_ensemble(config, out)
     return [train_model(config, out)]

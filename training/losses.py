@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from simgen.labels import UNLABELLED as IGNORE_LABEL  # no loss on unlabelled pixels
+
 
 def class_weights_from_frequencies(
     counts, power: float = 0.5, max_weight: float = 20.0
@@ -62,7 +64,11 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     """
     k = logits.shape[1]
     probs = logits.float().softmax(dim=1)
-    onehot = F.one_hot(target, k).permute(0, 3, 1, 2).to(probs.dtype)
+    valid = target != IGNORE_LABEL
+    onehot = F.one_hot(torch.where(valid, target, 0), k).permute(0, 3, 1, 2).to(probs.dtype)
+    if not bool(valid.all()):  # unlabelled pixels count for no class
+        keep = valid.unsqueeze(1).to(probs.dtype)
+        probs, onehot = probs * keep, onehot * keep
     dims = (0, 2, 3)
     inter = (probs * onehot).sum(dims)
     total = probs.sum(dims) + onehot.sum(dims)
@@ -93,7 +99,9 @@ class SegmentationLoss(nn.Module):
             raise ValueError(
                 f"class_weights: {self.class_weights.numel()} weights for {logits.shape[1]} classes"
             )
-        loss = F.cross_entropy(logits, target, weight=self.class_weights)
+        if bool((target == IGNORE_LABEL).all()):  # nothing labelled: no gradient, no NaN
+            return logits.sum() * 0.0
+        loss = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=IGNORE_LABEL)
         if self.dice_weight > 0:
             loss = loss + self.dice_weight * soft_dice_loss(logits, target)
         return loss

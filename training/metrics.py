@@ -27,6 +27,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+from simgen.labels import UNLABELLED as IGNORE_LABEL
+
 _EMPTY = {
     "x": np.zeros(0),
     "y": np.zeros(0),
@@ -481,6 +483,8 @@ class ColumnScores:
         t = np.asarray(true_map, np.int64).ravel()
         if p.shape != t.shape:
             raise ValueError("add_pixels: prediction and truth differ in shape")
+        labelled = t != IGNORE_LABEL  # unlabelled pixels (pseudo-labels) are not scored
+        p, t = p[labelled], t[labelled]
         if t.size and t.max() >= k:
             raise ValueError(f"add_pixels: true class {t.max()} beyond the {k} classes")
         self.pixels += np.bincount(t * k + p, minlength=k * k).reshape(k, k)
