@@ -239,8 +239,10 @@ def job_settings(spec: ClusterSpec) -> dict:
 
     configured = dask.config.get(f"jobqueue.{spec.kind}", default={}) or {}
     kwargs = {k: v for k, v in JOB_DEFAULTS.items() if configured.get(k) is None}
-    prologue = configured.get("job-script-prologue") or configured.get("job_script_prologue")
-    if not prologue:  # the workers' malloc settings
+    # the workers' malloc settings, unless the user has a prologue (or the older env-extra,
+    # which dask-jobqueue ignores once a prologue is given)
+    keys = ("job-script-prologue", "job_script_prologue", "env-extra", "env_extra")
+    if not any(configured.get(k) or spec.jobqueue.get(k) for k in keys):
         kwargs["job_script_prologue"] = [
             f"export {k}=${{{k}:-{v}}}" for k, v in WORKER_MALLOC_ENV.items()
         ]

@@ -38,15 +38,20 @@ class GenerateReport:
         return self.computed / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _task(store_path: str, config_dict: dict, calibration: dict | None, indices: list[int]):
-    """Run on a worker: compute and write samples ``indices`` (one chunk group)."""
+def _task(
+    store_path: str, config_dict: dict, calibration: dict | None, indices: list[int], store_id=""
+):
+    """Run on a worker: compute and write samples ``indices`` (one chunk group).
+
+    ``store_id`` tells stores at one path apart (a store replaced with ``overwrite`` gets
+    new chunks), so the worker's cached writer is never that of a store since removed."""
     from simgen.backend import mark_fallback_reported
     from simgen.config import SimgenConfig
     from simgen.pipeline import make_sample
 
     mark_fallback_reported()
 
-    key = (store_path, repr(config_dict))
+    key = (store_path, repr(config_dict), store_id)
     if _WORKER_CACHE.get("key") != key:
         _WORKER_CACHE.clear()
         _WORKER_CACHE.update(
@@ -126,25 +131,34 @@ def _run_tasks(
     tasks = [list(range(g * k, min((g + 1) * k, layout.n_samples))) for g in groups]
     if stop_after is not None:
         tasks = tasks[:stop_after]
+    # a task recomputes (bit-identically) the finished samples it shares chunks with; only
+    # its pending ones count as computed
+    pending_set = {int(i) for i in pending}
+    counts = [sum(i in pending_set for i in idx) for idx in tasks]
+    store_id = f"{root.attrs.get('created')}/{k}/{id(root)}"
     skipped = layout.n_samples - len(pending)
     t0 = time.perf_counter()
     done = 0
     bar = _progress_bar(len(pending), progress, initial=0)
     try:
         if cluster.kind == "none" and cluster.scheduler is None:
-            for indices in tasks:
-                done += _task(str(out), config_dict, calibration, indices)
-                _tick(bar, len(indices), done, t0, on_progress, len(pending))
+            for indices, n in zip(tasks, counts, strict=True):
+                _task(str(out), config_dict, calibration, indices, store_id)
+                done += n
+                _tick(bar, n, done, t0, on_progress, len(pending))
         else:
             with open_client(cluster) as client:
                 from distributed import as_completed
 
-                futures = [
-                    client.submit(_task, str(out), config_dict, calibration, idx, pure=False)
-                    for idx in tasks
-                ]
-                for fut in as_completed(futures):
-                    n = fut.result()
+                futures = {
+                    client.submit(
+                        _task, str(out), config_dict, calibration, idx, store_id, pure=False
+                    ): n
+                    for idx, n in zip(tasks, counts, strict=True)
+                }
+                for fut in as_completed(list(futures)):
+                    fut.result()
+                    n = futures[fut]
                     done += n
                     _tick(bar, n, done, t0, on_progress, len(pending))
     finally:

@@ -465,13 +465,22 @@ class SampleWriter:
                 counts[j, : n_cols[j], self.elements.index(el)] = per_element[:, e]
         out.append((a["columns/counts"], slots, counts.reshape(m * c, -1)))
         out.append((a["columns/count"], rows, np.asarray(n_cols, dtype=np.int32)))
-        # stores before 0.3 had the offsets written whole by their creator: the same values
-        starts = (first + np.arange(m, dtype=np.int64)) * c
-        out.append((a["columns/offset"], rows, starts))
+        # stores before 0.3 had the offsets written whole by their creator, in chunks
+        # shared by many tasks: those are left alone (rewriting them would race)
+        if _owns_chunks(a["columns/offset"], first, m):
+            starts = (first + np.arange(m, dtype=np.int64)) * c
+            out.append((a["columns/offset"], rows, starts))
         for name in self.param_names:
             values = np.asarray([float(s.params.get(name, np.nan)) for s in run])
             out.append((a[f"params/{name}"], rows, values))
         return out
+
+
+def _owns_chunks(arr, first: int, m: int) -> bool:
+    """True when samples ``first .. first+m-1`` cover whole chunks of ``arr`` (or run to its
+    end): writing them touches no other task's samples."""
+    step, n = int(arr.chunks[0]), int(arr.shape[0])
+    return first % step == 0 and ((first + m) % step == 0 or first + m >= n)
 
 
 def _write_concurrently(writes) -> None:

@@ -716,10 +716,10 @@ def test_adapt_pseudo_labels_only_sure_lattice_sites_and_reports_before_and_afte
     at the threshold) carry their class in the pseudo-label mask, the others are unlabelled
     (no loss); the adapted folder is a model; the report holds the quality figures and the
     simulated held-out F1 before and after, and the exit code follows the F1 rule."""
-    from training.adapt import REPORT, pseudo_labels
+    from training.adapt import REPORT, AdaptSettings, pseudo_image
     from training.cli import app
-    from training.experiments.review import ImageReview
     from training.predict import Ensemble
+    from training.stores import open_store
 
     paths = []
     for i in range(2):
@@ -738,14 +738,23 @@ def test_adapt_pseudo_labels_only_sure_lattice_sites_and_reports_before_and_afte
     assert report["images_before"]["exp0"]["verdict"] in ("ok", "check", "poor")
     assert 0 < report["f1_before"]["mean"] <= 1 and 0 <= report["f1_after"]["mean"] <= 1
     assert Ensemble.load(out, "cpu").class_names == Ensemble.load(model_dir, "cpu").class_names
-    # the pseudo-label mask of exp0 (resampled 0.16 -> 0.2 Å/px) at every site
-    rv = ImageReview(out / "labels_round_0", "exp0")
-    want = pseudo_labels(rv.site, rv.class_id, rv.probability, 0.8)
+    # the pseudo-label mask of exp0 (resampled 0.16 -> 0.2 Å/px) at every site: the sure
+    # sites by the network's probability before the site constraint
+    result = label_image(experiment_image(experiment, 0), Ensemble.load(model_dir, "cpu"),
+                         tta=False)  # fmt: skip
+    settings = AdaptSettings(min_probability=0.8, min_kept=0.2)
+    sample = pseudo_image("exp0", result, settings).sample
+    want, cat = sample.class_id, result.catalogue
     assert 0 < np.sum(want == 255) < len(want)  # some sure, some not
-    mask = np.asarray(zarr.open_group(str(out / "round_1" / "human_labels.zarr"))["masks"][0])
+    n_det = len(result.column_probs)
+    constrained_only = (cat.probability[:n_det] >= 0.8) & (want[:n_det] == 255)
+    assert constrained_only.any()  # renormalised over the allowed classes they would pass
+    human = out / "round_1" / "human_labels.zarr"
+    assert open_store(human).train_only  # trained on, never validated on
+    mask = np.asarray(zarr.open_group(str(human))["masks"][0])
     f = 0.16 / 0.2
-    rows = np.round((rv.y + 0.5) * f - 0.5).astype(int)
-    cols = np.round((rv.x + 0.5) * f - 0.5).astype(int)
+    rows = np.round((cat.y_px + 0.5) * f - 0.5).astype(int)
+    cols = np.round((cat.x_px + 0.5) * f - 0.5).astype(int)
     inside = (rows >= 0) & (rows < 204) & (cols >= 0) & (cols < 204)
     np.testing.assert_array_equal(mask[rows[inside], cols[inside]], want[inside])
     # bad input: one line, exit 1, nothing written

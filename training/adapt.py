@@ -11,27 +11,31 @@ Per round:
    adaptation): catalogue, overlays and the quality figures of
    :mod:`simgen.experiment.quality`.
 2. :func:`pseudo_labels`: a site keeps its class when it lies on the fitted lattice (a metal
-   or chalcogen site, so its class obeys the site constraint) and the network's probability
-   of that class is at least ``min_probability``; the other sites are left unlabelled
-   (:data:`simgen.labels.UNLABELLED`: their disks carry no loss). Pixels farther than a disk
-   radius from every site are background. An image with fewer than ``min_kept`` of its sites
+   or chalcogen site, so its class obeys the site constraint) and the network's own
+   probability of that class (the ensemble mean over the column, background included,
+   before the constraint renormalises over the classes allowed on the site) is at least
+   ``min_probability``; the other sites are left unlabelled (:data:`simgen.labels.
+   UNLABELLED`: their disks carry no loss). An empty site (a vacancy the labelling confirmed)
+   is judged by the vacancy's probability sampled there. Pixels farther than a disk radius
+   from every site are background. An image with fewer than ``min_kept`` of its sites
    labelled is left out of the round.
 3. The pseudo-labelled images go into ``OUT/round_<r>/human_labels.zarr`` at the network's
    pixel size (:func:`training.finetune.store_for`) and the model continues training on its
-   simulated stores plus that store (``real_fraction`` of the draws) into ``OUT/round_<r>/``.
+   simulated stores plus that store (``real_fraction`` of the draws; the pseudo-labels are
+   only trained on, never validated on) into ``OUT/round_<r>/``.
 
 After the last round ``OUT/ensemble.json`` points at the last round's checkpoints, so ``OUT``
 is a model like any run folder (``simgen-train label OUT ...``); ``OUT/adapt.json`` holds
 the quality figures and class fractions of every image before and after, and the simulated
-held-out macro F1 (the validation part of the simulated stores) before and after, which must
-not drop by more than ``max_f1_loss`` (0.5 %): otherwise the report says so and the exit
-code is 1.
+held-out macro F1 (the run's own validation split of its simulated stores, or its
+``val_stores``) before and after, which must not drop by more than ``max_f1_loss`` (0.5 %):
+otherwise the report says so and the exit code is 1. A run without a simulated validation
+part is refused (nothing would check that adaptation did no harm).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -135,66 +139,96 @@ class PseudoImage:
         return self.kept / self.sites if self.sites else 0.0
 
 
-def pseudo_samples(label_dir, class_names, settings: AdaptSettings) -> list[PseudoImage]:
-    """Pseudo-labelled images from a label output folder (one per labelled image).
+def pseudo_image(name: str, result, settings: AdaptSettings) -> PseudoImage:
+    """Pseudo-labels of one labelled image.
 
     Parameters
     ----------
-    label_dir : path-like
-        Written by :func:`training.experiments.label.label_files`.
-    class_names : sequence of str
-        The network's classes (the folder must have been labelled with them).
+    name : str
+        Its output name.
+    result : training.experiments.label.LabelResult
+        From :func:`~training.experiments.label.label_image`.
     settings : AdaptSettings
 
     Returns
     -------
-    list of PseudoImage
-        ``sample`` is a :class:`training.finetune.HumanSample` whose ``class_id`` holds
+    PseudoImage
+        ``sample`` (None when fewer than ``settings.min_kept`` of the sites are labelled) is
+        a :class:`training.finetune.HumanSample` whose ``class_id`` holds
         :data:`~simgen.labels.UNLABELLED` at the unsure sites.
     """
-    from training.experiments.review import ImageReview, find_label_images
     from training.finetune import HumanSample
 
-    out = []
-    for name in find_label_images(label_dir):
-        rv = ImageReview(label_dir, name)
-        if tuple(rv.class_names) != tuple(class_names):
-            raise ValueError(
-                f"{Path(label_dir) / name}: labelled with classes {list(rv.class_names)}, the "
-                f"network has {list(class_names)}"
-            )
-        cid = pseudo_labels(rv.site, rv.class_id, rv.probability, settings.min_probability)
-        kept = int(np.sum(cid != UNLABELLED))
-        item = PseudoImage(name, len(cid), kept)
-        if len(cid) and item.kept_fraction >= settings.min_kept:
-            item.sample = HumanSample(
-                name, rv.read_image(), rv.pixel_size_A, np.asarray(rv.x, float),
-                np.asarray(rv.y, float), cid,
-            )  # fmt: skip
-        out.append(item)
-    return out
+    cat = result.catalogue
+    cid = np.asarray(cat.class_id, dtype=np.int64)
+    raw = np.asarray(cat.probability, dtype=np.float64).copy()  # empty sites: as labelled
+    n_det = len(result.column_probs)
+    if n_det:  # detected columns: the network's probability before the constraint
+        raw[:n_det] = np.asarray(result.column_probs)[np.arange(n_det), cid[:n_det]]
+    labels = pseudo_labels(cat.site, cid, raw, settings.min_probability)
+    item = PseudoImage(name, len(labels), int(np.sum(labels != UNLABELLED)))
+    if len(labels) and item.kept_fraction >= settings.min_kept:
+        im = result.image
+        item.sample = HumanSample(
+            name, np.asarray(im.data, np.float32), float(im.pixel_size_A),
+            np.asarray(cat.x_px, float), np.asarray(cat.y_px, float), labels,
+        )  # fmt: skip
+    return item
 
 
-def held_out_f1(model, stores: Sequence[str], val_fraction: float) -> dict:
-    """Macro F1 (mean column F1 over the classes present) of ``model`` on the validation
-    part (the last ``val_fraction`` of the samples) of each simulated store.
+def held_out_f1(model, data) -> dict:
+    """Macro F1 (mean column F1 over the classes present) of ``model`` on the simulated
+    held-out samples of a training data config: its ``val_stores`` (``val_range``), or the
+    validation part of each training store (:func:`training.stores.split_indices`).
+
+    Parameters
+    ----------
+    model : path-like
+    data : training.config.DataConfig
 
     Returns
     -------
     dict
-        ``stores`` (path → macro F1) and ``mean``.
+        ``stores`` (path → macro F1), ``mean`` and ``samples``.
+
+    Raises
+    ------
+    ValueError
+        No held-out simulated sample (``val_fraction`` 0 and no ``val_stores``).
     """
     from training.evaluate import evaluate_stores
-    from training.stores import open_store
+    from training.stores import open_store, split_indices
 
-    per_store = {}
-    for path in stores:
-        n = open_store(path).n_samples
-        n_val = max(1, int(math.ceil(val_fraction * n)))
-        summary = evaluate_stores(model, [path], sample_range=(n - n_val, n))
-        per_store[str(path)] = macro_f1(summary)
+    jobs = []
+    if data.val_stores:
+        for path in data.val_stores:
+            n = open_store(path).n_samples
+            jobs.append((str(path), tuple(data.val_range or (0, n))))
+    else:
+        for path in data.train_stores:
+            st = open_store(path)
+            _, val = split_indices(
+                st,
+                val_fraction=data.val_fraction,
+                train_range=data.train_range,
+                val_range=data.val_range,
+            )
+            if len(val):  # fmt: skip
+                jobs.append((str(path), (int(val.min()), int(val.max()) + 1)))
+    if not jobs:
+        raise ValueError(
+            "the run has no simulated validation samples (data.val_fraction 0 and no "
+            "val_stores): adapt could not check that it does no harm there"
+        )
+    per_store, samples = {}, 0
+    for path, span in jobs:
+        summary = evaluate_stores(model, [path], sample_range=span)
+        per_store[path] = macro_f1(summary)
+        samples += int(summary.get("n_images") or 0)
     values = [v for v in per_store.values() if v is not None]
-    return {"stores": per_store, "mean": float(np.mean(values)) if values else None}
+    if not values:
+        raise ValueError("no class with true columns in the simulated validation samples")
+    return {"stores": per_store, "mean": float(np.mean(values)), "samples": samples}
 
 
 def macro_f1(summary: dict) -> float | None:
@@ -245,14 +279,13 @@ class AdaptReport:
     f1_after: dict
 
     @property
-    def f1_drop(self) -> float | None:
-        a, b = self.f1_before.get("mean"), self.f1_after.get("mean")
-        return None if a is None or b is None else float(a - b)
+    def f1_drop(self) -> float:
+        """Simulated held-out macro F1 before minus after (positive: adaptation lost)."""
+        return float(self.f1_before["mean"] - self.f1_after["mean"])
 
     @property
     def f1_ok(self) -> bool:
-        drop = self.f1_drop
-        return drop is None or drop <= self.settings["max_f1_loss"] + 1e-12
+        return self.f1_drop <= self.settings["max_f1_loss"] + 1e-12
 
 
 def adapt(
@@ -315,14 +348,15 @@ def adapt(
     claim_output_folder(out, tool="simgen-train adapt", marker=".simgen-adapt", is_ours=_is_ours)
     base = continued_config(run, out / "round_1", stores=stores)
     sim = tuple(base.data.train_stores)
-    val_fraction = base.data.val_fraction or 0.1
     lr = base.optim.lr * settings.lr_scale
 
     def label_with(model, r):
         ensemble = Ensemble.load(model, "cpu")
+        results = {}
         labelled = label_files(
             files, ensemble, out / f"labels_round_{r}", material=material,
             pixel_size_A=pixel_size_A, progress=progress, echo=lambda line: None, tta=False,
+            on_result=results.__setitem__,
         )  # fmt: skip
         for what, reason in labelled.failures:
             say(f"  not labelled: {reason if reason.startswith(what) else what + ': ' + reason}")
@@ -333,16 +367,16 @@ def adapt(
                 f"{labelled.outdir / 'failures.txt'})"
                 + ("" if r == 0 else "; adaptation failed: keep the model given")
             )
-        return labelled, ensemble.class_names
+        return labelled, results
 
     say(f"adapt: {len(files)} image(s), {settings.rounds} round(s); simulated held-out F1 ...")
-    f1_before = held_out_f1(run, sim, val_fraction)
-    labelled, names = label_with(run, 0)
+    f1_before = held_out_f1(run, base.data)
+    labelled, results = label_with(run, 0)
     before = image_figures(labelled)
     _say_figures(say, "before", before, f1_before)
     model, rounds = run, []
     for r in range(1, settings.rounds + 1):
-        pseudo = pseudo_samples(labelled.outdir, names, settings)
+        pseudo = [pseudo_image(name, res, settings) for name, res in results.items()]
         used = [p for p in pseudo if p.sample is not None]
         kept = sum(p.kept for p in used) / max(1, sum(p.sites for p in used))
         say(
@@ -358,10 +392,10 @@ def adapt(
         target = out / f"round_{r}"
         changes = {"epochs": settings.epochs, "optim.lr": lr, **(overrides or {})}
         cfg = continued_config(model, target, stores=sim, overrides=changes)
-        human = store_for([p.sample for p in used], target, sim)
+        human = store_for([p.sample for p in used], target, sim, train_only=True)
         train_config(mix_config(cfg, human, settings.real_fraction), target)
         model = target
-        labelled, _ = label_with(model, r)
+        labelled, results = label_with(model, r)
         rounds.append(
             {
                 "round": r,
@@ -374,18 +408,16 @@ def adapt(
     checkpoints = [str(Path(p).resolve().relative_to(out.resolve())) for p in
                    resolve_checkpoints(model)]  # fmt: skip
     write_json({"members": checkpoints, "adapted_from": str(run)}, out / "ensemble.json")
-    f1_after = held_out_f1(out, sim, val_fraction)
+    f1_after = held_out_f1(out, base.data)
     after = image_figures(labelled)
     _say_figures(say, "after", after, f1_after)
     report = AdaptReport(str(out), asdict(settings), rounds, before, after, f1_before, f1_after)
     write_json({**asdict(report), "f1_drop": report.f1_drop, "f1_ok": report.f1_ok},
                out / REPORT)  # fmt: skip
-    drop = report.f1_drop
-    if drop is not None:
-        say(
-            f"simulated held-out macro F1: {f1_before['mean']:.4f} -> {f1_after['mean']:.4f} "
-            f"({-drop:+.4f}; allowed drop {settings.max_f1_loss})"
-        )
+    say(
+        f"simulated held-out macro F1: {f1_before['mean']:.4f} -> {f1_after['mean']:.4f} "
+        f"({-report.f1_drop:+.4f}; allowed drop {settings.max_f1_loss})"
+    )
     return report
 
 

@@ -251,7 +251,10 @@ def build_datasets(
     train_idx, val_idx = [], []
     separate_val = bool(data.val_stores)
     for st in train_stores:
-        if separate_val:
+        if st.train_only:  # pseudo-labels: trained on, never validated on
+            train_idx.append(st.complete_indices())
+            val_idx.append(np.zeros(0, dtype=np.int64))
+        elif separate_val:
             span = data.train_range or (0, st.n_samples)
             train_idx.append(st.complete_indices(*span))
         else:
@@ -290,6 +293,8 @@ def _warn_incomplete_validation(data, stores, val_idx) -> None:
 
     log = logging.getLogger("training.data")
     for st, got in zip(stores, val_idx, strict=True):
+        if st.train_only:
+            continue
         if data.val_range is not None:
             lo, hi = data.val_range
             wanted = max(0, min(hi, st.n_samples) - lo)

@@ -220,7 +220,13 @@ def human_samples(
 
 
 def write_human_store(
-    samples, out, *, scheme: dict, pixel_size_A: float, disk_radius_A: float = 0.7
+    samples,
+    out,
+    *,
+    scheme: dict,
+    pixel_size_A: float,
+    disk_radius_A: float = 0.7,
+    train_only: bool = False,
 ):
     """Write human-labelled images as a training store at the network's pixel size.
 
@@ -237,6 +243,9 @@ def write_human_store(
     disk_radius_A : float
         Disk radius of a column in the masks [Å] (the simulated stores'
         ``labels.disk_radius_A``).
+    train_only : bool
+        Mark the store (root attribute ``train_only``) so that training draws from all its
+        samples and validates on none (pseudo-labels are no ground truth).
 
     Returns
     -------
@@ -318,6 +327,7 @@ def write_human_store(
                 "labels": {"disk_radius_A": float(disk_radius_A)},
             },
             "model": "human",
+            "train_only": bool(train_only),
         }
     )
     return path
@@ -336,9 +346,10 @@ def human_store_for(paths, out_dir, stores, *, reviewed_only=True, pixel_size_A=
     return store_for(samples, out_dir, stores)
 
 
-def store_for(samples, out_dir, stores) -> Path:
+def store_for(samples, out_dir, stores, *, train_only: bool = False) -> Path:
     """``out_dir/human_labels.zarr`` from ``samples``, matching the simulated ``stores``
-    (their scheme, pixel size and mask disk radius); claims ``out_dir`` as a run folder."""
+    (their scheme, pixel size and mask disk radius); claims ``out_dir`` as a run folder.
+    ``train_only``: see :func:`write_human_store`."""
     from training.stores import open_store
     from training.train import claim_run_folder
 
@@ -352,6 +363,7 @@ def store_for(samples, out_dir, stores) -> Path:
         scheme=ref.scheme.to_dict(),
         pixel_size_A=ref.pixel_size_A,
         disk_radius_A=radius,
+        train_only=train_only,
     )
 
 

@@ -67,6 +67,8 @@ class StoreInfo:
     image_shape: tuple[int, int]
     n_samples: int
     complete: np.ndarray
+    #: Trained on, never validated on (pseudo-labels of ``simgen-train adapt``).
+    train_only: bool = False
     _root: object = field(default=None, repr=False, compare=False)
     _pid: int = field(default=-1, repr=False, compare=False)
 
@@ -197,6 +199,7 @@ def open_store(path: str | os.PathLike) -> StoreInfo:
         image_shape=shape,  # type: ignore[arg-type]
         n_samples=n,
         complete=complete,
+        train_only=bool(attrs.get("train_only", False)),
     )
 
 

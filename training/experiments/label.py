@@ -971,6 +971,7 @@ def label_files(
     device: str = "cpu",
     progress: bool = True,
     echo=None,
+    on_result=None,
     **label_kwargs,
 ) -> LabelRun:
     """Label every image named by ``inputs`` and write the results under ``outdir``.
@@ -1006,6 +1007,9 @@ def label_files(
     echo : callable, optional
         Called with one line per image (its quality verdict) and per failure (default:
         ``tqdm.write`` to stderr).
+    on_result : callable, optional
+        Called as ``on_result(name, result)`` with each labelled image's output name (its
+        folder under ``outdir``) and :class:`LabelResult`, after its files are written.
     **label_kwargs
         Passed to :func:`label_image` (``tile``, ``overlap``, ``tta``,
         ``background_removal``...).
@@ -1096,6 +1100,8 @@ def label_files(
             )
             rows.append(row)
             run.labelled.append(row)
+            if on_result is not None:
+                on_result(sub, result)
             say(quality_line(sub, result.summary))
             bar.set_postfix(columns=run.n_columns, failed=len(run.failures))
     bar.close()
