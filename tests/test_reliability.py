@@ -179,6 +179,31 @@ def test_creating_a_store_writes_nothing_per_planned_sample(tmp_path):
     assert store.damaged_indices(tmp_path / "t.zarr", small) == {}
 
 
+def test_tasks_write_whole_chunks_and_leave_shared_offsets_of_old_stores_alone(tmp_path):
+    """Tasks of several samples share the chunks of the small arrays and write them whole;
+    a store from before 0.3 (offsets chunked whole, written by its creator) gets no offset
+    write from a task (that would be a read-modify-write race between workers)."""
+    import dataclasses
+
+    layout = dataclasses.replace(_layout(n=6, c=12), samples_per_task=3)
+    root = store.create_store(tmp_path / "t.zarr", layout, ATTRS)
+    assert root["params/lam"].chunks == (3,) and root["columns/x"].chunks == (36,)
+    assert root["images"].chunks[0] == 1 and store.samples_per_task(root) == 3
+    store.write_samples(root, [3, 4, 5], [_sample(i, n_cols=5) for i in (3, 4, 5)])
+    assert list(store.complete_indices(root)) == [3, 4, 5]
+    assert store.damaged_indices(tmp_path / "t.zarr", root) == {}
+    assert [float(root["params/lam"][i]) for i in (3, 4, 5)] == [13.0, 14.0, 15.0]
+    # an old store: offsets in one chunk of the whole array, already written
+    old = store.create_store(tmp_path / "old.zarr", _layout(n=4, c=12), ATTRS)
+    old.create_array("columns/offset", shape=(4,), chunks=(4,), dtype="int64", fill_value=0,
+                     overwrite=True)[:] = np.arange(4) * 12  # fmt: skip
+    before = (tmp_path / "old.zarr" / "columns" / "offset" / "c" / "0").stat().st_mtime_ns
+    store.write_sample(old, 2, _sample(2, n_cols=5))
+    after = (tmp_path / "old.zarr" / "columns" / "offset" / "c" / "0").stat().st_mtime_ns
+    assert before == after and int(old["columns/offset"][2]) == 24
+    assert store.read_columns(old, 2)["x"].shape == (5,)
+
+
 # -- one error style ---------------------------------------------------------------------
 def test_version_on_both_clis():
     from training.cli import app as train_app
