@@ -48,6 +48,14 @@ SESSION = {
 }
 
 
+#: ``simgen generate`` on a quiet machine (load 0.1-1.2) on 2026-12-02, just before tasks
+#: grouped samples and the workers' malloc settings changed (commit 6ecbee6); same bench.
+QUIET_BEFORE = {
+    "date": "2026-12-02 02:10 UTC, commit 6ecbee6, quiet (load 0.1-1.2)",
+    "generate_samples_per_s": {(256, 1): 1.96, (256, 2): 3.37, (512, 1): 1.13, (512, 2): 1.87},
+}
+
+
 def fmt(value, spec: str = ".1f") -> str:
     """``value`` formatted, or ``-`` when not measured."""
     return "-" if value is None else format(value, spec)
