@@ -136,7 +136,12 @@ def main(argv: list[str] | None = None) -> dict:
             size = SIZES.get(name, 256)
             print(f"{name}: {n} images of {size}² made in {seconds:.0f} s", flush=True)
             for model_name, run in found.items():
-                results.setdefault(model_name, {})[name] = s = scores(run, store)
+                try:
+                    s = scores(run, store)
+                except ValueError as err:  # e.g. a model trained at another pixel size
+                    print(f"  {model_name}: skipped ({err})", flush=True)
+                    continue
+                results.setdefault(model_name, {})[name] = s
                 print(f"  {model_name}: {s}", flush=True)
     columns = ("det F1", "X2 rec", "vX1 P", "vX1 R")
     print(f"{'model':<9} {'test store':<14} " + " ".join(f"{c:>7}" for c in columns) + "  n vX1")

@@ -124,12 +124,15 @@ def test_evaluate_and_predict_commands(setup):
         (["evaluate", "{d}/nothing", "{test}", "-q"], "model not found"),
         (["evaluate", "{run}", "{test}", "--range", "3"], "START:STOP"),
         (["predict", "{run}", "{d}/missing.zarr", "-o", "{d}/p.zarr"], "store not found"),
+        (["evaluate", "{run}", "{d}/coarse.zarr", "-q"], "0.6 Å/px, but the model was trained"),
+        (["predict", "{run}", "{d}/coarse.zarr", "-o", "{d}/p.zarr"], "trained at 0.3 Å/px"),
     ],
 )
 def test_bad_input_one_line_error_nonzero_exit(setup, args, message):
     d = setup["dir"]
     if not (d / "v2.zarr").exists():
         write_fake_store(d / "v2.zarr", 2, (48, 48), schema_version=2)
+        write_fake_store(d / "coarse.zarr", 2, (48, 48), pixel_size_A=0.6)  # model: 0.3
         write_fake_store(
             d / "other.zarr",
             2,

@@ -86,6 +86,8 @@ def evaluate_stores(
     StoreError
         A store is missing, of another schema version, or labelled with another scheme
         than the model's.
+    ValueError
+        A store's pixel size is not one the model was trained at (±5 %).
     """
     if out_dir is not None:  # refuse a folder that is not ours before any work
         out_dir = claim_evaluate_output(out_dir)
@@ -95,6 +97,8 @@ def evaluate_stores(
     if eval_overrides:
         eval_cfg = eval_cfg.replace(**eval_overrides)
     stores = open_stores(store_paths, expected=ens.scheme)
+    for st in stores:
+        ens.check_pixel_size(st.pixel_size_A, str(st.path))
     scores = ColumnScores(ens.class_names)
     jobs = []
     for s, st in enumerate(stores):

@@ -250,6 +250,28 @@ class Ensemble:
         sizes = [v for v in sizes if v > 0]
         return float(np.sqrt(min(sizes) * max(sizes))) if sizes else None
 
+    def check_pixel_size(self, pixel_size_A: float, what: str, tolerance: float = 0.05) -> None:
+        """Refuse images at a pixel size the members were not trained at.
+
+        Raises
+        ------
+        ValueError
+            ``pixel_size_A`` lies more than ``tolerance`` (relative) outside the pixel sizes
+            of the training stores (nothing is checked when they are not recorded).
+        """
+        sizes = [float(v) for v in np.atleast_1d(self.infos[0].get("pixel_size_A") or [])]
+        sizes = [v for v in sizes if v > 0]
+        if not sizes or not pixel_size_A or not np.isfinite(pixel_size_A):
+            return
+        lo, hi = min(sizes) / (1 + tolerance), max(sizes) * (1 + tolerance)
+        if not lo <= pixel_size_A <= hi:
+            trained = f"{sizes[0]:.4g}" if len(sizes) == 1 else f"{min(sizes):.4g}-{max(sizes):.4g}"
+            raise ValueError(
+                f"{what}: {pixel_size_A:.4g} Å/px, but the model was trained at {trained} Å/px: "
+                "make the store at the model's pixel size (simgen generate --set "
+                "optics.pixel_size_A=...), or label images (labelling resamples them)"
+            )
+
     def predict(
         self, image, *, preprocess=None, pixel_size_A: float | None = None, **kwargs
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -350,6 +372,7 @@ def predict_store(
     _claim_output(out_path)
     ens = Ensemble.load(model_path, resolve_device(device))
     (store,) = open_stores([store_path], expected=ens.scheme)
+    ens.check_pixel_size(store.pixel_size_A, str(store.path))
     idx = store.complete_indices() if indices is None else np.asarray(indices, dtype=np.int64)
     bad = [int(i) for i in idx if not (0 <= i < store.n_samples and store.complete[i] == 1)]
     if bad:
