@@ -193,6 +193,8 @@ def test_tasks_write_whole_chunks_and_leave_shared_offsets_of_old_stores_alone(t
     assert list(store.complete_indices(root)) == [3, 4, 5]
     assert store.damaged_indices(tmp_path / "t.zarr", root) == {}
     assert [float(root["params/lam"][i]) for i in (3, 4, 5)] == [13.0, 14.0, 15.0]
+    _damage(tmp_path / "t.zarr", "params/lam/c/1", "random")  # shared by samples 3-5
+    assert sorted(store.damaged_indices(tmp_path / "t.zarr", root)) == [3, 4, 5]
     # an old store: offsets in one chunk of the whole array, already written
     old = store.create_store(tmp_path / "old.zarr", _layout(n=4, c=12), ATTRS)
     old.create_array("columns/offset", shape=(4,), chunks=(4,), dtype="int64", fill_value=0,

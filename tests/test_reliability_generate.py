@@ -140,6 +140,18 @@ def test_many_sigkills_then_resume_and_repair_give_the_uninterrupted_store(
     assert result.exit_code == 0 and "2 samples computed" in result.output, result.output
     assert stores_identical(out, ref)
     assert runner.invoke(app, ["check", "--integrity", str(out)]).exit_code == 0
+    # a chunk the 8 samples of a task share (a drawn parameter): all 8 damaged, recomputed
+    assert store.samples_per_task(store.open_store(out)) == 8
+    shared = out / "params" / "shot_lambda_counts" / "c" / "1"
+    shared.write_bytes(b"garbage")
+    check = runner.invoke(app, ["check", "--integrity", str(out)])
+    assert check.exit_code == 1 and all(f"sample {i}: damaged" in check.output
+                                        for i in range(8, 16)), check.output  # fmt: skip
+    result = runner.invoke(
+        app, ["generate", "-c", str(cfg_file), "-o", str(out), "--cluster", "none"]
+    )
+    assert result.exit_code == 0 and "8 samples computed" in result.output, result.output
+    assert stores_identical(out, ref)
 
 
 def test_yes_goes_on_beyond_the_limits(small_cfg, tmp_path):
