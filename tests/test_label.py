@@ -762,6 +762,11 @@ def test_adapt_pseudo_labels_only_sure_lattice_sites_and_reports_before_and_afte
                               str(tmp_path / "x")])  # fmt: skip
     assert bad.exit_code == 1 and "nope.tif: file not found" in bad.stderr
     assert not (tmp_path / "x").exists()
+    if not torch.cuda.is_available():
+        bad = runner.invoke(app, ["adapt", str(model_dir), str(paths[0]), "-o",
+                                  str(tmp_path / "x"), "--device", "cuda"])  # fmt: skip
+        assert bad.exit_code == 1 and "cuda" in bad.stderr.lower()
+        assert not (tmp_path / "x").exists()
 
 
 def test_pseudo_labels_keep_sure_sites_on_the_lattice():

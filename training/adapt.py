@@ -300,6 +300,7 @@ def adapt(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     overrides: dict | None = None,
+    device: str = "auto",
 ) -> AdaptReport:
     """Self-train ``run`` on the unlabelled real ``images`` into the folder ``out``.
 
@@ -323,6 +324,9 @@ def adapt(
         Receives one line per step (default: print).
     overrides : dict, optional
         Further training config keys for every round (``{"optim.lr": 1e-4}``).
+    device : str
+        Where labelling and training run: ``auto`` (a GPU when there is one), ``cpu``,
+        ``cuda`` or ``cuda:N``.
 
     Returns
     -------
@@ -334,6 +338,7 @@ def adapt(
     from training.finetune import continued_config, mix_config, store_for, train_config
     from training.predict import Ensemble, resolve_checkpoints
     from training.report import claim_output_folder
+    from training.train import resolve_device
 
     settings = settings or AdaptSettings()
     say = echo or print
@@ -345,13 +350,14 @@ def adapt(
     if not files:
         raise ValueError("no image given")
     resolve_checkpoints(run)  # a wrong model path: one-line error before anything is written
+    torch_device = resolve_device(device)  # CUDA asked for and absent: likewise
     claim_output_folder(out, tool="simgen-train adapt", marker=".simgen-adapt", is_ours=_is_ours)
     base = continued_config(run, out / "round_1", stores=stores)
     sim = tuple(base.data.train_stores)
     lr = base.optim.lr * settings.lr_scale
 
     def label_with(model, r):
-        ensemble = Ensemble.load(model, "cpu")
+        ensemble = Ensemble.load(model, torch_device)
         results = {}
         labelled = label_files(
             files, ensemble, out / f"labels_round_{r}", material=material,
@@ -390,7 +396,8 @@ def adapt(
                 "--min-kept, or train on data closer to these images (simgen match)"
             )
         target = out / f"round_{r}"
-        changes = {"epochs": settings.epochs, "optim.lr": lr, **(overrides or {})}
+        changes = {"epochs": settings.epochs, "optim.lr": lr, "device": device}
+        changes.update(overrides or {})
         cfg = continued_config(model, target, stores=sim, overrides=changes)
         human = store_for([p.sample for p in used], target, sim, train_only=True)
         train_config(mix_config(cfg, human, settings.real_fraction), target)

@@ -355,6 +355,7 @@ def adapt(
         list[str] | None,
         typer.Option("--set", help="Override a training config key: dotted.key=value (repeat)."),
     ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ):
     """Self-train a model on unlabelled real images: confident, lattice-consistent sites
@@ -375,6 +376,7 @@ def adapt(
     report = run_adapt(
         run, images, out, settings=settings, stores=store or None, material=material,
         pixel_size_A=pixel_size, progress=not quiet, echo=typer.echo, overrides=overrides,
+        device=device,
     )  # fmt: skip
     typer.echo(f"adapted model: {out} (report {out / 'adapt.json'})")
     if not report.f1_ok:
