@@ -735,6 +735,7 @@ def test_adapt_pseudo_labels_only_sure_lattice_sites_and_reports_before_and_afte
     assert result.exit_code == (0 if report["f1_ok"] else 1), result.output
     assert "before: simulated held-out macro F1" in result.output and "after:" in result.output
     assert set(report["images_before"]) == set(report["images_after"]) == {"exp0", "exp1"}
+    assert json.loads((out / ".simgen-adapt").read_text())["finished"] is True
     assert report["images_before"]["exp0"]["verdict"] in ("ok", "check", "poor")
     assert 0 < report["f1_before"]["mean"] <= 1 and 0 <= report["f1_after"]["mean"] <= 1
     assert Ensemble.load(out, "cpu").class_names == Ensemble.load(model_dir, "cpu").class_names

@@ -421,6 +421,7 @@ def adapt(
     report = AdaptReport(str(out), asdict(settings), rounds, before, after, f1_before, f1_after)
     write_json({**asdict(report), "f1_drop": report.f1_drop, "f1_ok": report.f1_ok},
                out / REPORT)  # fmt: skip
+    write_json({"tool": "simgen-train adapt", "finished": True}, out / ".simgen-adapt")
     say(
         f"simulated held-out macro F1: {f1_before['mean']:.4f} -> {f1_after['mean']:.4f} "
         f"({-report.f1_drop:+.4f}; allowed drop {settings.max_f1_loss})"
