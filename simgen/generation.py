@@ -88,7 +88,8 @@ def generate(
     overwrite : bool
         Replace an existing store instead of continuing it.
     calibration : dict, optional
-        Incoherent-model calibration (computed and cached by the caller).
+        Incoherent-model calibration (computed and cached by the caller). A resumed store
+        keeps the calibration stored in it (its finished samples were made with it).
     stop_after : int, optional
         Stop after this many tasks (tests of interruption).
     """
@@ -107,6 +108,12 @@ def generate(
                 out, config_dict, layout, normalize=lambda d: normalize(d).to_dict()
             )
             created = False
+            stored = root.attrs.get("calibration")
+            if stored is not None and stored != calibration:
+                # the store's samples were made with its own calibration (an older
+                # version, or one recomputed since): the rest are made with it too
+                logger.info("resuming %s with its own calibration %s", out, stored.get("key", "?"))
+                calibration = stored
         else:  # new, replaced, or killed while being created (holds no sample)
             replace = overwrite or store.creation_unfinished(out)
             root = store.create_store(out, layout, store_attrs(cfg, calibration), overwrite=replace)

@@ -100,7 +100,13 @@ def test_resume_computes_only_unfinished_samples(small_cfg, calibration, tmp_pat
     )
     assert r1.computed == 2
     assert store.samples_per_task(store.open_store(out)) == 2
-    r2 = generate(cfg, out, cluster=ClusterSpec("none"), calibration=calibration, progress=False)
+    # resumed after the calibration changed (an upgrade, a recalibration): the store's own
+    # calibration makes the rest, so the store is still the uninterrupted one
+    changed = {
+        **calibration,
+        "weights_A2": {e: 2 * w for e, w in calibration["weights_A2"].items()},
+    }
+    r2 = generate(cfg, out, cluster=ClusterSpec("none"), calibration=changed, progress=False)
     assert (r2.computed, r2.skipped) == (2, 2)
     generate(  # the automatic task size (all 4 in one task): the same samples
         small_cfg,
