@@ -50,7 +50,7 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 bench: $(STAMP) ## Print benchmark tables (speed vs plain abTEM; not pass/fail)
 	$(BIN)/python -m benchmarks.run
 
-calibrations: $(STAMP) ## Rebuild the shipped incoherent-model calibrations and detector grids (~45 min, CPU)
+calibrations: $(STAMP) ## Rebuild the shipped incoherent-model calibrations and detector grids (~75 min, CPU)
 	$(BIN)/python -m simgen.calibration_table simgen/data/calibrations.json
 
 gpu-check: ## On a GPU machine: gpu tests + GPU figures beside the CPU ones (docs/gpu.md)

@@ -203,40 +203,14 @@ def mos2_test_cell(rng: int = 12):
 def vacancy_test_cell(metal: str, chalcogen: str, rng: int = 13, n_empty: int = 4):
     """Periodic 4 x 3 host cell with ``n_empty`` double vacancies whose three metal
     neighbours are all host atoms (the vacancy/hollow contrast of ordinary lattice; in
-    the dopant cell the one empty site borders a V dopant and a Te2 column)."""
-    from ase import Atoms
+    the dopant cell the one empty site borders a V dopant and a Te2 column). Built like
+    the calibration's :func:`simgen.calibrate.isolated_vacancy_cell`, with another seed."""
+    from simgen.calibrate import isolated_vacancy_cell
 
-    from simgen.calibrate import reference_cell
-    from simgen.simulation import Columns
-
-    atoms, cols, kinds = reference_cell(metal, chalcogen, repeats=(4, 3), rng=rng)
-    kinds = kinds.astype(object)
-    xy = np.stack([cols.x, cols.y], axis=1)
-    box = np.asarray(atoms.cell.lengths()[:2])
-
-    def distances(i):
-        return np.hypot(*(((xy - xy[i] + box / 2) % box - box / 2).T))
-
-    gen = np.random.default_rng(rng)
-    for i in gen.permutation(np.nonzero(kinds == f"{chalcogen}2")[0]):
-        if np.sum(kinds == "empty_X") >= n_empty:
-            break
-        near = distances(i) < 2.5
-        if all(k in (metal, f"{chalcogen}2") for k in kinds[near & (np.arange(len(kinds)) != i)]):
-            kinds[i] = "empty_X"
-    counts = np.array(cols.counts)
-    counts[kinds == "empty_X"] = 0
-    keep = np.ones(len(atoms), bool)
-    for i in np.nonzero(kinds == "empty_X")[0]:
-        keep &= np.hypot(*(atoms.positions[:, :2] - xy[i]).T) > 0.1
-    new = Atoms(
-        symbols=np.array(atoms.get_chemical_symbols())[keep].tolist(),
-        positions=atoms.positions[keep],
-        cell=atoms.cell,
-        pbc=True,
+    atoms, cols, kinds = isolated_vacancy_cell(
+        metal, chalcogen, n_empty=n_empty, repeats=(4, 3), rng=rng
     )
-    columns = Columns(x=cols.x, y=cols.y, counts=counts, elements=cols.elements)
-    return new, columns, np.asarray(kinds, dtype=str), (4, 3)
+    return atoms, cols, kinds, (4, 3)
 
 
 def _values(image, columns, p, points=None):
@@ -253,19 +227,23 @@ RATIOS = {
         ("W/Se2", "W", "Se2"),
         ("Se1 entry/Se2", "Se_entry", "Se2"),
         ("Se1 exit/Se2", "Se_exit", "Se2"),
+        ("Se1 mean/Se2", "Se_single", "Se2"),
         ("V/W", "V", "W"),
         ("SeTe/Se2", "SeTe", "Se2"),
         ("TeSe/Se2", "TeSe", "Se2"),
         ("Te2/Se2", "Te2", "Se2"),
         ("empty Se site/hollow", "empty_X", "hollow"),
         ("empty W site/hollow", "empty_M", "hollow"),
+        ("hollow/W (dark level)", "hollow", "W"),
     ),
     "MoS2": (
         ("Mo/S2", "Mo", "S2"),
         ("S1 entry/S2", "S_entry", "S2"),
         ("S1 exit/S2", "S_exit", "S2"),
+        ("S1 mean/S2", "S_single", "S2"),
         ("empty S site/hollow", "empty_X", "hollow"),
         ("empty Mo site/hollow", "empty_M", "hollow"),
+        ("hollow/Mo (dark level)", "hollow", "Mo"),
     ),
 }
 
@@ -282,6 +260,8 @@ def ratio_rows(name, cell, ref_image, fast_image, p):
     for img, tag in ((a, "ref"), (b, "fast")):
         v = _values(img, cols, p)
         means = {k: float(np.mean(v[kinds == k])) for k in set(kinds)}
+        single = np.isin(kinds, [f"{chalcogen}_entry", f"{chalcogen}_exit"])
+        means[f"{chalcogen}_single"] = float(np.mean(v[single]))  # what a vac_X1 label holds
         means["hollow"] = float(np.mean(_values(img, cols, p, hollow)))
         per_kind[tag] = means
     rows = []

@@ -1,7 +1,8 @@
 """Calibration of the incoherent HAADF model against PRISM or multislice.
 
 The incoherent model (:mod:`simgen.incoherent`) writes the image as
-``I(r) = b + sum_(column j, element e) |P|^2 * [A_je G_(sigma_e) + n_je t_e G_(s_e)](r - r_j)``
+``I(r) = b + sum_(j, e) |P|^2 * [A_je G_(sigma_e) + n_je sum_k t_ek G_(s_ek)](r - r_j)``
+(sums over columns j, elements e and tails k)
 with
 
 * ``A_je = n_je * w_e * kappa_e ** (n_j - 1)``: ``n_je`` atoms of element ``e`` in a column
@@ -11,8 +12,9 @@ with
   gives ``2 kappa_S w_S``, a mixed SSe column ``kappa_S w_S + kappa_Se w_Se``);
 * ``sigma_e`` [Å]: the width of the object peak (thermal smearing and the extent of the
   high-angle scattering potential);
-* ``t_e`` [Å²], ``s_e = sqrt(sigma_e^2 + tau^2)``: a broad tail per atom (one fitted extra
-  width ``tau``), the signal a column sends into its surroundings;
+* ``t_ek`` [Å²], ``s_ek = sqrt(sigma_e^2 + tau_k^2)``: two broad tails per atom (k = 1, 2;
+  two fitted extra widths ``tau_1 < tau_2`` shared by all elements), the signal a column
+  sends into its surroundings;
 * ``b``: a constant background (fraction of the beam).
 
 :func:`calibrate` fixes these numbers for one energy, convergence angle and detector by
@@ -21,10 +23,11 @@ or focal spread: those act on the probe, which the incoherent model computes exa
 small periodic cells, one per host lattice (the dataset's materials, or every
 (metal, chalcogen) pair), each holding every column type: lone metal atoms and dopants,
 pristine X2 columns, single-vacancy X columns (entrance- and exit-side atom), substituted
-columns and empty sites. For fixed widths the images are linear in
-``(w_e, kappa_e w_e, t_e, b)``: linear least squares on relative residuals, nested in a
-bounded nonlinear least-squares fit of the widths and the tail width
-(``scipy.optimize.least_squares``).
+columns and empty sites, plus one cell per host lattice whose vacancies sit among pristine
+columns (:func:`isolated_vacancy_cell`: the dark level of ordinary lattice). For fixed
+widths the images are linear in ``(w_e, kappa_e w_e, t_ek, b)``: linear least squares on
+relative residuals, nested in a bounded nonlinear least-squares fit of the widths and the
+two tail widths (``scipy.optimize.least_squares``).
 
 The result is a :class:`Calibration` (``to_dict``/``from_dict``; ``key`` names what it
 depends on). Nothing here touches files: caching is the store/CLI layer's job.
@@ -76,6 +79,7 @@ __all__ = [
     "calibration_key",
     "fit_calibration",
     "hollow_sites",
+    "isolated_vacancy_cell",
     "reference_cell",
     "reference_cells",
 ]
@@ -90,9 +94,14 @@ FIT_FOCAL_POINTS = 7
 #: Residuals are divided by ``image + RESIDUAL_FLOOR * mean(image)`` (relative, softened).
 RESIDUAL_FLOOR = 0.5
 
-#: Starting value and bounds of the shared tail width [Å].
-TAIL_WIDTH_START_A = 0.6
-TAIL_WIDTH_BOUNDS_A = (0.2, 1.5)
+#: Starting values of the two shared tail widths [Å] and the bounds of each (after the
+#: fit the narrower is ``tau_1``).
+TAIL_WIDTH_START_A = (0.4, 1.0)
+TAIL_WIDTH_BOUNDS_A = (0.15, 2.0)
+
+#: Empty chalcogen sites of :func:`isolated_vacancy_cell` (the reference cell's one and
+#: the others among pristine columns).
+ISOLATED_EMPTY_SITES = 3
 
 
 # -- reference cells -----------------------------------------------------------------------------
@@ -259,6 +268,71 @@ def hollow_sites(lattice_A: float, repeats: tuple[int, int]) -> np.ndarray:
     return np.array(pts)
 
 
+def isolated_vacancy_cell(
+    metal: str,
+    chalcogen: str,
+    *,
+    n_empty: int = ISOLATED_EMPTY_SITES,
+    repeats: tuple[int, int] = (4, 3),
+    rng=0,
+):
+    """A host :func:`reference_cell` with double vacancies among pristine columns.
+
+    The reference cell crowds its special sites (10 of 24 chalcogen sites in a 4 x 3
+    cell), so its vacancies mostly border other defects; real vacancies mostly sit in
+    ordinary lattice. This cell empties further chalcogen sites whose nearest neighbours
+    (< 2.5 Å) are all host metal atoms or pristine X2 columns: fitting on it as well, the
+    vacancy-site/hexagon-centre contrasts of ordinary lattice come out within 2 % of
+    converged PRISM (``benchmarks/bench_convergence.py``; 4 % without it).
+
+    Parameters
+    ----------
+    metal, chalcogen : str
+        Host elements.
+    n_empty : int
+        Empty chalcogen sites in the cell, the reference cell's own one included (fewer if
+        the cell has no more pristine places).
+    repeats : (int, int)
+        Orthogonal unit cells along x and y.
+    rng : Generator or int
+        Shuffles the reference cell's sites and picks the empty sites.
+
+    Returns
+    -------
+    atoms, columns, kinds
+        As :func:`reference_cell`; the new empty sites have kind ``empty_X``.
+    """
+    from ase import Atoms
+
+    gen = as_rng(rng)  # an integer seeds the cell and the choice of sites alike
+    seed = rng if isinstance(rng, int | np.integer) else gen
+    atoms, cols, kinds = reference_cell(metal, chalcogen, repeats=repeats, rng=seed)
+    kinds = kinds.astype(object)
+    xy = np.stack([cols.x, cols.y], axis=1)
+    box = np.asarray(atoms.cell.lengths()[:2])
+    pristine = (metal, f"{chalcogen}2")
+    for i in gen.permutation(np.nonzero(kinds == f"{chalcogen}2")[0]):
+        if np.sum(kinds == "empty_X") >= int(n_empty):
+            break
+        near = np.hypot(*(((xy - xy[i] + box / 2) % box - box / 2).T)) < 2.5
+        near[i] = False
+        if all(k in pristine for k in kinds[near]):
+            kinds[i] = "empty_X"
+    counts = np.array(cols.counts)
+    counts[kinds == "empty_X"] = 0
+    keep = np.ones(len(atoms), bool)
+    for i in np.nonzero(kinds == "empty_X")[0]:
+        keep &= np.hypot(*(atoms.positions[:, :2] - xy[i]).T) > 0.1
+    new = Atoms(
+        symbols=np.array(atoms.get_chemical_symbols())[keep].tolist(),
+        positions=atoms.positions[keep],
+        cell=atoms.cell,
+        pbc=True,
+    )
+    columns = Columns(x=cols.x, y=cols.y, counts=counts, elements=cols.elements)
+    return new, columns, np.asarray(kinds, dtype=str)
+
+
 def reference_cells(
     elements: Sequence[str],
     *,
@@ -266,7 +340,7 @@ def reference_cells(
     repeats: tuple[int, int] = (3, 2),
     rng=0,
 ):
-    """One :func:`reference_cell` per host lattice.
+    """One :func:`reference_cell` and one :func:`isolated_vacancy_cell` per host lattice.
 
     Without ``hosts`` every (metal, chalcogen) pair of ``elements`` is a host (its own
     lattice, mixed columns with the other chalcogens). With ``hosts`` (the dataset's
@@ -283,11 +357,11 @@ def reference_cells(
     metals, chalcogens = _split(elements)
     gen = as_rng(rng)
     if hosts is None:
-        return [
-            reference_cell(m, x, others=chalcogens, repeats=repeats, rng=gen)
-            for m in metals
-            for x in chalcogens
+        pairs = [(m, x) for m in metals for x in chalcogens]
+        cells = [
+            reference_cell(m, x, others=chalcogens, repeats=repeats, rng=gen) for m, x in pairs
         ]
+        return cells + [isolated_vacancy_cell(m, x, repeats=repeats, rng=gen) for m, x in pairs]
     pairs = [(str(m), str(x)) for m, x in hosts]
     bad = [p for p in pairs if p[0] not in metals or p[1] not in chalcogens]
     if not pairs or bad:
@@ -297,10 +371,11 @@ def reference_cells(
         )
     host_metals = {m for m, _ in pairs}
     dopants = [m for m in metals if m not in host_metals]
-    return [
+    cells = [
         reference_cell(m, x, others=chalcogens, dopants=dopants, repeats=repeats, rng=gen)
         for m, x in pairs
     ]
+    return cells + [isolated_vacancy_cell(m, x, repeats=repeats, rng=gen) for m, x in pairs]
 
 
 # -- fit -----------------------------------------------------------------------------------------
@@ -350,10 +425,12 @@ def fit_calibration(
     initial_width_A : float
         Starting width of every element [Å].
     tails : bool
-        Fit a broad tail per element (weight ``t_e``, one shared extra width); without it
-        empty sites and hexagon centres come out 6–14 % low against converged multislice.
+        Fit two broad tails per element (weights ``t_e1``, ``t_e2``; two shared extra
+        widths); without tails empty sites and hexagon centres come out 6–14 % low against
+        converged multislice, with one tail width vacancy-site/hollow contrasts up to 5 %
+        off (``benchmarks/bench_convergence.py``).
     shape : Calibration, optional
-        Keep its tails (weights and width) and start from its widths: how
+        Keep its tails (weights and widths) and start from its widths: how
         :func:`calibrate` fits the other defoci (the tails are the weakest-determined
         part of the fit, and a broader defocused probe makes them weaker still; fitted
         freely at ±30 Å they moved empty-site/hollow ratios by 6–8 %).
@@ -385,15 +462,16 @@ def fit_calibration(
             )
         )
     groups = _peak_groups(tables, cells, renderers, periodic)
-    theta, resid, widths, tail_width, nfev, labels = _fit_design(
+    theta, resid, widths, tail_widths, nfev, labels = _fit_design(
         groups, renderers, targets, all_els, initial_width_A, tails, shape
     )
     t = np.concatenate(targets)
     present = sorted({g[1] for g in groups}, key=atomic_number)
     weights, kappa, wid = _element_parameters(theta, labels, present, widths)
-    tail_weights = (
-        {e: float(theta[len(labels) + k]) for k, e in enumerate(present)} if tails else None
-    )
+    tail_weights = [
+        {e: float(theta[len(labels) + k * len(present) + i]) for i, e in enumerate(present)}
+        for k in range(len(tail_widths))
+    ] + [None, None]
     fit = {
         "correlation": float(np.corrcoef(t, t + resid)[0, 1]),
         "rms_relative": float(np.sqrt(np.mean(resid**2)) / np.mean(t)),
@@ -415,8 +493,10 @@ def fit_calibration(
         haadf_outer_mrad=opt["haadf_outer_mrad"],
         reference=dict(reference or {"model": "image"}),
         fit=fit,
-        tails_A2=tail_weights,
-        tail_width_A=tail_width if tails else 0.0,
+        tails_A2=tail_weights[0],
+        tail_width_A=tail_widths[0] if tails else 0.0,
+        tails2_A2=tail_weights[1],
+        tail2_width_A=tail_widths[1] if tails else 0.0,
     )
 
 
@@ -450,18 +530,26 @@ def _peak_groups(tables, cells, renderers, periodic: bool) -> list:
 
 
 def _fit_design(groups, renderers, targets, all_els, initial_width_A, tails=True, shape=None):
-    """Widths (and the tail width) by bounded nonlinear least squares; for given widths the
-    image is linear in one weight per (element, class), one tail weight per element and
-    the background (solved exactly). With ``shape`` (a Calibration) its tails are kept
-    (weights and width) and its widths are the starting point."""
+    """Widths (and the two tail widths) by bounded nonlinear least squares; for given
+    widths the image is linear in one weight per (element, class), two tail weights per
+    element and the background (solved exactly). With ``shape`` (a Calibration) its tails
+    are kept (weights and widths) and its widths are the starting point.
+
+    Returns ``theta`` (linear terms: labels, then tail 1 and tail 2 per element of
+    ``present``, then the background), the residual, the widths, the two tail widths
+    (narrower first), ``nfev`` and the labels."""
     from scipy.optimize import least_squares
 
     widx = {e: k for k, e in enumerate(all_els)}
     labels = sorted({(g[1], g[2]) for g in groups}, key=lambda k: (atomic_number(k[0]), k[1]))
     lab_idx = {k: j for j, k in enumerate(labels)}
     present = sorted({g[1] for g in groups}, key=atomic_number)
-    tail_idx = {e: len(labels) + k for k, e in enumerate(present)}
-    n_cols = len(labels) + (len(present) if tails else 0) + 1
+    n_tails = len(TAIL_WIDTH_START_A) if tails else 0
+    tail_idx = {
+        (e, k): len(labels) + k * len(present) + i for k in range(n_tails)
+        for i, e in enumerate(present)
+    }  # fmt: skip
+    n_cols = len(labels) + n_tails * len(present) + 1
     offsets = np.cumsum([0] + [t.size for t in targets])
     t = np.concatenate(targets)
     # relative residuals, softened: dark pixels (empty sites, hexagon centres) count as
@@ -470,34 +558,42 @@ def _fit_design(groups, renderers, targets, all_els, initial_width_A, tails=True
     weight /= np.mean(weight)
 
     def design(params):
-        widths, tail_width = params[: len(all_els)], (params[-1] if tails else 0.0)
+        widths, tail_widths = params[: len(all_els)], params[len(all_els) :]
         a = np.zeros((t.size, n_cols))
         for n, e, cls, px, py, amp in groups:
             sig = np.full(px.size, widths[widx[e]])
             rows = slice(offsets[n], offsets[n + 1])
             img = np.asarray(renderers[n].render(px, py, amp, sig), dtype=np.float64)
             a[rows, lab_idx[(e, cls)]] += img.ravel()
-            if tails:
-                img = renderers[n].render(px, py, 0.0 * amp, sig, amp, tail_width)
-                a[rows, tail_idx[e]] += np.asarray(img, dtype=np.float64).ravel()
+            for k in range(n_tails):
+                img = renderers[n].render(px, py, 0.0 * amp, sig, [(amp, tail_widths[k])])
+                a[rows, tail_idx[(e, k)]] += np.asarray(img, dtype=np.float64).ravel()
         a[:, -1] = 1.0
         return a
 
     fixed = np.zeros(n_cols)
     free = np.ones(n_cols, bool)
+    shape_terms = (
+        ((shape.tails_A2, shape.tail_width_A), (shape.tails2_A2, shape.tail2_width_A))
+        if shape is not None
+        else ()
+    )
     if shape is not None and tails:  # the tails stay as ``shape`` has them
-        for e, j in tail_idx.items():
-            fixed[j] = shape.tails_A2.get(e, 0.0)
+        for (e, k), j in tail_idx.items():
+            fixed[j] = shape_terms[k][0].get(e, 0.0)
         free[len(labels) : n_cols - 1] = False
 
     def full(widths):
-        return np.append(widths, shape.tail_width_A) if shape is not None and tails else widths
+        if shape is not None and tails:
+            return np.append(widths, [w for _, w in shape_terms[:n_tails]])
+        return widths
 
     def solve(params):
         a = design(full(params))
         rest = t - a @ fixed
         aw = a[:, free] * weight[:, None]
         scale = np.linalg.norm(aw, axis=0)
+        scale[scale == 0] = 1.0  # a tail of width 0 (a shape without a second tail)
         sol, *_ = np.linalg.lstsq(aw / scale, rest * weight, rcond=None)
         theta = fixed.copy()
         theta[free] = sol / scale
@@ -509,14 +605,21 @@ def _fit_design(groups, renderers, targets, all_els, initial_width_A, tails=True
         x0 = np.array([shape.widths_A.get(e, initial_width_A) for e in all_els])
     elif tails:
         x0 = np.append(x0, TAIL_WIDTH_START_A)
-        lo, hi = np.append(lo, TAIL_WIDTH_BOUNDS_A[0]), np.append(hi, TAIL_WIDTH_BOUNDS_A[1])
+        lo = np.append(lo, [TAIL_WIDTH_BOUNDS_A[0]] * n_tails)
+        hi = np.append(hi, [TAIL_WIDTH_BOUNDS_A[1]] * n_tails)
     res = least_squares(
         lambda w: solve(w)[1] * weight, x0=x0, bounds=(lo, hi), x_scale=0.05, diff_step=1e-3
     )
     theta, resid = solve(res.x)
     widths = {e: float(res.x[widx[e]]) for e in all_els}
-    tail_width = float(full(res.x)[-1]) if tails else 0.0
-    return theta, resid, widths, tail_width, res.nfev, labels
+    tail_widths = [float(w) for w in full(res.x)[len(all_els) :]]
+    if n_tails == 2 and tail_widths[0] > tail_widths[1]:  # the narrower tail first
+        tail_widths.reverse()
+        first, second = (
+            [tail_idx[(e, k)] for e in present] for k in range(2)
+        )  # fmt: skip
+        theta[first + second] = theta[second + first]
+    return theta, resid, widths, tail_widths, res.nfev, labels
 
 
 def _element_parameters(theta, labels, present, widths):
@@ -649,9 +752,10 @@ def _prepare(optics, elements, settings: ReferenceSettings):
         "defocus_A": [key_number(c) for c in s.defocus_A],
         # the fit's own settings: a change of any of them changes every calibration
         "fit": {
-            "tails": True,
+            "tails": len(TAIL_WIDTH_START_A),
+            "isolated_empty_sites": ISOLATED_EMPTY_SITES,
             "residual_floor": key_number(RESIDUAL_FLOOR),
-            "tail_width_start_A": key_number(TAIL_WIDTH_START_A),
+            "tail_width_start_A": [key_number(w) for w in TAIL_WIDTH_START_A],
             "tail_width_bounds_A": [key_number(b) for b in TAIL_WIDTH_BOUNDS_A],
             "initial_width_A": key_number(FIT_INITIAL_WIDTH_A),
             "focal_points": FIT_FOCAL_POINTS,

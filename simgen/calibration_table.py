@@ -4,13 +4,13 @@ A CPU user with shipped optics never waits for a calibration: :func:`simgen.api.
 cached_calibration` looks a key up in the user's cache, then in this table
 (``simgen/data/calibrations.json``), and only then calibrates. The table holds the six 2H
 binaries (MoS2, WS2, MoSe2, WSe2, MoTe2, WTe2) at 60 and 80 kV, 25, 30 and 35 mrad, with
-the default 60–200 mrad detector, plus the default dopant (Re in MoS2) and the V-doped
-WSe2 of the docs at 30 mrad, all at the default reference numerics
+the default 60–200 mrad detector, plus the dopants at 30 mrad: Re, Nb and Cr in MoS2, V,
+Nb and Cr in WSe2, all at the default reference numerics
 (:class:`simgen.calibrate.ReferenceSettings`: PRISM f = 1, 0.05 Å waves, potential ×4),
 and detector grids (:data:`SHIPPED_GRIDS`: 80 kV, 30 mrad, inner 40–120 x outer
 150–250 mrad, frozen-phonon references) for the same materials, each node an entry.
 
-Rebuild (about 45 minutes on two CPU cores; deterministic, CPU)::
+Rebuild (about 75 minutes on two CPU cores; deterministic, CPU)::
 
     make calibrations        # = python -m simgen.calibration_table simgen/data/calibrations.json
 
@@ -62,6 +62,12 @@ def _entries() -> list[tuple[dict, tuple[str, ...]]]:
         out += [
             (optics, ("Mo", "Re", "S"), (("Mo", "S"),)),
             (optics, ("W", "V", "Se"), (("W", "Se"),)),
+        ]
+        out += [  # the other common dopants, each in the host it is usually grown in
+            (optics, ("Mo", "Nb", "S"), (("Mo", "S"),)),
+            (optics, ("Mo", "Cr", "S"), (("Mo", "S"),)),
+            (optics, ("W", "Nb", "Se"), (("W", "Se"),)),
+            (optics, ("W", "Cr", "Se"), (("W", "Se"),)),
         ]
     return out
 

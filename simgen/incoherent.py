@@ -1,14 +1,18 @@
 """The incoherent HAADF model and its calibration parameters.
 
-``I(r) = b + sum_(column j, element e) |P|^2 * [A_je G_(sigma_e) + n_je t_e G_(s_e)](r - r_j)``
+``I(r) = b + sum_(j, e) |P|^2 * [A_je G_(sigma_e) + n_je sum_k t_ek G_(s_ek)](r - r_j)``
+(sums over columns j, elements e and tails k)
 with ``A_je = n_je * w_e * kappa_e ** (n_j - 1)``: the probe intensity ``|P|^2`` of abTEM's
 aberrated probe (focal-spread average, source-size blur) convolved with one Gaussian peak
-per (column, element), plus a broad tail of weight ``t_e`` per atom and width
-``s_e = sqrt(sigma_e^2 + tail_width^2)`` (the signal a column sends to its surroundings:
-probe intensity channelled into neighbouring columns and scattered back out; without it
-empty sites and hexagon centres read 6–14 % low against converged multislice). The
-per-element numbers (``w_e``, ``kappa_e``, ``sigma_e``, ``t_e``, the tail width, ``b``) are
-a :class:`Calibration`, fitted by :mod:`simgen.calibrate` to PRISM/multislice images.
+per (column, element), plus two broad tails (k = 1, 2) of weight ``t_ek`` per atom and
+width ``s_ek = sqrt(sigma_e^2 + tau_k^2)`` (the signal a column sends to its surroundings:
+probe intensity channelled into neighbouring columns and scattered back out). Without
+tails, empty sites and hexagon centres read 6–14 % low against converged multislice; with
+one tail width (calibration version 2) the vacancy-site/hexagon-centre contrasts were
+still off by up to 5 % (W vacancy in WSe2 +4.9 %, Mo vacancy in MoS2 −2.5 %), with two
+(version 3, a narrow tau_1 ≈ 0.4 Å and a broad tau_2 ≈ 1.2 Å) within 2 %. The
+per-element numbers (``w_e``, ``kappa_e``, ``sigma_e``, ``t_ek``, the tail widths, ``b``)
+are a :class:`Calibration`, fitted by :mod:`simgen.calibrate` to PRISM/multislice images.
 
 This module holds the model alone: :class:`Calibration` (numbers, key, dict round trip),
 :func:`column_peaks` (columns -> Gaussian peaks), :class:`IncoherentRenderer` (one probe
@@ -28,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from simgen.backend import get_array_module, get_scipy_submodule, resolve_device
+from simgen.backend import get_array_module, get_scipy_submodule, resolve_device, to_numpy
 from simgen.optics import (
     FWHM_TO_SIGMA,
     focal_quadrature,
@@ -68,8 +72,14 @@ MAX_WIDTH_A = 0.5
 CALIBRATION_RTOL = 0.02
 
 
-#: Bumped whenever the model or the fit changes what a calibration means (2: tails).
-CALIBRATION_VERSION = 2
+#: Bumped whenever the model or the fit changes what a calibration means (2: tails;
+#: 3: a second, broader tail and an isolated-defect reference cell).
+CALIBRATION_VERSION = 3
+
+#: Versions :meth:`Calibration.from_dict` still reads (a version-2 calibration is a
+#: version-3 one without the second tail: stores made with it stay checkable and
+#: resumable with their own calibration).
+READABLE_VERSIONS = (2, 3)
 
 #: Largest tail width [Å] of the model (the tail is applied in Fourier space).
 MAX_TAIL_WIDTH_A = 2.0
@@ -85,6 +95,8 @@ _DEFOCUS_FIELDS = (
     "widths_A",
     "tails_A2",
     "tail_width_A",
+    "tails2_A2",
+    "tail2_width_A",
     "background",
 )
 
@@ -129,12 +141,19 @@ class Calibration:
     background : float
         Constant background (fraction of the beam).
     tails_A2 : dict, optional
-        ``t_e`` [Å²]: weight of the broad tail per atom of ``e`` (default 0: no tail).
+        ``t_e1`` [Å²]: weight of the first (narrower) tail per atom of ``e`` (default 0:
+        no tail).
     tail_width_A : float
-        Extra Gaussian width of the tails [Å] (``s_e = sqrt(sigma_e^2 + tail_width^2)``).
+        Extra Gaussian width of the first tails [Å] (``s_e = sqrt(sigma_e^2 + tau_1^2)``).
+    tails2_A2 : dict, optional
+        ``t_e2`` [Å²]: weight of the second (broader) tail (default 0: none, as in
+        calibration version 2).
+    tail2_width_A : float
+        Extra Gaussian width of the second tails [Å].
     defocus_fits : tuple of dict, optional
         The same parameters fitted at other defoci: each ``{"C10_A": c, "weights_A2",
-        "kappa", "widths_A", "tails_A2", "tail_width_A", "background"}``.
+        "kappa", "widths_A", "tails_A2", "tail_width_A", "tails2_A2", "tail2_width_A",
+        "background"}``.
         :meth:`at_defocus` interpolates them (the main fields are the ``C10 = 0`` fit).
     energy_kV, semiangle_mrad, haadf_inner_mrad, haadf_outer_mrad : float
         The optics the calibration holds for.
@@ -158,27 +177,41 @@ class Calibration:
     tails_A2: dict[str, float] | None = None
     tail_width_A: float = 0.0
     defocus_fits: tuple = ()
+    tails2_A2: dict[str, float] | None = None
+    tail2_width_A: float = 0.0
+    version: int = CALIBRATION_VERSION
 
     def __post_init__(self):
         els = canonical_elements(self.elements)
         object.__setattr__(self, "elements", els)
-        if self.tails_A2 is None:
-            object.__setattr__(self, "tails_A2", dict.fromkeys(els, 0.0))
-        if not 0.0 <= float(self.tail_width_A) <= MAX_TAIL_WIDTH_A:
+        if self.version not in READABLE_VERSIONS:
             raise ValueError(
-                f"tail_width_A: expected 0..{MAX_TAIL_WIDTH_A} Å, got {self.tail_width_A}"
+                f"calibration: version {self.version} is not one of {READABLE_VERSIONS}; "
+                "recalibrate"
             )
-        object.__setattr__(self, "tail_width_A", float(self.tail_width_A))
+        for name in ("tails_A2", "tails2_A2"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, dict.fromkeys(els, 0.0))
+        for name in ("tail_width_A", "tail2_width_A"):
+            v = float(getattr(self, name))
+            if not 0.0 <= v <= MAX_TAIL_WIDTH_A:
+                raise ValueError(f"{name}: expected 0..{MAX_TAIL_WIDTH_A} Å, got {v}")
+            object.__setattr__(self, name, v)
+        if self.version < 3 and any(v != 0 for v in self.tails2_A2.values()):
+            raise ValueError(f"tails2_A2: calibration version {self.version} has no second tail")
         fits = tuple(
             {k: (dict(v) if isinstance(v, Mapping) else float(v)) for k, v in f.items()}
             for f in (self.defocus_fits or ())
+        )
+        fits = tuple(  # version-2 entries have no second tail
+            {"tails2_A2": dict.fromkeys(els, 0.0), "tail2_width_A": 0.0, **f} for f in fits
         )
         for f in fits:
             missing = [n for n in _DEFOCUS_FIELDS if n not in f]
             if missing:
                 raise ValueError(f"defocus_fits: an entry lacks {missing[0]!r}")
         object.__setattr__(self, "defocus_fits", tuple(sorted(fits, key=lambda f: f["C10_A"])))
-        for name in ("weights_A2", "kappa", "widths_A", "tails_A2"):
+        for name in ("weights_A2", "kappa", "widths_A", "tails_A2", "tails2_A2"):
             table = getattr(self, name)
             if not isinstance(table, Mapping):
                 raise ValueError(f"{name}: expected a mapping element -> number")
@@ -209,7 +242,7 @@ class Calibration:
         """Everything the calibration depends on (what :attr:`key` hashes)."""
         ref = {k: self.reference[k] for k in sorted(self.reference) if k != "seconds"}
         return {
-            "version": CALIBRATION_VERSION,
+            "version": self.version,
             "energy_kV": key_number(self.energy_kV),
             "semiangle_mrad": key_number(self.semiangle_mrad),
             "haadf_inner_mrad": key_number(self.haadf_inner_mrad),
@@ -247,7 +280,12 @@ class Calibration:
 
     @property
     def has_tails(self) -> bool:
-        return self.tail_width_A > 0 and any(v != 0 for v in self.tails_A2.values())
+        return bool(self.tail_terms())
+
+    def tail_terms(self) -> list[tuple[dict[str, float], float]]:
+        """The model's tails in use, as ``(weights_A2 per element, extra width_A)``."""
+        terms = [(self.tails_A2, self.tail_width_A), (self.tails2_A2, self.tail2_width_A)]
+        return [(t, w) for t, w in terms if w > 0 and any(v != 0 for v in t.values())]
 
     @property
     def key(self) -> str:
@@ -270,7 +308,7 @@ class Calibration:
     def to_dict(self) -> dict:
         """Plain JSON/YAML-ready mapping (includes ``key`` for reference)."""
         return {
-            "version": CALIBRATION_VERSION,
+            "version": self.version,
             "key": self.key,
             "elements": list(self.elements),
             "weights_A2": dict(self.weights_A2),
@@ -279,6 +317,8 @@ class Calibration:
             "background": self.background,
             "tails_A2": dict(self.tails_A2),
             "tail_width_A": self.tail_width_A,
+            "tails2_A2": dict(self.tails2_A2),
+            "tail2_width_A": self.tail2_width_A,
             "defocus_fits": [dict(f) for f in self.defocus_fits],
             "energy_kV": self.energy_kV,
             "semiangle_mrad": self.semiangle_mrad,
@@ -290,13 +330,13 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
-        """Inverse of :meth:`to_dict`; refuses other calibration versions."""
+        """Inverse of :meth:`to_dict`; refuses versions other than :data:`READABLE_VERSIONS`."""
         if not isinstance(data, Mapping):
             raise ValueError(f"calibration: expected a mapping, got {type(data)!r}")
         version = data.get("version", 1)  # before versions were written: version 1
-        if version != CALIBRATION_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ValueError(
-                f"calibration: version {version} != {CALIBRATION_VERSION}; recalibrate"
+                f"calibration: version {version} is not one of {READABLE_VERSIONS}; recalibrate"
             )
         names = (
             "elements",
@@ -319,6 +359,9 @@ class Calibration:
             background=data["background"],
             tails_A2=dict(data["tails_A2"]) if data.get("tails_A2") is not None else None,
             tail_width_A=float(data.get("tail_width_A", 0.0)),
+            tails2_A2=dict(data["tails2_A2"]) if data.get("tails2_A2") is not None else None,
+            tail2_width_A=float(data.get("tail2_width_A", 0.0)),
+            version=int(version),
             defocus_fits=tuple(data.get("defocus_fits") or ()),
             reference=dict(data.get("reference", {})),
             fit=dict(data.get("fit", {})),
@@ -360,7 +403,7 @@ GRID_MIN_INNER_MRAD = 20.0
 
 #: Parameters interpolated in log space between detector nodes (they scale like a power
 #: of the collection angles); the others are interpolated linearly.
-_LOG_FIELDS = ("weights_A2", "tails_A2")
+_LOG_FIELDS = ("weights_A2", "tails_A2", "tails2_A2")
 
 
 def detector_grid_nodes(
@@ -552,7 +595,7 @@ class DetectorGrid:
             return sum(w * x for x, w in values)
 
         first = corners[0][0]
-        fields_ = ("weights_A2", "kappa", "widths_A", "tails_A2", "tail_width_A", "background")
+        fields_ = [n for n in _DEFOCUS_FIELDS if n != "C10_A"]
         return dataclasses.replace(
             first,
             **{n: mix(n) for n in fields_},
@@ -575,7 +618,7 @@ class DetectorGrid:
         """``{"kind": "detector_grid", "version", "key", "calibrations": [...]}``."""
         return {
             "kind": "detector_grid",
-            "version": CALIBRATION_VERSION,
+            "version": self.calibrations[0].version,
             "key": self.key,
             "calibrations": [c.to_dict() for c in self.calibrations],
         }
@@ -656,6 +699,14 @@ def _sim_step(pixel_size_A: float, optics: Mapping[str, float]) -> tuple[float, 
     return pixel_size_A / m, m
 
 
+def _kernel_box(optics: Mapping[str, float], step_A: float) -> int:
+    """Points of the probe kernel's periodic box: ``2 * probe radius``, even, FFT-fast."""
+    nk = 2 * math.ceil(probe_radius_A(optics) / step_A)
+    while _next_fast(nk) != nk or nk % 2:
+        nk += 2
+    return nk
+
+
 def _next_fast(n: int) -> int:
     from scipy.fft import next_fast_len
 
@@ -680,8 +731,10 @@ def column_peaks(
 
     Returns
     -------
-    column_index, amplitude_A2, sigma_A, tail_A2 : ndarray [n_peaks]
-        ``tail_A2``: the tail weight of the peak (``counts[j, e] * t_e``).
+    column_index, amplitude_A2, sigma_A : ndarray [n_peaks]
+    tail_A2 : ndarray [n_peaks, n_tails]
+        The tail weights of the peak (``counts[j, e] * t_ek``), one column per tail of
+        :meth:`Calibration.tail_terms` (none without tails).
     """
     counts = np.asarray(counts)
     used = [i for i, e in enumerate(elements) if counts[:, i].any()]
@@ -692,6 +745,7 @@ def column_peaks(
             f"{list(calibration.elements)} (calibrate for these elements)"
         )
     n_atoms = counts.sum(axis=1)
+    terms = calibration.tail_terms()
     idx, amp, sig, tail = [], [], [], []
     for i in used:
         e = elements[i]
@@ -704,9 +758,9 @@ def column_peaks(
         idx.append(rows)
         amp.append(a)
         sig.append(np.full(rows.size, calibration.widths_A[e]))
-        tail.append(counts[rows, i] * calibration.tails_A2[e])
+        tail.append(counts[rows, i][:, None] * np.array([[t[e] for t, _ in terms]]))
     if not idx:
-        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0)
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros((0, len(terms)))
     return np.concatenate(idx), np.concatenate(amp), np.concatenate(sig), np.concatenate(tail)
 
 
@@ -745,6 +799,7 @@ class IncoherentRenderer:
         *,
         focal_points: int = 7,
         device: str = "cpu",
+        refocus_A: Sequence[float] = (),
     ):
         self.optics = optics_values(optics)
         self.device = resolve_device(device)
@@ -755,14 +810,17 @@ class IncoherentRenderer:
         self.step_A, self.m = _sim_step(self.pixel_size_A, self.optics)
         ps = self.step_A
         self.render_sigma_A = ps  # peaks are drawn this much wider, then deconvolved
-        radius = probe_radius_A(self.optics)
-        nk = 2 * math.ceil(radius / ps)
-        while _next_fast(nk) != nk or nk % 2:
-            nk += 2
+        refocus = sorted({float(dz) for dz in refocus_A if float(dz) != 0.0})
+        nk = _kernel_box(self.optics, ps)
         self.kernel_gpts = nk
+        # each refocused probe keeps its own box (the calibration was fitted with the
+        # nominal probe's box: the fold-back of the far tail it sets shows in dark sites);
+        # the FFT grid holds the largest
+        boxes = {dz: _kernel_box(self._refocused(dz), ps) for dz in refocus}
+        nk_max = max([nk, *boxes.values()])
         sigma_src = self.optics["source_size_A"] * FWHM_TO_SIGMA
         self.patch_half = math.ceil(4.0 * math.hypot(MAX_WIDTH_A, self.render_sigma_A) / ps)
-        pad = nk // 2 + math.ceil(4.0 * sigma_src / ps) + self.patch_half + 2
+        pad = nk_max // 2 + math.ceil(4.0 * sigma_src / ps) + self.patch_half + 2
         h, w = self.shape
         ny = _next_fast(self.m * (h - 1) + 1 + 2 * pad)
         nx = _next_fast(self.m * (w - 1) + 1 + 2 * pad)
@@ -771,11 +829,36 @@ class IncoherentRenderer:
         self.grid_origin_A = (origin_A[0] - pad * ps, origin_A[1] - pad * ps)
         self.origin_A = (float(origin_A[0]), float(origin_A[1]))
 
+        ky = xp.fft.fftfreq(ny, d=ps).astype(xp.float32)
+        kx = xp.fft.rfftfreq(nx, d=ps).astype(xp.float32)
+        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+        env = xp.exp(-2.0 * math.pi**2 * (sigma_src**2 - self.render_sigma_A**2) * k2)
+        # |P|^2 is band-limited to 2 alpha / lambda (+ the soft aperture edge): zero the
+        # float round-off beyond it, which the deconvolution of the render width amplifies.
+        lam = wavelength_A(self.optics["energy_kV"])
+        k_band = 2.0 * (self.optics["semiangle_mrad"] * 1e-3 / lam + 1.0 / (nk * ps))
+        self._envelope = env * (k2 <= k_band**2)
+        self._focal_points = int(focal_points)
+        self.kernel_spectrum = self._kernel_spectrum(self.optics, nk)
+        #: Kernel spectra of the probe refocused by ``dz`` [Å] (``C10 + dz``), by ``dz``.
+        self.refocused_spectra = {
+            dz: self._kernel_spectrum(self._refocused(dz), boxes[dz]) for dz in refocus
+        }
+
+    def _refocused(self, dz_A: float) -> dict:
+        return {**self.optics, "C10_A": self.optics["C10_A"] + float(dz_A)}
+
+    def _kernel_spectrum(self, optics, nk: int):
+        """The probe-intensity kernel of ``optics`` on a periodic box of ``nk`` points,
+        on the FFT grid (flipped, embedded, source-blurred, band-limited, render width
+        divided out), as a spectrum."""
+        xp, ps = self.xp, self.step_A
+        ny, nx = self.grid_shape
         kernel = probe_intensity(
-            self.optics,
+            optics,
             sampling_A=ps,
             gpts=nk,
-            focal_points=focal_points,
+            focal_points=self._focal_points,
             source=False,
             device=self.device,
         ).T  # abTEM [x, y] -> [y, x]
@@ -789,31 +872,23 @@ class IncoherentRenderer:
         big[:half, nx - half :] = k0[:half, half:]
         big[ny - half :, :half] = k0[half:, :half]
         big[ny - half :, nx - half :] = k0[half:, half:]
-        fft = _fft(xp)
-        ky = xp.fft.fftfreq(ny, d=ps).astype(xp.float32)
-        kx = xp.fft.rfftfreq(nx, d=ps).astype(xp.float32)
-        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
-        env = xp.exp(-2.0 * math.pi**2 * (sigma_src**2 - self.render_sigma_A**2) * k2)
-        # |P|^2 is band-limited to 2 alpha / lambda (+ the soft aperture edge): zero the
-        # float round-off beyond it, which the deconvolution of the render width amplifies.
-        lam = wavelength_A(self.optics["energy_kV"])
-        k_band = 2.0 * (self.optics["semiangle_mrad"] * 1e-3 / lam + 1.0 / (nk * ps))
-        env = env * (k2 <= k_band**2)
-        self.kernel_spectrum = (fft.rfft2(big) * env * (ps * ps)).astype(xp.complex64)
+        spectrum = _fft(xp).rfft2(big) * self._envelope * (ps * ps)
+        return spectrum.astype(xp.complex64)
 
     def _tail_blur(self, width_A: float):
-        """Fourier transform of the tails' extra Gaussian on the FFT grid (cached)."""
+        """Fourier transform of a tail's extra Gaussian on the FFT grid (cached)."""
         cache = self.__dict__.setdefault("_blur_cache", {})
         if width_A not in cache:
             xp, (ny, nx) = self.xp, self.grid_shape
             ky = xp.fft.fftfreq(ny, d=self.step_A).astype(xp.float32)
             kx = xp.fft.rfftfreq(nx, d=self.step_A).astype(xp.float32)
             k2 = ky[:, None] ** 2 + kx[None, :] ** 2
-            cache.clear()  # one tail width per calibration: keep one
+            if len(cache) >= 2:  # two tail widths per calibration: keep two
+                cache.pop(next(iter(cache)))
             cache[width_A] = xp.exp(np.float32(-2.0 * math.pi**2 * width_A**2) * k2)
         return cache[width_A]
 
-    def render(self, x_A, y_A, amplitude_A2, sigma_A, tail_A2=None, tail_width_A=0.0):
+    def render(self, x_A, y_A, amplitude_A2, sigma_A, tails=(), focus_A=None):
         """Image of Gaussian object peaks convolved with the probe intensity.
 
         Parameters
@@ -824,11 +899,15 @@ class IncoherentRenderer:
             Integrated weights [Å²] (the HAADF cross-section of the peak).
         sigma_A : array [n]
             Gaussian standard deviations of the peaks [Å].
-        tail_A2 : array [n], optional
-            Weight [Å²] of each peak's broad tail (same centre, width
-            ``sqrt(sigma^2 + tail_width_A^2)``; applied in Fourier space).
-        tail_width_A : float
-            Extra width of the tails [Å].
+        tails : sequence of (array [n], float)
+            Broad tails: per tail, the weight [Å²] of each peak's tail and its extra width
+            ``tau`` [Å] (same centre, width ``sqrt(sigma^2 + tau^2)``; applied in Fourier
+            space). Tails of width 0 are left out.
+        focus_A : array [n], optional
+            Per peak, the refocus ``dz`` [Å] of its probe (0, or one of the renderer's
+            ``refocus_A``): such peaks are convolved with the probe at ``C10 + dz``. Their
+            tails keep the main probe (the tails are broad; refocusing them changes
+            nothing measurable).
 
         Returns
         -------
@@ -842,13 +921,22 @@ class IncoherentRenderer:
         v = (xp.asarray(y_A, dtype=xp.float64) - self.grid_origin_A[1]) / ps
         amp = xp.asarray(amplitude_A2, dtype=xp.float64)
         s = xp.sqrt(xp.asarray(sigma_A, dtype=xp.float64) ** 2 + self.render_sigma_A**2)
-        with_tail = tail_A2 is not None and float(tail_width_A) > 0
-        tail = xp.asarray(tail_A2, dtype=xp.float64) if with_tail else None
+        tails = [(xp.asarray(t, dtype=xp.float64), float(w)) for t, w in tails if float(w) > 0]
         keep = (u >= 0) & (u < nx) & (v >= 0) & (v < ny)
-        keep &= (amp != 0) | (tail != 0) if with_tail else amp != 0
+        used = amp != 0
+        for t, _ in tails:
+            used |= t != 0
+        keep &= used
         u, v, amp, s = u[keep], v[keep], amp[keep], s[keep]
-        if with_tail:
-            tail = tail[keep]
+        tails = [(t[keep], w) for t, w in tails]
+        focus = None
+        if focus_A is not None:
+            focus = np.asarray(to_numpy(focus_A), dtype=np.float64)[to_numpy(keep)]
+            unknown = set(focus[focus != 0].tolist()) - set(self.refocused_spectra)
+            if unknown:
+                raise ValueError(
+                    f"focus_A: refocus {sorted(unknown)[0]} Å was not given as refocus_A"
+                )
         fft = _fft(xp)
         if u.size == 0:
             img = xp.zeros((ny, nx), dtype=xp.float32)
@@ -874,10 +962,22 @@ class IncoherentRenderer:
                 density = xp.bincount(flat, weights=vals, minlength=ny * nx)
                 return fft.rfft2(density.reshape(ny, nx).astype(xp.float32))
 
-            spec = spectrum(amp)
-            if with_tail:
-                spec += spectrum(tail) * self._tail_blur(float(tail_width_A))
-            img = fft.irfft2(spec * self.kernel_spectrum, s=(ny, nx))
+            if focus is None or not focus.any():
+                spec = spectrum(amp)
+                for t, w in tails:
+                    spec += spectrum(t) * self._tail_blur(w)
+                img = fft.irfft2(spec * self.kernel_spectrum, s=(ny, nx))
+            else:
+                main = xp.asarray(focus == 0)
+                spec = spectrum(xp.where(main, amp, 0.0))
+                for t, w in tails:
+                    spec += spectrum(t) * self._tail_blur(w)
+                spec = spec * self.kernel_spectrum
+                for dz, kernel in self.refocused_spectra.items():
+                    here = xp.asarray(focus == dz)
+                    if bool(here.any()):
+                        spec += spectrum(xp.where(here, amp, 0.0)) * kernel
+                img = fft.irfft2(spec, s=(ny, nx))
         h, w = self.shape
         m, pad = self.m, self.pad
         out = img[pad : pad + m * (h - 1) + 1 : m, pad : pad + m * (w - 1) + 1 : m]
@@ -918,33 +1018,61 @@ def check_calibration(calibration, optics) -> None:
             )
 
 
+#: Heights of single-atom columns are rounded to this step [Å] before their probe is
+#: refocused (one probe kernel per distinct height; 0.1 Å of defocus changes nothing).
+DEPTH_STEP_A = 0.1
+
+
 def render_incoherent(
-    x, y, counts, elements, optics, calibration, geom, *, cell_xy, periodic, focal_points, device
+    x,
+    y,
+    counts,
+    elements,
+    optics,
+    calibration,
+    geom,
+    *,
+    cell_xy,
+    periodic,
+    focal_points,
+    device,
+    z_A=None,
 ):
     """Incoherent image of columns ``(x, y, counts, elements)`` in the window ``geom``.
 
     ``geom`` is ``(x0, y0, H, W, pixel_size_A)``; with ``periodic`` the columns are repeated
-    by whole cells ``cell_xy``. Returns ``(image, info)``.
+    by whole cells ``cell_xy``. ``z_A`` (optional, per column [Å]): the height of a
+    single-atom column's atom above the specimen's mid-plane; such columns are imaged with
+    the probe refocused to that height (``C10 + z``: a single chalcogen vacancy leaves the
+    other atom 1.6–1.8 Å off the mid-plane, and out of focus the two cases differ by 6–13 %
+    in converged PRISM; without heights the model reads both as their mean). Returns
+    ``(image, info)``.
     """
     x0, y0, h, w, p = geom
-    renderer = IncoherentRenderer(
-        optics, p, (x0, y0), (h, w), focal_points=focal_points, device=device
-    )
     calibration = calibration.at_defocus(float(optics.get("C10_A", 0.0)))
     col, amp, sig, tail = column_peaks(counts, elements, calibration)
+    depth = np.zeros(col.size)
+    if z_A is not None and col.size:
+        depth = np.round(np.asarray(z_A, dtype=np.float64)[col] / DEPTH_STEP_A) * DEPTH_STEP_A
+        depth[depth == 0] = 0.0  # no -0.0
+    refocus = sorted(set(depth[depth != 0].tolist()))
+    renderer = IncoherentRenderer(
+        optics, p, (x0, y0), (h, w), focal_points=focal_points, device=device, refocus_A=refocus
+    )
     px, py = x[col], y[col]
     if periodic and col.size:
         ny, nx = renderer.grid_shape
         lo = renderer.grid_origin_A
         hi = (lo[0] + nx * renderer.step_A, lo[1] + ny * renderer.step_A)
         sel, px, py = periodic_images(px, py, cell_xy, lo, hi)
-        amp, sig, tail = amp[sel], sig[sel], tail[sel]
-    tails = (tail, calibration.tail_width_A) if calibration.has_tails else (None, 0.0)
-    image = renderer.render(px, py, amp, sig, *tails) + np.float32(calibration.background)
+        amp, sig, tail, depth = amp[sel], sig[sel], tail[sel], depth[sel]
+    tails = [(tail[:, k], w) for k, (_, w) in enumerate(calibration.tail_terms())]
+    image = renderer.render(px, py, amp, sig, tails, focus_A=depth if refocus else None)
     info = {
         "step_A": renderer.step_A,
         "grid_shape": renderer.grid_shape,
         "kernel_gpts": renderer.kernel_gpts,
         "focal_points": len(focal_quadrature(optics["focal_spread_A"], focal_points)[0]),
+        "refocused_heights_A": refocus,
     }
-    return image, info
+    return image + np.float32(calibration.background), info

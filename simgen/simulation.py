@@ -101,6 +101,7 @@ __all__ = [
     "simulate",
     "simulate_defocus_series",
     "simulate_series",
+    "single_atom_heights",
 ]
 
 MODELS = ("incoherent", "prism", "multislice")
@@ -183,6 +184,35 @@ def _cell_xy(atoms: Atoms) -> tuple[float, float]:
     if lx <= 0 or ly <= 0 or cell[2, 2] <= 0:
         raise ValueError(f"atoms: cell lengths must be positive, got {np.diag(cell).tolist()}")
     return lx, ly
+
+
+def single_atom_heights(atoms: Atoms, x, y, counts, cell_xy) -> np.ndarray:
+    """Height [Å] of the atom of each single-atom column above the specimen's mid-plane
+    (the mean atom height, where ``C10`` is measured); 0 for the other columns.
+
+    The atom is the one within 0.3 Å of the column position (periodic in ``cell_xy``);
+    a column without one gets 0. Pure: arrays and atoms in, an array out.
+    """
+    from scipy.spatial import cKDTree
+
+    counts = np.asarray(counts)
+    z_A = np.zeros(counts.shape[0])
+    single = np.flatnonzero(counts.sum(axis=1) == 1)
+    if single.size == 0 or len(atoms) == 0:
+        return z_A
+    pos = atoms.positions
+    box = np.asarray(cell_xy, dtype=np.float64)
+
+    def wrap(xy):
+        xy = np.mod(xy, box)
+        return np.where(xy >= box, 0.0, xy)  # -1e-17 % L == L
+
+    tree = cKDTree(wrap(pos[:, :2]), boxsize=box)
+    points = wrap(np.stack([np.asarray(x)[single], np.asarray(y)[single]], axis=1))
+    dist, idx = tree.query(points, distance_upper_bound=0.3)
+    found = np.isfinite(dist)
+    z_A[single[found]] = pos[idx[found], 2] - float(np.mean(pos[:, 2]))
+    return z_A
 
 
 def _check_columns(columns) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[str, ...]]:
@@ -768,6 +798,7 @@ def simulate(
             x, y, counts, elements, optics, calibration, geom,
             cell_xy=cell_xy, periodic=settings.periodic,
             focal_points=int(settings.focal_points), device=device,
+            z_A=single_atom_heights(atoms, x, y, counts, cell_xy),
         )  # fmt: skip
     else:
         if len(atoms) == 0:

@@ -12,6 +12,7 @@ from simgen.calibrate import (
     Calibration,
     calibration_key,
     fit_calibration,
+    isolated_vacancy_cell,
     reference_cell,
     reference_cells,
 )
@@ -52,7 +53,7 @@ def test_reference_cell_holds_every_column_type():
 def test_reference_cells_cover_every_pair():
     cells = reference_cells(["W", "Mo", "Se", "S"])
     formulas = sorted(c[0].get_chemical_formula() for c in cells)
-    assert len(cells) == 4
+    assert len(cells) == 8  # a reference cell and an isolated-vacancy cell per pair
     assert all(("Mo" in f) != ("W" in f) for f in formulas)
     with pytest.raises(ValueError, match="elements"):
         reference_cells(["Mo", "W"])
@@ -60,16 +61,42 @@ def test_reference_cells_cover_every_pair():
         reference_cells(["Mo", "Qq"])
 
 
+def test_isolated_vacancy_cell_has_vacancies_among_pristine_columns():
+    atoms, columns, kinds = isolated_vacancy_cell("W", "Se", n_empty=3, rng=5)
+    empty = np.flatnonzero(kinds == "empty_X")
+    assert empty.size == 3
+    assert np.all(np.asarray(columns.counts)[empty] == 0)
+    xy = np.stack([columns.x, columns.y], axis=1)
+    box = np.asarray(atoms.cell.lengths()[:2])
+    ordinary = 0
+    for i in empty:
+        near = np.hypot(*(((xy - xy[i] + box / 2) % box - box / 2).T)) < 2.5
+        near[i] = False
+        assert near.sum() == 3  # the three metal neighbours
+        ordinary += all(k in ("W", "Se2") for k in kinds[near])
+    assert ordinary >= 2  # the reference cell's own empty site may border other defects
+    # no atom is left on an empty site
+    for i in empty:
+        assert np.min(np.hypot(*(atoms.positions[:, :2] - xy[i]).T)) > 1.0
+    again = isolated_vacancy_cell("W", "Se", n_empty=3, rng=5)
+    assert np.array_equal(again[2], kinds)
+
+
 def test_fit_recovers_known_parameters(toy_calibration):
-    """A synthetic incoherent image is fitted back to its own parameters."""
+    """A synthetic incoherent image is fitted back to its own parameters (two tails)."""
     import dataclasses
 
     atoms, columns, _ = reference_cell("W", "Se", others=("S",), rng=1)
     tails = {"S": 0.0003, "Se": 0.001, "Mo": 0.0, "W": 0.002}
-    truth = dataclasses.replace(toy_calibration, tails_A2=tails, tail_width_A=0.6)
+    broad = {"S": 0.0001, "Se": 0.0004, "Mo": 0.0, "W": 0.0008}
+    truth = dataclasses.replace(
+        toy_calibration, tails_A2=tails, tail_width_A=0.4, tails2_A2=broad, tail2_width_A=1.2
+    )
     cell = tuple(atoms.cell.lengths()[:2])
+    flat = atoms.copy()  # every atom at the mid-plane: the fit's model (no refocused probe)
+    flat.positions[:, 2] = np.mean(atoms.positions[:, 2])
     img = simulate(
-        atoms,
+        flat,
         columns,
         {"pixel_size_A": 0.3, "source_size_A": 0.0},
         calibration=truth,
@@ -81,9 +108,11 @@ def test_fit_recovers_known_parameters(toy_calibration):
         assert cal.widths_A[e] == pytest.approx(truth.widths_A[e], abs=0.01)
     assert cal.kappa["Se"] == pytest.approx(truth.kappa["Se"], rel=0.01)
     assert cal.background == pytest.approx(truth.background, rel=0.05)
-    assert cal.tail_width_A == pytest.approx(0.6, abs=0.03)
+    assert cal.tail_width_A == pytest.approx(0.4, abs=0.03)
+    assert cal.tail2_width_A == pytest.approx(1.2, abs=0.06)
     for e in ("S", "Se", "W"):
         assert cal.tails_A2[e] == pytest.approx(tails[e], rel=0.05, abs=2e-5)
+        assert cal.tails2_A2[e] == pytest.approx(broad[e], rel=0.1, abs=2e-5)
     assert cal.fit["correlation"] > 0.99999
     # without the tail term the same image fits worse: the term is not a free ride
     plain = fit_calibration(
@@ -143,6 +172,16 @@ def test_serialisation_and_key(toy_calibration):
         Calibration.from_dict({**data, "key": "something-else"})
     with pytest.raises(ValueError, match="version"):
         Calibration.from_dict({**data, "version": 0})
+    with pytest.raises(ValueError, match="tails2_A2"):  # version 2 had one tail
+        Calibration.from_dict(
+            {**data, "key": None, "version": 2, "tails2_A2": {**data["tails2_A2"], "W": 1e-3}}
+        )
+    # a version-2 calibration (stored in older datasets) still loads under its own key
+    old = {k: v for k, v in data.items() if k not in ("key", "tails2_A2", "tail2_width_A")}
+    old["version"] = 2
+    v2 = Calibration.from_dict(old)
+    assert v2.version == 2 and v2.key != cal.key and not v2.tail_terms()
+    assert Calibration.from_dict(json.loads(json.dumps(v2.to_dict()))) == v2
     with pytest.raises(ValueError, match="version 1"):  # written before versions were
         Calibration.from_dict({k: v for k, v in data.items() if k != "version"})
     with pytest.raises(ValueError, match="weights_A2"):
@@ -313,3 +352,64 @@ def test_detector_grid_nodes_cover_the_drawn_range():
         detector_grid_nodes((10.0, 60.0), (200.0, 200.0))
     with pytest.raises(ValueError, match="below its outer nodes"):
         detector_grid_nodes((40.0, 150.0), (160.0, 200.0))
+
+
+# -- slow -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_vacancy_contrast_matches_converged_prism():
+    """Calibrated as simgen calibrates, the incoherent model reads the empty sites of
+    ordinary WSe2 lattice as converged PRISM does: empty W site / hexagon centre and empty
+    Se site / hexagon centre within 3 % in focus (one tail: +4.9 % for the W vacancy), the
+    metal and single-vacancy contrasts within 1.5 %, image correlation >= 0.999; at
+    ±30 Å defocus every ratio within 4 %, the single vacancy's remaining atom on either
+    side included (the probe refocused to its height; -7.4 % without). A cell the
+    calibration never saw; ~4 min on 2 cores."""
+    from scipy.ndimage import map_coordinates
+
+    from simgen.calibrate import calibrate, hollow_sites
+    from simgen.optics import ideal_optics
+    from simgen.simulation import simulate_defocus_series
+
+    optics = ideal_optics(energy_kV=80.0, semiangle_mrad=30.0, haadf_inner_mrad=60.0,
+                          haadf_outer_mrad=200.0)  # fmt: skip
+    atoms, columns, kinds = isolated_vacancy_cell("W", "Se", n_empty=4, repeats=(4, 3), rng=13)
+    p = 0.1
+    c10s = (0.0, -30.0, 30.0)
+    refs = simulate_defocus_series(
+        atoms, columns, {**optics, "pixel_size_A": p}, list(c10s), model="prism",
+        interpolation=1, periodic=True,
+    )  # fmt: skip
+    cal = calibrate(optics, ("W", "Se"))
+    hollow = hollow_sites(atoms.cell.lengths()[0] / 4, (4, 3))
+
+    def means(image):
+        img = np.asarray(image, dtype=np.float64)
+
+        def at(x, y):
+            return map_coordinates(img, [np.asarray(y) / p, np.asarray(x) / p], order=3,
+                                   mode="grid-wrap")  # fmt: skip
+
+        v = at(columns.x, columns.y)
+        out = {k: float(np.mean(v[kinds == k])) for k in set(kinds.tolist())}
+        out["hollow"] = float(np.mean(at(hollow[:, 0], hollow[:, 1])))
+        return out
+
+    ratios = (
+        ("empty_M", "hollow"), ("empty_X", "hollow"), ("W", "Se2"), ("Se_entry", "Se2"),
+        ("Se_exit", "Se2"),
+    )  # fmt: skip
+    for c10, ref in zip(c10s, refs, strict=True):
+        opt = {**optics, "pixel_size_A": p, "C10_A": c10}
+        fast = simulate(atoms, columns, opt, calibration=cal, periodic=True)
+        a, b = means(ref.image), means(fast.image)
+        errors = {f"{n}/{d}": (b[n] / b[d]) / (a[n] / a[d]) - 1.0 for n, d in ratios}
+        if c10 == 0.0:
+            assert abs(errors["empty_M/hollow"]) < 0.03, errors
+            assert abs(errors["empty_X/hollow"]) < 0.03, errors
+            assert all(abs(errors[k]) < 0.015 for k in list(errors)[2:]), errors
+        else:
+            # the goal is 4 %; measured -3.9 % (entrance-side atom at -30 Å); 0.2 % margin
+            # for the fit's last digits, which vary with thread-parallel FFTs
+            assert all(abs(e) < 0.042 for e in errors.values()), (c10, errors)
+        r = np.corrcoef(np.ravel(ref.image), np.ravel(fast.image))[0, 1]
+        assert r > 0.999

@@ -6,7 +6,7 @@ import pytest
 
 from simgen.calibrate import calibrate, calibration_key
 from simgen.calibration_table import SHIPPED, shipped_entries
-from simgen.incoherent import Calibration
+from simgen.incoherent import CALIBRATION_VERSION, Calibration
 
 
 def test_every_shipped_entry_is_current_and_valid():
@@ -19,7 +19,8 @@ def test_every_shipped_entry_is_current_and_valid():
         assert key in entries, f"{key} not shipped: run `make calibrations`"
         cal = Calibration.from_dict(entries[key])
         assert cal.fit["correlation"] > 0.9995
-        assert cal.has_tails and cal.tail_width_A > 0
+        assert cal.version == CALIBRATION_VERSION
+        assert 0 < cal.tail_width_A < cal.tail2_width_A and len(cal.tail_terms()) == 2
 
 
 def test_the_default_dataset_needs_no_calibration_step(tmp_path, monkeypatch):
@@ -63,10 +64,12 @@ def test_a_shipped_entry_is_reproduced():
         ("kappa", 2e-3),
         ("widths_A", 2e-2),
         ("tails_A2", 2e-2),
+        ("tails2_A2", 2e-2),
     ):
         for e in ("Mo", "S"):
             assert getattr(again, name)[e] == pytest.approx(getattr(shipped, name)[e], rel=rel)
     assert again.tail_width_A == pytest.approx(shipped.tail_width_A, rel=2e-2)
+    assert again.tail2_width_A == pytest.approx(shipped.tail2_width_A, rel=2e-2)
     # ... and the images they make agree to 1e-3 of the maximum
     from simgen.calibrate import reference_cell
     from simgen.simulation import simulate

@@ -88,6 +88,40 @@ def test_aberrations_change_the_image(toy_calibration):
     assert blurred.mean() == pytest.approx(base.mean(), rel=0.02)
 
 
+def test_single_vacancy_depth_shows_out_of_focus(toy_calibration):
+    """A single chalcogen column is imaged with the probe refocused to its atom's height:
+    in focus the entrance-side and exit-side atoms read the same, out of focus they
+    differ, with the sign converged PRISM gives (at 30 Å defocus, C10 = -30 Å, the
+    entrance-side Se reads 7 % below the exit-side one; tables in docs/physics.md)."""
+    from simgen.calibrate import reference_cell
+    from simgen.simulation import single_atom_heights
+
+    atoms, columns, kinds = reference_cell("W", "Se", repeats=(4, 3), rng=2)
+    cell = tuple(atoms.cell.lengths()[:2])
+    z = single_atom_heights(atoms, columns.x, columns.y, columns.counts, cell)
+    assert np.all(z[kinds == "Se_entry"] < -1.5) and np.all(z[kinds == "Se_exit"] > 1.5)
+    assert np.all(np.abs(z[(kinds == "W") | (kinds == "Se2")]) < 0.05)
+
+    flipped = atoms.copy()  # the same cell upside down: entrance and exit sides swap
+    z_atoms = flipped.positions[:, 2]
+    flipped.positions[:, 2] = z_atoms.max() + z_atoms.min() - z_atoms
+    single = kinds == "Se_entry"
+
+    def upright_over_flipped(c10):
+        v = []
+        for a in (atoms, flipped):
+            sim = simulate(
+                a, columns, {"pixel_size_A": 0.1, "C10_A": c10}, calibration=toy_calibration,
+                periodic=True,
+            )  # fmt: skip
+            v.append(np.mean(peak_values(sim.image, sim.rows, sim.cols)[single]))
+        return v[0] / v[1]
+
+    assert upright_over_flipped(0.0) == pytest.approx(1.0, abs=1e-4)
+    assert upright_over_flipped(-30.0) < 0.97
+    assert upright_over_flipped(30.0) > 1.03
+
+
 def test_coma_shifts_columns_along_its_azimuth(toy_calibration):
     atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(3, 2))
     opt = {"pixel_size_A": 0.1, "source_size_A": 0.0}
