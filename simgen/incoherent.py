@@ -556,10 +556,14 @@ class DetectorGrid:
         u = (math.log(v) - math.log(nodes[j])) / (math.log(nodes[j + 1]) - math.log(nodes[j]))
         return j, j + 1, u
 
-    def at_detector(self, inner_mrad: float, outer_mrad: float) -> Calibration:
-        """The calibration of the detector ``(inner_mrad, outer_mrad)`` [mrad], interpolated
-        between the grid's nodes (exactly a node's calibration at a node). Its reference
-        records the grid's key, so its :attr:`~Calibration.key` is not a node's."""
+    def corners(self, inner_mrad: float, outer_mrad: float) -> list[tuple[Calibration, float]]:
+        """The nodes around the detector ``(inner_mrad, outer_mrad)`` [mrad] and their
+        bilinear weights (in log angle; summing to 1; one node, weight 1, at a node).
+
+        :func:`simgen.simulation.simulate` renders a grid's sample as the weighted sum of
+        these nodes' images: an exact interpolation of images, where mixing the nodes'
+        parameters can break (two tails that nearly cancel at one node, e.g. at a 40 mrad
+        inner angle, do not cancel once their widths are mixed with another node's)."""
         i0, i1, u = self._bracket(self._inner, inner_mrad, "haadf_inner_mrad")
         j0, j1, v = self._bracket(self._outer, outer_mrad, "haadf_outer_mrad")
         n_out = len(self._outer)
@@ -571,14 +575,22 @@ class DetectorGrid:
             for j, wj in share_j.items()
         ]
         corners = [(c, w) for c, w in corners if w > 0] or corners[:1]
+        total = sum(w for _, w in corners)
+        return [(c, w / total) for c, w in corners]
+
+    def at_detector(self, inner_mrad: float, outer_mrad: float) -> Calibration:
+        """The calibration of the detector ``(inner_mrad, outer_mrad)`` [mrad], its
+        parameters interpolated between the grid's nodes (exactly a node's calibration at a
+        node). Its reference records the grid's key, so its :attr:`~Calibration.key` is not
+        a node's. Images of a grid are rendered from :meth:`corners` instead (exact
+        between nodes); this one describes them (weights, the key)."""
+        corners = self.corners(inner_mrad, outer_mrad)
         if (
             len(corners) == 1
             and corners[0][0].haadf_inner_mrad == float(inner_mrad)
             and (corners[0][0].haadf_outer_mrad == float(outer_mrad))
         ):
             return corners[0][0]
-        total = sum(w for _, w in corners)
-        corners = [(c, w / total) for c, w in corners]
         els = self.elements
 
         def mix(name):

@@ -812,8 +812,7 @@ def match(
         return base.with_overrides(over)
 
     def sample(cfg, i):
-        cal = grid.at_detector(cfg.optics.haadf_inner_mrad.args[0], outer).to_dict()
-        return make_sample(cfg, i, calibration=cal)
+        return make_sample(cfg, i, calibration=grid.to_dict())  # at the cfg's detector
 
     # 1. noise-free model curves (no contamination, ground-truth sites)
     from simgen.experiment.quality import contrast_ratio, hollow_sites

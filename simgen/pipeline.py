@@ -483,7 +483,6 @@ def render_sample(
     """
     import json
 
-    from simgen.incoherent import Calibration
     from simgen.simulation import SimulationSettings, simulate
 
     drawn = dict(params or {})
@@ -496,8 +495,8 @@ def render_sample(
         if calibration is None:
             raise ValueError("the incoherent model needs a calibration (simgen calibrate)")
         cal = _calibration_object(json.dumps(calibration, sort_keys=True))
-        if not isinstance(cal, Calibration):  # a detector grid: this sample's detector
-            cal = cal.at_detector(optics["haadf_inner_mrad"], optics["haadf_outer_mrad"])
+        # a detector grid goes to simulate as it is: it renders this sample's detector
+        # from the nodes around it
     elif model == "pointsum":  # the Z^n point-sum model: the incoherent renderer, no fit
         from simgen.incoherent import pointsum_calibration
 

@@ -764,8 +764,9 @@ def simulate(
     settings : SimulationSettings, optional
         Model, window and numerical settings (default :class:`SimulationSettings()`).
     calibration : Calibration or DetectorGrid, optional
-        Required by the incoherent model; recorded in the result. A detector grid gives
-        the calibration of the optics' detector (:meth:`DetectorGrid.at_detector`).
+        Required by the incoherent model; recorded in the result. A detector grid renders
+        the optics' detector as the weighted sum of the images of the nodes around it
+        (:meth:`DetectorGrid.corners`) and records :meth:`DetectorGrid.at_detector`.
     rng : Generator, int or None
         Random source (frozen-phonon displacements, drawing an ``OpticsConfig``).
     **overrides
@@ -789,17 +790,34 @@ def simulate(
     x0, y0, h, w = resolve_window(cell_xy, p, settings.window, settings.shape, settings.origin)
     geom = (x0, y0, h, w, p)
     if settings.model == "incoherent":
-        if isinstance(calibration, DetectorGrid):
-            calibration = calibration.at_detector(
-                optics["haadf_inner_mrad"], optics["haadf_outer_mrad"]
-            )
+        detector = (optics["haadf_inner_mrad"], optics["haadf_outer_mrad"])
+        if isinstance(calibration, DetectorGrid):  # the weighted images of the nodes
+            parts = calibration.corners(*detector)
+            calibration = calibration.at_detector(*detector)
+        else:
+            parts = [(calibration, 1.0)]
         check_calibration(calibration, optics)
-        image, info = render_incoherent(
-            x, y, counts, elements, optics, calibration, geom,
-            cell_xy=cell_xy, periodic=settings.periodic,
-            focal_points=int(settings.focal_points), device=device,
-            z_A=single_atom_heights(atoms, x, y, counts, cell_xy),
-        )  # fmt: skip
+        # the textbook point-sum model keeps one probe for every atom
+        pointsum = calibration.reference.get("model") == "pointsum"
+        heights = None if pointsum else single_atom_heights(atoms, x, y, counts, cell_xy)
+        image = None
+        for node, weight in parts:
+            node_optics = {
+                **optics,
+                "haadf_inner_mrad": node.haadf_inner_mrad,
+                "haadf_outer_mrad": node.haadf_outer_mrad,
+            }
+            part, info = render_incoherent(
+                x, y, counts, elements, node_optics, node, geom,
+                cell_xy=cell_xy, periodic=settings.periodic,
+                focal_points=int(settings.focal_points), device=device, z_A=heights,
+            )  # fmt: skip
+            part = part if len(parts) == 1 else part * np.float32(weight)
+            image = part if image is None else image + part
+        if len(parts) > 1:
+            info["detector_nodes_mrad"] = [
+                (n.haadf_inner_mrad, n.haadf_outer_mrad, w) for n, w in parts
+            ]
     else:
         if len(atoms) == 0:
             raise ValueError("atoms: the structure holds no atoms")
