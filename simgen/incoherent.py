@@ -81,6 +81,10 @@ CALIBRATION_VERSION = 3
 #: resumable with their own calibration).
 READABLE_VERSIONS = (2, 3)
 
+#: Atomic number whose scattering :meth:`Calibration.with_z_exponent_shift` leaves
+#: unchanged (Mo: the middle of the TMD elements, so an image's mean stays about the same).
+Z_EXPONENT_REFERENCE = 42
+
 #: Largest tail width [Å] of the model (the tail is applied in Fourier space).
 MAX_TAIL_WIDTH_A = 2.0
 
@@ -273,6 +277,43 @@ class Calibration:
 
         return dataclasses.replace(
             self, **{n: mix(n) for n in _DEFOCUS_FIELDS if n != "C10_A"}, defocus_fits=()
+        )
+
+    def with_z_exponent_shift(self, shift: float) -> Calibration:
+        """The model with every element's scattering scaled by ``(Z / 42) ** shift``.
+
+        HAADF contrast goes roughly as ``Z ** n`` with ``n`` between about 1.5 and 2
+        depending on the detector; ``shift`` changes ``n`` for the lone-atom weights and
+        both tails (at every fitted defocus), leaving channelling, widths and background
+        as calibrated. Not a physics of any one microscope: a contrast augmentation
+        (``optics.z_exponent_shift``). ``shift = 0`` returns this calibration.
+
+        Parameters
+        ----------
+        shift : float
+            Change of the Z exponent (dimensionless).
+
+        Returns
+        -------
+        Calibration
+            With ``reference["z_exponent_shift"]`` recorded (its key differs).
+        """
+        shift = float(shift)
+        if shift == 0.0:
+            return self
+        if not math.isfinite(shift):
+            raise ValueError(f"z_exponent_shift: expected a finite number, got {shift}")
+        factor = {e: (atomic_number(e) / Z_EXPONENT_REFERENCE) ** shift for e in self.elements}
+
+        def scaled(table):
+            return {e: float(table[e]) * factor[e] for e in self.elements}
+
+        fits = tuple({**f, **{n: scaled(f[n]) for n in _LOG_FIELDS}} for f in self.defocus_fits)
+        return dataclasses.replace(
+            self,
+            **{n: scaled(getattr(self, n)) for n in _LOG_FIELDS},
+            defocus_fits=fits,
+            reference={**self.reference, "z_exponent_shift": shift},
         )
 
     def _parameters(self) -> dict:

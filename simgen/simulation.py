@@ -801,7 +801,9 @@ def simulate(
         pointsum = calibration.reference.get("model") == "pointsum"
         heights = None if pointsum else single_atom_heights(atoms, x, y, counts, cell_xy)
         image = None
+        shift = float(optics.get("z_exponent_shift", 0.0))
         for node, weight in parts:
+            node = node.with_z_exponent_shift(shift)
             node_optics = {
                 **optics,
                 "haadf_inner_mrad": node.haadf_inner_mrad,
@@ -821,6 +823,12 @@ def simulate(
     else:
         if len(atoms) == 0:
             raise ValueError("atoms: the structure holds no atoms")
+        if float(optics.get("z_exponent_shift", 0.0)) != 0.0:
+            raise ValueError(
+                f"optics.z_exponent_shift: the {settings.model} model simulates the physics "
+                "as it is; only the incoherent and pointsum models take a Z-exponent shift "
+                f"(got {optics['z_exponent_shift']:g})"
+            )
         image, info = _reference(atoms, cell_xy, optics, geom, settings, device, rng)
         calibration = None
     info["periodic"] = bool(settings.periodic)

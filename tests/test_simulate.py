@@ -19,11 +19,7 @@ def _mean_by_kind(values, kinds):
 def _contrast(sim, kinds, metal, chalcogen):
     """Mean peak per column kind and the hollow-site (no column) background."""
     peaks = _mean_by_kind(peak_values(sim.image, sim.rows, sim.cols), kinds)
-    h = hollow_sites(metal, chalcogen)
-    x0, y0 = sim.origin_A
-    bg = peak_values(
-        sim.image, (h[:, 1] - y0) / sim.pixel_size_A, (h[:, 0] - x0) / sim.pixel_size_A
-    )
+    bg = peak_values(sim.image, *_rows_cols(sim, hollow_sites(metal, chalcogen)))
     return peaks, float(np.mean(bg))
 
 
@@ -501,3 +497,53 @@ def test_pointsum_model_scales_as_z_squared_without_channelling():
             pointsum_calibration(("W", "Se"), optics, **bad)
     with pytest.raises(ValueError, match="pointsum_exponent"):
         SimulationConfig(model="pointsum", pointsum_exponent=4.0)
+
+
+def test_z_exponent_shift_brightens_the_metal_and_keeps_the_chalcogen_ratio(toy_calibration):
+    """``optics.z_exponent_shift`` δ scales each atom by (Z/42)^δ: the metal/chalcogen-pair
+    object contrast grows by about (74/34)^δ, one Se against two stays as calibrated, the
+    calibration recorded is the unshifted one, and the abTEM models refuse a shift."""
+    from simgen.config import load_config
+    from simgen.pipeline import check_ready
+
+    def contrasts(shift):
+        atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(3, 2), vac_x1=(3,))
+        opt = {"pixel_size_A": 0.1, "z_exponent_shift": shift}
+        sim = simulate(atoms, columns, opt, calibration=toy_calibration, periodic=True)
+        hollow = peak_values(sim.image, *_rows_cols(sim, hollow_sites("W", "Se"))).mean()
+        v = peak_values(sim.image, sim.rows, sim.cols) - hollow
+        n_metal = 12  # construction order: metal sites first, then chalcogen sites
+        metal, pair = np.median(v[:n_metal]), np.median(np.delete(v[n_metal:], 3))
+        return metal / pair, v[n_metal + 3] / pair, sim
+
+    m0, one0, sim0 = contrasts(0.0)
+    m1, one1, sim1 = contrasts(0.75)
+    assert m1 / m0 == pytest.approx((74 / 34) ** 0.75, rel=0.1)
+    assert one1 == pytest.approx(one0, rel=0.02)
+    assert sim1.calibration_key == sim0.calibration_key == toy_calibration.key
+    assert toy_calibration.with_z_exponent_shift(0.0) is toy_calibration
+    shifted = toy_calibration.with_z_exponent_shift(0.5)
+    assert shifted.weights_A2["Mo"] == pytest.approx(toy_calibration.weights_A2["Mo"])
+    assert shifted.key != toy_calibration.key
+    atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(1, 1))
+    with pytest.raises(ValueError, match="z_exponent_shift"):
+        simulate(atoms, columns, {"z_exponent_shift": 0.5}, model="prism")
+    cfg = load_config().with_overrides(
+        {"simulation.model": "prism", "optics.z_exponent_shift": {"uniform": [0.0, 0.5]}}
+    )
+    with pytest.raises(ValueError, match="z_exponent_shift"):
+        check_ready(cfg)
+    # drawn last: drawing it changes no other optics value
+    drawn = OpticsConfig(z_exponent_shift={"uniform": [-0.3, 0.9]}).draw(5)
+    plain = OpticsConfig().draw(5)
+    assert {k: v for k, v in drawn.items() if k != "z_exponent_shift"} == {
+        k: v for k, v in plain.items() if k != "z_exponent_shift"
+    }
+    assert plain["z_exponent_shift"] == 0.0 and -0.3 <= drawn["z_exponent_shift"] <= 0.9
+
+
+def _rows_cols(sim, xy):
+    """Pixel (rows, cols) of points ``xy`` [Å] in a simulation's window."""
+    x0, y0 = sim.origin_A
+    xy = np.asarray(xy, dtype=np.float64)
+    return (xy[:, 1] - y0) / sim.pixel_size_A, (xy[:, 0] - x0) / sim.pixel_size_A
