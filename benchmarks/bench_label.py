@@ -2,9 +2,9 @@
 
 ``main()`` simulates one image with simgen (the incoherent model, the material, optics and
 noise of the model's training store, another seed), labels it with
-:func:`training.experiments.label.label_image` as ``simgen-train label`` does (512² tiles, 64 px
-overlap, 8-fold TTA) and prints columns per minute, the time of each stage and the time
-to write the five output files. Not pass/fail.
+:func:`training.experiments.label.label_image` as ``simgen-train label`` does (tiles of at
+most 512², 64 px overlap, with and without 8-fold TTA) and prints columns per minute, the
+time of each stage and the time to write the five output files. Not pass/fail.
 
 The model is ``runs/cpu`` (the CPU recipe of docs/training.md) when it exists, else a
 network of the recipe's size (U-Net depth 3, width 16) trained for a minute or two on a
@@ -209,7 +209,7 @@ def main() -> list[dict]:
         issue = ISSUE16["label_columns_per_min"].get(tta)
         print(
             f"label ({r['size']}² {r['material']} image, {'8-fold TTA' if tta else 'no TTA'}, "
-            f"512² tiles, {r['threads']} CPU threads, model {r['model']}): {r['columns']} "
+            f"tiles <= 512², {r['threads']} CPU threads, model {r['model']}): {r['columns']} "
             f"columns in {r['seconds']:.1f} s = {r['columns_per_min']:,.0f} columns/min "
             f"(before*: {fmt(before, ',.0f')}, issue 16: {fmt(issue, ',.0f')}; {stages}); "
             f"writing the 5 files {r['write_seconds']:.1f} s"

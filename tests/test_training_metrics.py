@@ -197,3 +197,60 @@ def test_unlabelled_pixels_carry_no_loss_and_no_score():
         np.zeros((4, 4), int), np.r_[np.full(8, UNLABELLED), np.zeros(8)].reshape(4, 4)
     )
     assert scores.pixels.sum() == 8
+
+
+def _reference_find_columns(probs, threshold, min_distance):
+    """find_columns as written before it was made fast: skimage's peak_local_max and a
+    watershed over the whole image, ndimage's measurements."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    fg_prob = 1.0 - probs[0].astype(np.float64)
+    fg = fg_prob > threshold
+    labels, n = ndimage.label(fg)
+    smooth = ndimage.gaussian_filter(fg_prob, 1.0)
+    peaks = peak_local_max(smooth, min_distance=min_distance, labels=labels, exclude_border=False)
+    markers = np.zeros(labels.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    has = np.zeros(n + 1, bool)
+    has[labels[tuple(peaks.T)]] = True
+    missing = np.flatnonzero(~has[1:]) + 1
+    for j, p in enumerate(ndimage.maximum_position(smooth, labels, missing)):
+        markers[p] = len(peaks) + j + 1
+    labels = watershed(-smooth, markers, mask=fg)
+    index = np.arange(1, int(markers.max()) + 1)
+    com = np.asarray(ndimage.center_of_mass(fg_prob, labels, index)).reshape(-1, 2)
+    mass = [ndimage.sum_labels(probs[c], labels, index) for c in range(1, len(probs))]
+    return {
+        "x": com[:, 1],
+        "y": com[:, 0],
+        "class_id": np.argmax(mass, axis=0) + 1,
+        "score": np.asarray(ndimage.mean(fg_prob, labels, index)),
+        "area": np.asarray(ndimage.sum_labels(fg, labels, index), dtype=float),
+    }
+
+
+def test_fast_find_columns_equals_the_plain_skimage_and_ndimage_chain():
+    """Many blobs (lone, merged pairs and triples, plateaus of equal values, one-pixel
+    specks): the same columns, centroids, classes, scores and areas as the plain chain."""
+    rng = np.random.default_rng(3)
+    shape = (160, 200)
+    fg = np.zeros(shape)
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    for _ in range(140):
+        x, y = rng.uniform(4, shape[1] - 4), rng.uniform(4, shape[0] - 4)
+        r = rng.uniform(1.0, 3.5)
+        fg = np.maximum(fg, 0.95 * np.exp(-((cols - x) ** 2 + (rows - y) ** 2) / (2 * r * r)))
+    fg[20:24, 30:34] = 0.8  # a flat plateau: ties everywhere
+    fg[100, 5] = 0.9  # a one-pixel speck
+    fg = np.round(fg, 2)  # more ties
+    k = rng.dirichlet(np.ones(3), size=shape).transpose(2, 0, 1)
+    probs = np.concatenate([(1 - fg)[None], fg[None] * k])
+    for min_distance in (2, 4):
+        got = find_columns(probs, threshold=0.5, min_distance_px=min_distance, min_area_px=0)
+        want = _reference_find_columns(probs, 0.5, min_distance)
+        assert len(got["x"]) == len(want["x"]) > 100
+        for key in ("x", "y", "score", "area"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=1e-12)
+        np.testing.assert_array_equal(got["class_id"], want["class_id"])

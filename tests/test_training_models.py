@@ -58,3 +58,27 @@ def test_registry_errors_and_extension():
         assert isinstance(build_model("_test_pointwise", n_classes=3), Pointwise)
     finally:
         MODELS.pop("_test_pointwise")
+
+
+def test_fused_for_inference_gives_the_same_logits_and_leaves_the_model_alone():
+    from training.models import fused_for_inference
+
+    torch.manual_seed(1)
+    model = UNet(n_classes=4, depth=2, width=4)
+    model.train()
+    for _ in range(3):  # running statistics away from (0, 1)
+        model(3.0 * torch.randn(2, 1, 32, 32) + 1.0)
+    model.eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 1, 40, 48)
+    fused = fused_for_inference(model)
+    with torch.no_grad():
+        want, got = model(x), fused(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # a model still training is copied as it is (its batch norms use batch statistics)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fused_for_inference(model.train()).modules())

@@ -218,3 +218,17 @@ def test_bad_input_gives_clear_errors(trained, stores, tmp_path):
         train_model(
             tiny_config(stores["train"], loss={"class_weights": [1.0, 2.0]}), tmp_path / "r2"
         )
+
+
+@pytest.mark.parametrize(
+    "length, tile, overlap", [(2048, 512, 64), (600, 512, 64), (100, 64, 63), (37, 64, 8)]
+)
+def test_tiles_are_the_fewest_of_one_size_and_overlap_enough(length, tile, overlap):
+    from training.predict import _tiling
+
+    size, starts = _tiling(length, tile, overlap)
+    assert size <= tile and starts[0] == 0 and starts[-1] + size == length
+    assert all(size - (b - a) >= overlap for a, b in zip(starts, starts[1:], strict=False))
+    assert len(starts) == (1 if length <= tile else -(-(length - overlap) // (tile - overlap)))
+    if (length, tile) == (2048, 512):  # five tiles of 464 px, not five of 512
+        assert (size, len(starts)) == (464, 5)

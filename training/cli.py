@@ -408,7 +408,9 @@ def evaluate(
         bool, typer.Option("--greedy", help="Greedy matching instead of Hungarian.")
     ] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average the 8 flips/rotations.")] = False,
-    tile: Annotated[int, typer.Option(help="Inference tile size [px].")] = 256,
+    tile: Annotated[
+        int, typer.Option(help="Largest inference tile side [px] (tiles are spread evenly).")
+    ] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
@@ -472,7 +474,9 @@ def predict(
         typer.Option("--probabilities", help="Also store probabilities (and ensemble variance)."),
     ] = False,
     tta: Annotated[bool, typer.Option("--tta", help="Average the 8 flips/rotations.")] = False,
-    tile: Annotated[int, typer.Option(help="Inference tile size [px].")] = 256,
+    tile: Annotated[
+        int, typer.Option(help="Largest inference tile side [px] (tiles are spread evenly).")
+    ] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ):
@@ -630,7 +634,10 @@ def label(
         ),
     ] = True,
     tile: Annotated[
-        int, typer.Option(help="Inference tile side in px (at the model's pixel size).")
+        int,
+        typer.Option(
+            help="Largest inference tile side in px (at the model's pixel size; spread evenly)."
+        ),
     ] = 512,
     overlap: Annotated[int, typer.Option(help="Overlap of neighbouring tiles in px.")] = 64,
     tta: Annotated[

@@ -89,13 +89,29 @@ def find_columns(
         return {k: v.copy() for k, v in _EMPTY.items()}
     if min_distance_px is not None and min_distance_px > 0:
         labels, n = _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px)
-    index = np.arange(1, n + 1)
-    area = np.asarray(ndimage.sum_labels(fg, labels, index), dtype=np.float64)
-    com = np.asarray(ndimage.center_of_mass(fg_prob, labels, index), dtype=np.float64)
-    score = np.asarray(ndimage.mean(fg_prob, labels, index), dtype=np.float64)
-    class_mass = np.stack(
-        [np.asarray(ndimage.sum_labels(probs[c], labels, index)) for c in range(1, len(probs))]
-    )
+    # per-component sums over the labelled pixels only (bincount: ndimage's measurements
+    # sort the whole image per call)
+    where = np.flatnonzero(labels)
+    lab = labels.ravel()[where]
+
+    def sums(values):
+        return np.bincount(lab, weights=values.ravel()[where], minlength=n + 1)[1:]
+
+    area = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
+    mass = sums(fg_prob)
+    rows, cols = np.divmod(where, labels.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        com = (
+            np.column_stack(
+                [
+                    np.bincount(lab, weights=fg_prob.ravel()[where] * rows, minlength=n + 1)[1:],
+                    np.bincount(lab, weights=fg_prob.ravel()[where] * cols, minlength=n + 1)[1:],
+                ]
+            )
+            / mass[:, None]
+        )
+    score = mass / np.maximum(area, 1.0)
+    class_mass = np.stack([sums(probs[c]) for c in range(1, len(probs))])
     class_id = np.argmax(class_mass, axis=0).astype(np.int64) + 1
     keep = area >= min_area_px
     com = com.reshape(-1, 2)
@@ -117,15 +133,45 @@ def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
     markers = np.zeros(labels.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     # every component keeps at least one marker (its maximum)
-    has = np.zeros(n + 1, bool)
-    has[labels[tuple(peaks.T)]] = True
-    missing = np.flatnonzero(~has[1:]) + 1
+    per_label = np.bincount(labels[tuple(peaks.T)], minlength=n + 1)
+    missing = np.flatnonzero(per_label[1:] == 0) + 1
     if len(missing):
-        pos = ndimage.maximum_position(smooth, labels, missing)
-        for j, p in enumerate(pos):
-            markers[p] = len(peaks) + j + 1
-    new = watershed(-smooth, markers, mask=fg)
+        _, _, first_max = _label_extrema(smooth, labels, n)
+        pos = np.divmod(first_max[missing - 1], labels.shape[1])
+        markers[pos] = len(peaks) + np.arange(1, len(missing) + 1)
+    # only components with several markers need the watershed; a component with one
+    # marker floods to itself (same connectivity as the labelling)
+    per_label[missing] = 1
+    several = per_label > 1
+    several[0] = False
+    new = np.zeros_like(markers)
+    if several.any():
+        split = several[labels]
+        new = watershed(-smooth, np.where(split, markers, 0), mask=split)
+    single = (markers > 0) & ~several[labels]
+    marker_of = np.zeros(n + 1, np.int32)
+    marker_of[labels[single]] = markers[single]
+    new = np.where(new > 0, new, marker_of[labels])
     return new, int(markers.max())
+
+
+def _label_extrema(values, labels, n: int):
+    """Per component ``1..n`` of ``labels``: maximum, minimum, and the flat index of the
+    first pixel (raster order) holding the maximum, as ``ndimage.maximum``,
+    ``ndimage.minimum`` and ``ndimage.maximum_position`` give them, without sorting the
+    image (every component must be present)."""
+    where = np.flatnonzero(labels)
+    lab = labels.ravel()[where]
+    v = values.ravel()[where]
+    hi = np.full(n + 1, -np.inf)
+    lo = np.full(n + 1, np.inf)
+    np.maximum.at(hi, lab, v)
+    np.minimum.at(lo, lab, v)
+    at_max = v == hi[lab]
+    ids, first = np.unique(lab[at_max], return_index=True)
+    first_max = np.full(n + 1, -1, dtype=np.int64)
+    first_max[ids] = where[at_max][first]
+    return hi[1:], lo[1:], first_max[1:]
 
 
 def _peaks_per_label(smooth, labels, n, min_distance: int):
@@ -161,15 +207,14 @@ def _peaks_per_label(smooth, labels, n, min_distance: int):
                 maybe &= ~((lab[nb] == centre_lab) & (val[nb] > centre_val))
     boxes = ndimage.find_objects(np.where(maybe, labels, 0), max_label=n)
     span = np.array([[s.stop - s.start - 1 for s in b] if b else [0, 0] for b in boxes])
-    hi = np.asarray(ndimage.maximum(smooth, labels, index))
-    lo = np.asarray(ndimage.minimum(smooth, labels, index))
+    hi, lo, first_max = _label_extrema(smooth, labels, n)
     present = np.array([b is not None for b in boxes])
     one_peak = present & (span.max(axis=1) <= min_distance) & (hi > lo) & (hi > smooth.min())
     rest_ids = index[~one_peak]
     big = np.empty((0, 2), dtype=np.intp)
     if len(rest_ids):
         big = skimage_peaks(np.where(np.isin(labels, rest_ids), labels, 0)).astype(np.intp)
-    one = np.asarray(ndimage.maximum_position(smooth, labels, index[one_peak]), dtype=np.intp)
+    one = np.column_stack(np.divmod(first_max[one_peak], w)).astype(np.intp)
     peaks = np.concatenate([big, one.reshape(-1, 2)])
     order = np.argsort(labels[tuple(peaks.T)], kind="stable")  # skimage: by component
     return peaks[order]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from training.augment import dihedral, inverse_dihedral, normalize_image
-from training.models import build_model
+from training.models import build_model, fused_for_inference
 from training.stores import check_scheme, scheme_from_attrs
 from training.train import load_checkpoint_dict, resolve_device
 
@@ -78,14 +78,38 @@ def resolve_checkpoints(model_path) -> list[Path]:
     raise ValueError(f"model not found: {p}")
 
 
-def _starts(length: int, tile: int, overlap: int) -> list[int]:
+#: Run the network in channels-last (NHWC) memory layout on the CPU: oneDNN's convolutions
+#: are faster in it (the same logits to ~1e-6; benchmarks/bench_label.py).
+CPU_CHANNELS_LAST = True
+
+
+def _tiling(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """Tile side and tile starts along one axis: the fewest tiles of at most ``tile`` px
+    that overlap by at least ``overlap`` px, all of one size (a multiple of 16 px where
+    possible: the U-Net pads to a multiple of ``2**depth``), spread evenly.
+
+    A 2048 px axis in tiles of at most 512 px with 64 px overlap takes five tiles of 464 px
+    (2320 px computed) instead of five of 512 (2560 px): the network's cost is the area of
+    the tiles.
+    """
     if length <= tile:
-        return [0]
+        return length, [0]
     step = max(tile - overlap, 1)
-    starts = list(range(0, length - tile + 1, step))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
+    n = -(-(length - overlap) // step)  # ceil: tiles needed at the largest size
+    size = -(-(length + (n - 1) * overlap) // n)
+    size = min(tile, -(-size // 16) * 16)
+
+    def starts_of(size):
+        return [int(v) for v in np.floor(np.linspace(0, length - size, n) + 0.5)]
+
+    def smallest_overlap(starts):
+        return min(size - (b - a) for a, b in zip(starts, starts[1:], strict=False))
+
+    starts = starts_of(size)
+    while size < tile and smallest_overlap(starts) < overlap:
+        size += 1
+        starts = starts_of(size)
+    return size, starts
 
 
 def _ramp(size: int, overlap: int, first: bool, last: bool) -> np.ndarray:
@@ -121,9 +145,11 @@ def predict_probabilities(
     image : array_like, shape (H, W)
         Recorded image (any units) or, with ``normalize=False``, an already normalised one.
     tile : int
-        Tile side [px] (images smaller than a tile go through whole).
+        Largest tile side [px] (images smaller than a tile go through whole). Along each
+        axis the fewest tiles of at most this size that overlap by ``overlap`` are spread
+        evenly, all of one size (:func:`_tiling`).
     overlap : int
-        Overlap of neighbouring tiles [px]; blending weights ramp over it.
+        Smallest overlap of neighbouring tiles [px]; blending weights ramp over it.
     batch_size : int
         Tiles per forward pass.
     tta : bool
@@ -132,6 +158,11 @@ def predict_probabilities(
         Apply :func:`normalize_image` first (as in training).
     amp : bool
         Autocast on CUDA.
+
+    Notes
+    -----
+    Runs a copy of ``model`` with its batch norms folded into the convolutions
+    (:func:`training.models.fused_for_inference`): the same probabilities to ~1e-6.
 
     Returns
     -------
@@ -144,6 +175,7 @@ def predict_probabilities(
         raise ValueError(f"tile: must be >= 16 px, got {tile}")
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap: must be in [0, tile), got {overlap}")
+    model = fused_for_inference(model)  # batch norms folded into the convolutions
     if not tta:
         return _predict_tiled(model, img, tile, overlap, batch_size, amp)
     acc = None
@@ -158,16 +190,23 @@ def predict_probabilities(
 def _predict_tiled(model, img, tile, overlap, batch_size, amp) -> np.ndarray:
     device = next(model.parameters()).device
     h, w = img.shape
-    th, tw = min(tile, h), min(tile, w)
-    rows, cols = _starts(h, th, overlap), _starts(w, tw, overlap)
+    th, rows = _tiling(h, tile, overlap)
+    tw, cols = _tiling(w, tile, overlap)
     acc = None
-    wsum = np.zeros((h, w))
+    wsum = np.zeros((h, w), np.float32)
+    ramp_r = {r: _ramp(th, overlap, r == 0, r + th >= h).astype(np.float32) for r in rows}
+    ramp_c = {c: _ramp(tw, overlap, c == 0, c + tw >= w).astype(np.float32) for c in cols}
     jobs = [(r, c) for r in rows for c in cols]
     use_amp = amp and device.type == "cuda"
+    layout = torch.channels_last if device.type == "cpu" and CPU_CHANNELS_LAST else None
+    if layout is not None:
+        model = model.to(memory_format=layout)
     for b in range(0, len(jobs), batch_size):
         chunk = jobs[b : b + batch_size]
         x = torch.from_numpy(np.stack([img[r : r + th, c : c + tw] for r, c in chunk])[:, None])
         x = x.to(device)
+        if layout is not None:
+            x = x.contiguous(memory_format=layout)
         if use_amp:
             with torch.autocast(device_type="cuda"):
                 logits = model(x)
@@ -175,14 +214,14 @@ def _predict_tiled(model, img, tile, overlap, batch_size, amp) -> np.ndarray:
             logits = model(x)
         probs = logits.float().softmax(1).cpu().numpy()
         if acc is None:
-            acc = np.zeros((probs.shape[1], h, w))
+            acc = np.zeros((probs.shape[1], h, w), np.float32)
         for (r, c), p in zip(chunk, probs, strict=True):
-            wr = _ramp(th, overlap, r == 0, r + th >= h)
-            wc = _ramp(tw, overlap, c == 0, c + tw >= w)
-            wt = wr[:, None] * wc[None, :]
-            acc[:, r : r + th, c : c + tw] += p * wt
+            wt = ramp_r[r][:, None] * ramp_c[c][None, :]
+            p *= wt
+            acc[:, r : r + th, c : c + tw] += p
             wsum[r : r + th, c : c + tw] += wt
-    return (acc / wsum).astype(np.float32)
+    acc /= wsum
+    return acc
 
 
 class Ensemble:
@@ -307,6 +346,9 @@ class Ensemble:
             if pixel is None:
                 raise ValueError("pixel_size_A: needed for the preprocessing (not recorded)")
             image = preprocess_image(image, cfg, pixel)
+        if len(self.models) == 1:  # one member: its probabilities, no variance
+            p = predict_probabilities(self.models[0], image, **kwargs)
+            return p, np.zeros_like(p)
         mean = m2 = None
         for n, model in enumerate(self.models, start=1):
             p = predict_probabilities(model, image, **kwargs).astype(np.float64)

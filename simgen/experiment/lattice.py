@@ -128,11 +128,35 @@ def _batched_affine(
 
     The ridge term ``strength · |M − prior|²`` (``strength`` in px², i.e. a number of virtual
     neighbours times their squared length) keeps fits from two or three noisy offsets sane.
+    The 2×2 normal equations are summed and solved per row in closed form (no einsum or
+    batched inverse: this runs a dozen times per labelled image on every column).
     """
-    eye = np.eye(2)
-    ttt = np.einsum("nk,nki,nkj->nij", w, t, t) + strength * eye
-    dtt = np.einsum("nk,nki,nkj->nij", w, d, t) + strength * prior
-    return dtt @ np.linalg.inv(ttt)
+    tx, ty, dx, dy = t[..., 0], t[..., 1], d[..., 0], d[..., 1]
+    wtx, wty = w * tx, w * ty
+    # T = Σ w t tᵀ + s·I and D = Σ w d tᵀ + s·prior, per row
+    a = (wtx * tx).sum(axis=1) + strength
+    b = (wtx * ty).sum(axis=1)
+    c = (wty * ty).sum(axis=1) + strength
+    d00 = (wtx * dx).sum(axis=1) + strength * prior[0, 0]
+    d01 = (wty * dx).sum(axis=1) + strength * prior[0, 1]
+    d10 = (wtx * dy).sum(axis=1) + strength * prior[1, 0]
+    d11 = (wty * dy).sum(axis=1) + strength * prior[1, 1]
+    det = a * c - b * b  # > 0: the ridge makes T positive definite
+    out = np.empty((len(a), 2, 2))
+    # M = D T⁻¹ with T⁻¹ = [[c, −b], [−b, a]] / det
+    out[:, 0, 0] = (d00 * c - d01 * b) / det
+    out[:, 0, 1] = (d01 * a - d00 * b) / det
+    out[:, 1, 0] = (d10 * c - d11 * b) / det
+    out[:, 1, 1] = (d11 * a - d10 * b) / det
+    return out
+
+
+def _apply_maps(m: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x, y`` of ``M_n t`` for maps ``m`` [..., 2, 2] and offsets [T, 2]: [..., T] each."""
+    ox, oy = offsets[:, 0], offsets[:, 1]
+    mx = m[..., 0, 0, None] * ox + m[..., 0, 1, None] * oy
+    my = m[..., 1, 0, None] * ox + m[..., 1, 1, None] * oy
+    return mx, my
 
 
 def assign_sublattices(
@@ -273,18 +297,30 @@ def assign_sublattices(
     valid = np.isfinite(dist) & (idx < n)
     idx = np.where(valid, idx, 0)
     args = (pts, idx, valid, b, affine_g, opposite, same, bond_tolerance)
+    # A column's fit depends only on its neighbours' sublattices, so after the first sweep
+    # only the columns next to a change are refitted (the same numbers as refitting all).
+    fits = {+1.0: _neighbour_fit(spin, np.ones(n), *args)}
+    fits[-1.0] = _neighbour_fit(spin, -np.ones(n), *args)
     for _ in range(max_iter):
-        fit_a = _neighbour_fit(spin, np.ones(n), *args)
-        fit_b = _neighbour_fit(spin, -np.ones(n), *args)
-        frac_a, frac_b, n_valid = fit_a[2], fit_b[2], fit_a[3]
-        pref = frac_a - frac_b
+        pref = fits[+1.0][2] - fits[-1.0][2]
         new = spin.copy()
-        decisive = (np.abs(pref) >= 0.2) & (n_valid >= 2)
+        decisive = (np.abs(pref) >= 0.2) & (fits[+1.0][3] >= 2)
         new[decisive] = np.sign(pref[decisive])
         if np.array_equal(new, spin):
             break
+        refit = np.flatnonzero((valid & (new != spin)[idx]).any(axis=1))
         spin = new
-    local_affine, rms, _, _ = _neighbour_fit(spin, spin, *args)
+        for hypothesis, fit in fits.items():
+            part = _neighbour_fit(spin, np.full(len(refit), hypothesis), *args, rows=refit)
+            for whole, values in zip(fit, part, strict=True):
+                whole[refit] = values
+    # each column's fit under its own sublattice (the fits hold the current spins)
+    local_affine = np.where((spin > 0)[:, None, None], fits[+1.0][0], fits[-1.0][0])
+    rms = np.where(spin > 0, fits[+1.0][1], fits[-1.0][1])
+    unplaced = np.flatnonzero(spin == 0)
+    if len(unplaced):
+        part = _neighbour_fit(spin, spin[unplaced], *args, rows=unplaced)
+        local_affine[unplaced], rms[unplaced] = part[0], part[1]
     residual = _site_residual(pts, idx, valid, spin, local_affine, opposite, same)
     spin[residual > off_lattice * b] = 0.0  # e.g. an adatom in a hexagon's hollow (at b)
 
@@ -320,8 +356,8 @@ def _site_residual(pts, idx, valid, spin, affine, opposite, same) -> np.ndarray:
     v = valid & (sign_j != 0)
     sites = np.concatenate([opposite, same])  # offsets from a sublattice-0 column
     e = (pts[:, None, :] - pts[idx]) * np.where(sign_j == 0, 1.0, sign_j)[..., None]
-    pred = np.einsum("nkij,tj->nkti", affine[idx], sites)
-    dmin = np.linalg.norm(e[:, :, None, :] - pred, axis=3).min(axis=2)
+    pred_x, pred_y = _apply_maps(affine[idx], sites)  # [n, k, t]
+    dmin = np.sqrt(_offset_errors_xy(e, pred_x, pred_y, squared=True).min(axis=2))
     dmin = np.where(v, dmin, np.nan)
     out = np.full(len(pts), np.nan)
     has = v.any(axis=1)
@@ -329,34 +365,41 @@ def _site_residual(pts, idx, valid, spin, affine, opposite, same) -> np.ndarray:
     return out
 
 
-def _neighbour_fit(spin, self_spin, pts, idx, valid, *rest, chunk=8192):
-    """:func:`_neighbour_fit_rows` over blocks of columns (bounded memory)."""
+def _neighbour_fit(spin, self_spin, pts, idx, valid, *rest, rows=None, chunk=8192):
+    """:func:`_neighbour_fit_rows` over blocks of columns (bounded memory): of every column,
+    or of the columns ``rows`` (``self_spin`` then holds their hypotheses)."""
+    rows = np.arange(len(pts)) if rows is None else np.asarray(rows, dtype=np.intp)
     parts = [
         _neighbour_fit_rows(
             spin,
             self_spin[k : k + chunk],
             pts,
-            pts[k : k + chunk],
-            idx[k : k + chunk],
-            valid[k : k + chunk],
+            pts[rows[k : k + chunk]],
+            idx[rows[k : k + chunk]],
+            valid[rows[k : k + chunk]],
             *rest,
         )  # fmt: skip
-        for k in range(0, len(pts), chunk)
+        for k in range(0, len(rows), chunk)
     ]
+    if not parts:
+        return (np.zeros((0, 2, 2)), np.zeros(0), np.zeros(0), np.zeros(0, dtype=np.int64))
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
-def _offset_errors(d, ideal):
-    """``|d[n, k] − ideal[n, t]|`` for every neighbour k and ideal offset t: [n, k, t].
+def _offset_errors_xy(d, ideal_x, ideal_y, squared: bool = False):
+    """``|d[..., k] − ideal[..., t]|`` for every neighbour k and ideal offset t: [..., k, t].
 
-    The same values as ``np.linalg.norm(d[:, :, None] − ideal[:, None], axis=3)`` (which
-    sums the two squares in the same order) without the [n, k, t, 2] temporaries."""
-    dx = d[:, :, None, 0] - ideal[:, None, :, 0]
-    dy = d[:, :, None, 1] - ideal[:, None, :, 1]
+    ``ideal_x``, ``ideal_y``: [n, t] (one set per row) or [n, k, t] (one per neighbour).
+    Sums the two squares in place (no [..., k, t, 2] temporaries); ``squared`` skips the
+    square root."""
+    if ideal_x.ndim == d.ndim - 1:
+        ideal_x, ideal_y = ideal_x[:, None, :], ideal_y[:, None, :]
+    dx = d[..., None, 0] - ideal_x
+    dy = d[..., None, 1] - ideal_y
     dx *= dx
     dy *= dy
     dx += dy
-    return np.sqrt(dx, out=dx)
+    return dx if squared else np.sqrt(dx, out=dx)
 
 
 def _neighbour_fit_rows(spin, self_spin, pts, own, idx, valid, b, affine_g, opposite, same, tol):
@@ -376,19 +419,26 @@ def _neighbour_fit_rows(spin, self_spin, pts, own, idx, valid, b, affine_g, oppo
     v = valid & (sign_j != 0) & (self_spin[:, None] != 0)
     d = (pts[idx] - own[:, None, :]) * sign_i[..., None]
     is_same = (sign_j == sign_i)[..., None]
-    near = np.linalg.norm(d, axis=2) < (1.0 + tol) * b
+    near = np.hypot(d[..., 0], d[..., 1]) < (1.0 + tol) * b
     m_all = np.tile(affine_g, (n, 1, 1))
+    same_nb = is_same[..., 0]
     for it in range(3):
-        e_same = _offset_errors(d, np.einsum("nij,tj->nti", m_all, same))
-        e_opp = _offset_errors(d, np.einsum("nij,tj->nti", m_all, opposite))
-        k_same, k_opp = e_same.argmin(axis=2), e_opp.argmin(axis=2)
-        t = np.where(is_same, same[k_same], opposite[k_opp])
-        err = np.where(is_same[..., 0], e_same.min(axis=2), e_opp.min(axis=2))
-        w = v & (err < tol * b)
+        # each neighbour is matched to the ideal offsets of its own kind (same / opposite
+        # sublattice; six of each), in squared distances
+        (sx, sy), (ox, oy) = _apply_maps(m_all, same), _apply_maps(m_all, opposite)
+        ideal_x = np.where(is_same, sx[:, None, :], ox[:, None, :])
+        ideal_y = np.where(is_same, sy[:, None, :], oy[:, None, :])
+        err2 = _offset_errors_xy(d, ideal_x, ideal_y, squared=True)
+        k_best = err2.argmin(axis=2)
+        err2 = np.take_along_axis(err2, k_best[..., None], axis=2)[..., 0]
+        t = np.where(is_same, same[k_best], opposite[k_best])
+        w = v & (err2 < (tol * b) ** 2)
         if it == 0:  # bonds first: short offsets are least sensitive to local distortion
-            w &= near & ~is_same[..., 0]
+            w &= near & ~same_nb
         m_all = _batched_affine(t, d, w.astype(float), affine_g, 2.0 * b * b)
-    res = np.linalg.norm(d - np.einsum("nij,nkj->nki", m_all, t), axis=2)
+    fx = m_all[:, None, 0, 0] * t[..., 0] + m_all[:, None, 0, 1] * t[..., 1]
+    fy = m_all[:, None, 1, 0] * t[..., 0] + m_all[:, None, 1, 1] * t[..., 1]
+    res = np.hypot(d[..., 0] - fx, d[..., 1] - fy)
     fitted = v & (res < tol * b)
     n_valid = v.sum(axis=1)
     n_fit = fitted.sum(axis=1)

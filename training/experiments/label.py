@@ -268,12 +268,11 @@ def sample_disks(maps, xy, radius_px: float) -> np.ndarray:
         rows[none, 0] = np.clip(rows[none, 0], 0, h - 1)
         cols[none, 0] = np.clip(cols[none, 0], 0, w - 1)
         valid[none, 0] = True
-    rr, cc = np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1)
-    out = np.empty((len(pts), k))
-    count = valid.sum(axis=1)
-    for c in range(k):
-        out[:, c] = np.where(valid, m[c][rr, cc], 0.0).sum(axis=1) / count
-    return out
+    flat = np.clip(rows, 0, h - 1) * w + np.clip(cols, 0, w - 1)
+    weight = valid / valid.sum(axis=1, keepdims=True)  # [N, D]: 1/count inside, 0 outside
+    # one gather of every map at every disk pixel, then one weighted sum per position
+    values = m.reshape(k, h * w)[:, flat]  # [K, N, D]
+    return np.einsum("knd,nd->nk", values, weight, dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,9 +337,10 @@ class LabelSettings:
     Attributes
     ----------
     tile : int
-        Inference tile side [px] (in the resampled image).
+        Largest inference tile side [px] (in the resampled image); the fewest tiles of at
+        most this side are spread evenly (:func:`training.predict.predict_probabilities`).
     overlap : int
-        Overlap of neighbouring tiles [px]; blending weights ramp over it.
+        Smallest overlap of neighbouring tiles [px]; blending weights ramp over it.
     tta : bool
         Average the 8 flips/rotations of the square (8× the cost).
     batch_size : int

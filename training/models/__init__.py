@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from training.models.unet import UNet
+from training.models.unet import UNet, fused_for_inference
 
 MODELS: dict[str, type[nn.Module]] = {}
 
@@ -56,4 +56,4 @@ def build_model(name: str, **cfg) -> nn.Module:
         raise ValueError(f"model {name!r}: {err}") from None
 
 
-__all__ = ["MODELS", "UNet", "build_model", "register_model"]
+__all__ = ["MODELS", "UNet", "build_model", "fused_for_inference", "register_model"]

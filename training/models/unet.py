@@ -114,3 +114,53 @@ class UNet(nn.Module):
         for up, block, skip in zip(self.up, self.up_blocks, reversed(skips), strict=True):
             x = block(torch.cat([up(x), skip], dim=1))
         return self.head(x)[..., :h, :w]
+
+
+@torch.no_grad()
+def fused_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference with every batch normalisation that directly
+    follows a convolution folded into that convolution's weights and bias.
+
+    In eval mode a batch norm is a per-channel affine map with its running statistics, so
+    ``BN(conv(x)) = conv'(x)`` exactly up to float rounding (~1e-6 relative); the copy does
+    one pass less over every activation. ``model`` itself is not changed (it may still be
+    trained); modules in training mode are copied unfused.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    torch.nn.Module
+        In eval mode.
+    """
+    import copy
+
+    fused = copy.deepcopy(model).eval()
+    if model.training:
+        return fused
+    for module in fused.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.named_children())
+        for (a, conv), (b, norm) in zip(children, children[1:], strict=False):
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and isinstance(norm, nn.BatchNorm2d)
+                and norm.track_running_stats
+                and norm.running_var is not None
+            ):
+                continue
+            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+            new = nn.Conv2d(
+                conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
+                padding_mode=conv.padding_mode,
+            ).to(device=conv.weight.device, dtype=conv.weight.dtype)  # fmt: skip
+            new.weight.copy_(conv.weight * scale[:, None, None, None])
+            new.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+            setattr(module, a, new.eval())
+            setattr(module, b, nn.Identity())
+    return fused
