@@ -199,13 +199,13 @@ def bench_label(
 def main() -> list[dict]:
     """Print columns labelled per minute for a 2048² image (512² tiles), without and with
     8-fold TTA, beside the figures from before issue 16 (:mod:`benchmarks.previous`)."""
-    from benchmarks.previous import ISSUE16, SESSION, fmt
+    from benchmarks.previous import ISSUE16, LABEL_QUIET_BEFORE, fmt
 
     out = []
     for tta in (False, True):
         r = bench_label(tta=tta)
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in r["timings_s"].items())
-        before = SESSION["label_columns_per_min"].get(tta)
+        before = LABEL_QUIET_BEFORE["label_columns_per_min"].get(tta)
         issue = ISSUE16["label_columns_per_min"].get(tta)
         print(
             f"label ({r['size']}² {r['material']} image, {'8-fold TTA' if tta else 'no TTA'}, "
@@ -215,7 +215,7 @@ def main() -> list[dict]:
             f"writing the 5 files {r['write_seconds']:.1f} s"
         )
         out.append(r)
-    print(f"  * before: {SESSION['date']}")
+    print(f"  * before: {LABEL_QUIET_BEFORE['date']}")
     return out
 
 

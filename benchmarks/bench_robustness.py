@@ -14,11 +14,11 @@ training physics in one way:
 ``saturated8bit``
     an 8-bit export with the brightest 2–4 % of the pixels saturated.
 
-Models: ``$SIMGEN_ROBUST_MODELS`` (``name=run,name=run``), else ``plain=runs/wse2`` (the
-recipe before the detector-response draws), ``shipped=runs/wse2_v2`` (the shipped
-recipe: detector γ 0.8–1.25 and an 8-bit display export drawn per sample) and
-``robust=runs/wse2_v3`` (that plus HAADF detector angles drawn per sample, inner 40–120
-and outer 150–250 mrad, and ``preprocess.equalize``), those present.
+Models: ``$SIMGEN_ROBUST_MODELS`` (``name=run,name=run``), else ``default=runs/wse2_plain``
+(the shipped recipe with WSe2 and V: detector γ 0.8–1.25 and an 8-bit display export drawn
+per sample) and ``robust=runs/wse2_z`` (that plus HAADF detector angles drawn per sample,
+inner 40–120 and outer 150–250 mrad, and the Z-exponent shift drawn over −0.3…1.2:
+docs/labelling.md), those present.
 Printed per model and store: detection F1, recall of full chalcogen columns, precision and
 recall of single chalcogen vacancies (the classes a wrong contrast confuses).
 
@@ -56,9 +56,8 @@ SIZES = {"prism": 96}
 #: Images per foreign store when the command line gives none (PRISM: at most 2).
 PRISM_IMAGES = 2
 DEFAULT_MODELS = {
-    "plain": Path("runs/wse2"),
-    "shipped": Path("runs/wse2_v2"),
-    "robust": Path("runs/wse2_v3"),
+    "default": Path("runs/wse2_plain"),
+    "robust": Path("runs/wse2_robust"),
 }
 
 
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n== Cross-simulator robustness (benchmarks/bench_robustness.py)")
     found = models()
     if not found:
-        print("no model: train runs/wse2 and runs/wse2_v2 as docs/labelling.md says, or set")
+        print("no model: train runs/wse2_plain and runs/wse2_robust (docs/labelling.md), or set")
         print("SIMGEN_ROBUST_MODELS=name=run,...")
         return {}
     results: dict[str, dict[str, dict]] = {}

@@ -55,6 +55,13 @@ QUIET_BEFORE = {
     "generate_samples_per_s": {(256, 1): 1.96, (256, 2): 3.37, (512, 1): 1.13, (512, 2): 1.87},
 }
 
+#: Labelling before the labelling-speed commit (4a8659e, in a worktree), quiet machine
+#: (load 0.5-1.6), 2026-12-02 13:30 UTC, the same image and recipe-sized model as after.
+LABEL_QUIET_BEFORE = {
+    "date": "2026-12-02 13:30 UTC, commit 4a8659e, quiet",
+    "label_columns_per_min": {False: 64_864, True: None},
+}
+
 
 def fmt(value, spec: str = ".1f") -> str:
     """``value`` formatted, or ``-`` when not measured."""

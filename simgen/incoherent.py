@@ -296,7 +296,8 @@ class Calibration:
         Returns
         -------
         Calibration
-            With ``reference["z_exponent_shift"]`` recorded (its key differs).
+            With ``reference["z_exponent_shift"]`` recorded (its key differs). A simulation
+            records the unshifted calibration and the shift among its optics values.
         """
         shift = float(shift)
         if shift == 0.0:

@@ -153,7 +153,8 @@ class Simulated:
     origin_A : (float, float)
         ``(x0, y0)``: cell-frame position [Å] of pixel ``(0, 0)``.
     calibration_key : str or None
-        :attr:`Calibration.key` of the calibration that produced an incoherent image.
+        :attr:`Calibration.key` of the calibration that produced an incoherent image (before
+        ``optics.z_exponent_shift``, which ``params`` holds).
     calibration : Calibration or None
         That calibration.
     info : dict

@@ -528,11 +528,13 @@ def test_z_exponent_shift_brightens_the_metal_and_keeps_the_chalcogen_ratio(toy_
     atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(1, 1))
     with pytest.raises(ValueError, match="z_exponent_shift"):
         simulate(atoms, columns, {"z_exponent_shift": 0.5}, model="prism")
-    cfg = load_config().with_overrides(
-        {"simulation.model": "prism", "optics.z_exponent_shift": {"uniform": [0.0, 0.5]}}
-    )
-    with pytest.raises(ValueError, match="z_exponent_shift"):
-        check_ready(cfg)
+    for model in ("prism", "auto"):  # auto: prism on GPU workers
+        cfg = load_config().with_overrides(
+            {"simulation.model": model, "optics.z_exponent_shift": {"uniform": [0.0, 0.5]}}
+        )
+        with pytest.raises(ValueError, match="z_exponent_shift.*--model incoherent"):
+            check_ready(cfg)
+    check_ready(cfg.with_overrides({"simulation.model": "incoherent"}))
     # drawn last: drawing it changes no other optics value
     drawn = OpticsConfig(z_exponent_shift={"uniform": [-0.3, 0.9]}).draw(5)
     plain = OpticsConfig().draw(5)

@@ -254,3 +254,18 @@ def test_fast_find_columns_equals_the_plain_skimage_and_ndimage_chain():
         for key in ("x", "y", "score", "area"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-12, atol=1e-12)
         np.testing.assert_array_equal(got["class_id"], want["class_id"])
+
+
+def test_find_columns_ignores_a_nan_pixel():
+    """A NaN probability (e.g. an overflow under autocast) leaves the other columns as they
+    are and never turns the background into a column."""
+    shape = (40, 40)
+    fg = np.zeros(shape)
+    for x, y in ((10, 10), (28, 10), (10, 28), (28, 28)):
+        fg[disk(shape, x, y, 2.5)] = 0.9
+    probs = np.stack([1 - fg, fg])
+    clean = find_columns(probs, min_distance_px=4)
+    probs[:, 10, 10] = np.nan
+    found = find_columns(probs, min_distance_px=4)
+    assert len(found["x"]) == len(clean["x"]) == 4
+    assert found["area"].max() <= clean["area"].max()

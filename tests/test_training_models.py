@@ -82,3 +82,16 @@ def test_fused_for_inference_gives_the_same_logits_and_leaves_the_model_alone():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # a model still training is copied as it is (its batch norms use batch statistics)
     assert any(isinstance(m, nn.BatchNorm2d) for m in fused_for_inference(model.train()).modules())
+
+
+def test_fused_for_inference_handles_batch_norms_without_affine_parameters():
+    from training.models import fused_for_inference
+
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3, affine=False))
+    net.train()
+    net(torch.randn(4, 1, 16, 16) * 2 + 1)
+    net.eval()
+    x = torch.randn(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_for_inference(net)(x), net(x), rtol=1e-4, atol=1e-5)

@@ -89,8 +89,7 @@ def find_columns(
         return {k: v.copy() for k, v in _EMPTY.items()}
     if min_distance_px is not None and min_distance_px > 0:
         labels, n = _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px)
-    # per-component sums over the labelled pixels only (bincount: ndimage's measurements
-    # sort the whole image per call)
+    # per-component sums over the labelled pixels only, by bincount
     where = np.flatnonzero(labels)
     lab = labels.ravel()[where]
 
@@ -148,7 +147,7 @@ def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
     if several.any():
         split = several[labels]
         new = watershed(-smooth, np.where(split, markers, 0), mask=split)
-    single = (markers > 0) & ~several[labels]
+    single = (markers > 0) & (labels > 0) & ~several[labels]
     marker_of = np.zeros(n + 1, np.int32)
     marker_of[labels[single]] = markers[single]
     new = np.where(new > 0, new, marker_of[labels])
@@ -158,18 +157,21 @@ def _split_merged(fg_prob, fg, labels, n, min_distance_px, smooth_px):
 def _label_extrema(values, labels, n: int):
     """Per component ``1..n`` of ``labels``: maximum, minimum, and the flat index of the
     first pixel (raster order) holding the maximum, as ``ndimage.maximum``,
-    ``ndimage.minimum`` and ``ndimage.maximum_position`` give them, without sorting the
-    image (every component must be present)."""
+    ``ndimage.minimum`` and ``ndimage.maximum_position`` give them, without their sort of the
+    whole image (NaN pixels are ignored; every component must be present)."""
     where = np.flatnonzero(labels)
     lab = labels.ravel()[where]
     v = values.ravel()[where]
     hi = np.full(n + 1, -np.inf)
     lo = np.full(n + 1, np.inf)
-    np.maximum.at(hi, lab, v)
-    np.minimum.at(lo, lab, v)
+    np.fmax.at(hi, lab, v)  # NaN-ignoring, as ndimage
+    np.fmin.at(lo, lab, v)
     at_max = v == hi[lab]
-    ids, first = np.unique(lab[at_max], return_index=True)
+    # a component of NaN only: its first pixel
+    ids, first = np.unique(lab, return_index=True)
     first_max = np.full(n + 1, -1, dtype=np.int64)
+    first_max[ids] = where[first]
+    ids, first = np.unique(lab[at_max], return_index=True)
     first_max[ids] = where[at_max][first]
     return hi[1:], lo[1:], first_max[1:]
 

@@ -83,10 +83,10 @@ def resolve_checkpoints(model_path) -> list[Path]:
 CPU_CHANNELS_LAST = True
 
 
-def _tiling(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+def _tiling(length: int, tile: int, overlap: int, multiple: int = 16) -> tuple[int, list[int]]:
     """Tile side and tile starts along one axis: the fewest tiles of at most ``tile`` px
-    that overlap by at least ``overlap`` px, all of one size (a multiple of 16 px where
-    possible: the U-Net pads to a multiple of ``2**depth``), spread evenly.
+    that overlap by at least ``overlap`` px, all of one size (a multiple of ``multiple`` px
+    where possible: the U-Net pads to a multiple of ``2**depth``), spread evenly.
 
     A 2048 px axis in tiles of at most 512 px with 64 px overlap takes five tiles of 464 px
     (2320 px computed) instead of five of 512 (2560 px): the network's cost is the area of
@@ -97,7 +97,7 @@ def _tiling(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
     step = max(tile - overlap, 1)
     n = -(-(length - overlap) // step)  # ceil: tiles needed at the largest size
     size = -(-(length + (n - 1) * overlap) // n)
-    size = min(tile, -(-size // 16) * 16)
+    size = min(tile, -(-size // multiple) * multiple)
 
     def starts_of(size):
         return [int(v) for v in np.floor(np.linspace(0, length - size, n) + 0.5)]
@@ -131,7 +131,7 @@ def predict_probabilities(
     *,
     tile: int = 256,
     overlap: int = 32,
-    batch_size: int = 4,
+    batch_size: int = 1,
     tta: bool = False,
     normalize: bool = True,
     amp: bool = False,
@@ -175,23 +175,30 @@ def predict_probabilities(
         raise ValueError(f"tile: must be >= 16 px, got {tile}")
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap: must be in [0, tile), got {overlap}")
-    model = fused_for_inference(model)  # batch norms folded into the convolutions
+    if not (amp and next(model.parameters()).device.type == "cuda"):
+        # batch norms folded into the convolutions (not under autocast: folded weights can
+        # reach hundreds × the originals, which float16 rounds differently)
+        model = fused_for_inference(model)
     if not tta:
         return _predict_tiled(model, img, tile, overlap, batch_size, amp)
     acc = None
     for k in range(8):
-        p = inverse_dihedral(
-            _predict_tiled(model, dihedral(img, k), tile, overlap, batch_size, amp), k
-        )
-        acc = p.astype(np.float64) if acc is None else acc + p
-    return (acc / 8).astype(np.float32)
+        view = np.ascontiguousarray(dihedral(img, k))  # tiles cut from contiguous rows
+        p = inverse_dihedral(_predict_tiled(model, view, tile, overlap, batch_size, amp), k)
+        if acc is None:
+            acc = np.array(p, dtype=np.float32)  # a contiguous copy
+        else:
+            acc += p
+    acc /= 8
+    return acc
 
 
 def _predict_tiled(model, img, tile, overlap, batch_size, amp) -> np.ndarray:
     device = next(model.parameters()).device
     h, w = img.shape
-    th, rows = _tiling(h, tile, overlap)
-    tw, cols = _tiling(w, tile, overlap)
+    multiple = 2 ** int(getattr(model, "depth", 4))  # tiles the U-Net need not pad
+    th, rows = _tiling(h, tile, overlap, multiple)
+    tw, cols = _tiling(w, tile, overlap, multiple)
     acc = None
     wsum = np.zeros((h, w), np.float32)
     ramp_r = {r: _ramp(th, overlap, r == 0, r + th >= h).astype(np.float32) for r in rows}

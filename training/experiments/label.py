@@ -344,7 +344,8 @@ class LabelSettings:
     tta : bool
         Average the 8 flips/rotations of the square (8× the cost).
     batch_size : int
-        Tiles per forward pass.
+        Tiles per forward pass (default 1: on a CPU one tile at a time stays in cache and
+        runs fastest; 2048² in 512² tiles: 5.1 s at 1, 6.1 s at 4, 7.7 s at 25).
     background_removal : bool
         Subtract a Gaussian blur of σ = ``background_sigma_A`` before normalising.
     background_sigma_A : float
@@ -374,7 +375,7 @@ class LabelSettings:
     tile: int = 512
     overlap: int = 64
     tta: bool = True
-    batch_size: int = 4
+    batch_size: int = 1
     background_removal: bool = False
     background_sigma_A: float = 3.0
     threshold: float | None = None

@@ -124,7 +124,7 @@ def fused_for_inference(model: nn.Module) -> nn.Module:
     In eval mode a batch norm is a per-channel affine map with its running statistics, so
     ``BN(conv(x)) = conv'(x)`` exactly up to float rounding (~1e-6 relative); the copy does
     one pass less over every activation. ``model`` itself is not changed (it may still be
-    trained); modules in training mode are copied unfused.
+    trained); a model in training mode comes back as an unfused copy in eval mode.
 
     Parameters
     ----------
@@ -152,7 +152,9 @@ def fused_for_inference(model: nn.Module) -> nn.Module:
                 and norm.running_var is not None
             ):
                 continue
-            scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            gamma = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+            beta = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+            scale = gamma / torch.sqrt(norm.running_var + norm.eps)
             bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
             new = nn.Conv2d(
                 conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
@@ -160,7 +162,7 @@ def fused_for_inference(model: nn.Module) -> nn.Module:
                 padding_mode=conv.padding_mode,
             ).to(device=conv.weight.device, dtype=conv.weight.dtype)  # fmt: skip
             new.weight.copy_(conv.weight * scale[:, None, None, None])
-            new.bias.copy_((bias - norm.running_mean) * scale + norm.bias)
+            new.bias.copy_((bias - norm.running_mean) * scale + beta)
             setattr(module, a, new.eval())
             setattr(module, b, nn.Identity())
     return fused
