@@ -884,7 +884,7 @@ def _check_reproduction(store_path: Path, root, index: list[int] | None) -> None
     from simgen import store
     from simgen.check import check_labels
     from simgen.config import SimgenConfig
-    from simgen.pipeline import make_sample
+    from simgen.pipeline import SAMPLE_VERSION, make_sample, sample_version
 
     try:
         cfg = SimgenConfig.from_dict(root.attrs["config"])
@@ -893,6 +893,13 @@ def _check_reproduction(store_path: Path, root, index: list[int] | None) -> None
     done = list(store.iter_complete(root))
     if not done:
         fail("the store holds no complete sample yet")
+    made_by = sample_version(root.attrs)
+    if made_by != SAMPLE_VERSION:
+        typer.echo(
+            f"{store_path}: made by sample version {made_by}, this simgen makes version "
+            f"{SAMPLE_VERSION}: the images are compared pixel by pixel, not bit for bit",
+            err=True,
+        )
     differ = []
     for i in index or done[:3]:
         if i not in done:
@@ -905,12 +912,19 @@ def _check_reproduction(store_path: Path, root, index: list[int] | None) -> None
             fail(str(err))
         occupied = cols["n_atoms"] > 0
         report = check_labels(sample.noise_free, cols["y"][occupied], cols["x"][occupied])
-        same = np.array_equal(sample.image, recorded)
+        if made_by == SAMPLE_VERSION:
+            same = np.array_equal(sample.image, recorded)
+            how = "bit for bit"
+        else:  # another version's arithmetic: the same draws; a last digit can move a
+            # pixel's count by one here and there
+            equal = float(np.mean(sample.image == recorded))
+            same = equal >= 0.999
+            how = f"in {equal:.2%} of its pixels (>= 99.9 % passes)"
         if not same:
             differ.append(i)
-        typer.echo(f"sample {i}: {report}; recorded image reproduced bit for bit: {same}")
+        typer.echo(f"sample {i}: {report}; recorded image reproduced {how}: {same}")
     if differ:
-        fail(f"{store_path}: sample(s) {differ} not reproduced bit for bit", code=1)
+        fail(f"{store_path}: sample(s) {differ} not reproduced", code=1)
 
 
 @app.command()

@@ -94,7 +94,7 @@ def generate(
         Stop after this many tasks (tests of interruption).
     """
     from simgen.backend import resolve_device
-    from simgen.pipeline import store_attrs, store_layout
+    from simgen.pipeline import SAMPLE_VERSION, sample_version, store_attrs, store_layout
 
     cluster = cluster or ClusterSpec()
     resolve_device(cfg.simulation.device)  # says once, here, if 'auto' falls back to the CPU
@@ -108,6 +108,14 @@ def generate(
                 out, config_dict, layout, normalize=lambda d: normalize(d).to_dict()
             )
             created = False
+            made_by = sample_version(root.attrs)
+            if made_by != SAMPLE_VERSION:
+                # its finished samples would not match the ones made now, bit for bit
+                raise store.StoreError(
+                    f"{out} holds samples of sample version {made_by}; this simgen makes "
+                    f"version {SAMPLE_VERSION} (they differ in the last digits): finish it with "
+                    "the simgen that started it, or use --overwrite"
+                )
             stored = root.attrs.get("calibration")
             if stored is not None and stored != calibration:
                 # the store's samples were made with its own calibration (an older

@@ -23,6 +23,7 @@ calls it for ``model="incoherent"``, :mod:`simgen.calibrate` fits it; it imports
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -38,7 +39,7 @@ from simgen.optics import (
     focal_quadrature,
     nyquist_sampling_A,
     optics_values,
-    probe_intensity,
+    probe_intensities,
     probe_radius_A,
     wavelength_A,
 )
@@ -767,6 +768,31 @@ def _next_fast(n: int) -> int:
     return int(next_fast_len(int(n), real=True))
 
 
+@functools.lru_cache(maxsize=4)
+def _frequency_squared(grid_shape: tuple[int, int], step_A: float, device: str):
+    """``|k|²`` [1/Å²] on the half-spectrum of an rfft2 grid (cached per grid; read-only)."""
+    xp = get_array_module(device)
+    ny, nx = grid_shape
+    ky = xp.fft.fftfreq(ny, d=step_A).astype(xp.float32)
+    kx = xp.fft.rfftfreq(nx, d=step_A).astype(xp.float32)
+    k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+    if xp is np:
+        k2.flags.writeable = False
+    return k2
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_spectrum(grid_shape: tuple[int, int], step_A: float, width_A: float, device: str):
+    """Fourier transform of a unit Gaussian of standard deviation ``width_A`` [Å] on an
+    rfft2 grid (cached: a calibration's tail widths recur in every sample; read-only)."""
+    xp = get_array_module(device)
+    k2 = _frequency_squared(grid_shape, step_A, device)
+    blur = xp.exp(np.float32(-2.0 * math.pi**2 * width_A**2) * k2)
+    if xp is np:
+        blur.flags.writeable = False
+    return blur
+
+
 def _fft(xp):
     """``scipy.fft`` (float32-aware, no planning) or ``cupyx.scipy.fft``."""
     return get_scipy_submodule(xp, "fft")
@@ -883,9 +909,7 @@ class IncoherentRenderer:
         self.grid_origin_A = (origin_A[0] - pad * ps, origin_A[1] - pad * ps)
         self.origin_A = (float(origin_A[0]), float(origin_A[1]))
 
-        ky = xp.fft.fftfreq(ny, d=ps).astype(xp.float32)
-        kx = xp.fft.rfftfreq(nx, d=ps).astype(xp.float32)
-        k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+        k2 = _frequency_squared((ny, nx), ps, self.device)
         env = xp.exp(-2.0 * math.pi**2 * (sigma_src**2 - self.render_sigma_A**2) * k2)
         # |P|^2 is band-limited to 2 alpha / lambda (+ the soft aperture edge): zero the
         # float round-off beyond it, which the deconvolution of the render width amplifies.
@@ -893,54 +917,64 @@ class IncoherentRenderer:
         k_band = 2.0 * (self.optics["semiangle_mrad"] * 1e-3 / lam + 1.0 / (nk * ps))
         self._envelope = env * (k2 <= k_band**2)
         self._focal_points = int(focal_points)
-        self.kernel_spectrum = self._kernel_spectrum(self.optics, nk)
+        # one abTEM build per box size for the nominal and every refocused probe
+        boxes[0.0] = nk
+        spectra = {}
+        for box in sorted(set(boxes.values())):
+            shifts = [dz for dz in sorted(boxes) if boxes[dz] == box]
+            kernels = probe_intensities(
+                self.optics,
+                shifts,
+                sampling_A=ps,
+                gpts=box,
+                focal_points=self._focal_points,
+                source=False,
+                device=self.device,
+            )
+            spectra.update(
+                {dz: self._kernel_spectrum(k, box) for dz, k in zip(shifts, kernels, strict=True)}
+            )
+        self.kernel_spectrum = spectra.pop(0.0)
         #: Kernel spectra of the probe refocused by ``dz`` [Å] (``C10 + dz``), by ``dz``.
-        self.refocused_spectra = {
-            dz: self._kernel_spectrum(self._refocused(dz), boxes[dz]) for dz in refocus
-        }
+        self.refocused_spectra = {dz: spectra[dz] for dz in refocus}
 
     def _refocused(self, dz_A: float) -> dict:
         return {**self.optics, "C10_A": self.optics["C10_A"] + float(dz_A)}
 
-    def _kernel_spectrum(self, optics, nk: int):
-        """The probe-intensity kernel of ``optics`` on a periodic box of ``nk`` points,
-        on the FFT grid (flipped, embedded, source-blurred, band-limited, render width
-        divided out), as a spectrum."""
+    def _kernel_spectrum(self, intensity, nk: int):
+        """A probe intensity (:func:`probe_intensity` on a periodic box of ``nk`` points,
+        abTEM's ``[x, y]`` layout) on the FFT grid (flipped, embedded, source-blurred,
+        band-limited, render width divided out), as a spectrum."""
         xp, ps = self.xp, self.step_A
         ny, nx = self.grid_shape
-        kernel = probe_intensity(
-            optics,
-            sampling_A=ps,
-            gpts=nk,
-            focal_points=self._focal_points,
-            source=False,
-            device=self.device,
-        ).T  # abTEM [x, y] -> [y, x]
+        kernel = intensity.T  # abTEM [x, y] -> [y, x]
         # The image is a correlation with the probe, I(R) = int |P(r - R)|^2 O(r) dr, i.e. a
         # convolution with |P(-r)|^2: flip the kernel (matters for odd aberrations, C21/C23).
         kernel = xp.roll(kernel[::-1, ::-1], 1, axis=(0, 1))
         k0 = xp.fft.ifftshift(kernel)  # centre to index (0, 0)
         half = nk // 2
-        big = xp.zeros((ny, nx), dtype=xp.float32)
-        big[:half, :half] = k0[:half, :half]
-        big[:half, nx - half :] = k0[:half, half:]
-        big[ny - half :, :half] = k0[half:, :half]
-        big[ny - half :, nx - half :] = k0[half:, half:]
-        spectrum = _fft(xp).rfft2(big) * self._envelope * (ps * ps)
-        return spectrum.astype(xp.complex64)
+        # embedded in the (ny, nx) grid only rows [0, half) and [ny - half, ny) are
+        # non-zero: build those, transform them along x, then every column along y (bit
+        # for bit rfft2's own two passes over the whole grid)
+        band = xp.zeros((2 * half, nx), dtype=xp.float32)
+        band[:half, :half] = k0[:half, :half]
+        band[:half, nx - half :] = k0[:half, half:]
+        band[half:, :half] = k0[half:, :half]
+        band[half:, nx - half :] = k0[half:, half:]
+        fft = _fft(xp)
+        spectrum = xp.zeros((ny, nx // 2 + 1), dtype=xp.complex64)
+        rows = fft.rfft(band, axis=1)
+        spectrum[:half] = rows[:half]
+        spectrum[ny - half :] = rows[half:]
+        spectrum = fft.fft(spectrum, axis=0, overwrite_x=True)
+        spectrum *= self._envelope  # in place: the same products, no temporaries
+        spectrum *= ps * ps
+        return spectrum.astype(xp.complex64, copy=False)
 
     def _tail_blur(self, width_A: float):
-        """Fourier transform of a tail's extra Gaussian on the FFT grid (cached)."""
-        cache = self.__dict__.setdefault("_blur_cache", {})
-        if width_A not in cache:
-            xp, (ny, nx) = self.xp, self.grid_shape
-            ky = xp.fft.fftfreq(ny, d=self.step_A).astype(xp.float32)
-            kx = xp.fft.rfftfreq(nx, d=self.step_A).astype(xp.float32)
-            k2 = ky[:, None] ** 2 + kx[None, :] ** 2
-            if len(cache) >= 2:  # two tail widths per calibration: keep two
-                cache.pop(next(iter(cache)))
-            cache[width_A] = xp.exp(np.float32(-2.0 * math.pi**2 * width_A**2) * k2)
-        return cache[width_A]
+        """Fourier transform of a tail's extra Gaussian on the FFT grid (cached: the tail
+        widths are the calibration's, the same for every sample)."""
+        return _gaussian_spectrum(self.grid_shape, self.step_A, float(width_A), self.device)
 
     def render(self, x_A, y_A, amplitude_A2, sigma_A, tails=(), focus_A=None):
         """Image of Gaussian object peaks convolved with the probe intensity.
@@ -1011,9 +1045,15 @@ class IncoherentRenderer:
             rows = (iv.astype(xp.int64)[:, None] + di[None, :]) % ny
             flat = (rows[:, :, None] * nx + cols[:, None, :]).ravel()
 
-            def spectrum(weights):
-                vals = (weights[:, None, None] * shape).ravel()
-                density = xp.bincount(flat, weights=vals, minlength=ny * nx)
+            def spectrum(weights, subset=None):
+                # ``subset``: the only peaks with non-zero weight (their sum is the same,
+                # bit for bit: adding zeros changes no float sum)
+                if subset is None:
+                    vals, where = (weights[:, None, None] * shape).ravel(), flat
+                else:
+                    vals = (weights[subset, None, None] * shape[subset]).ravel()
+                    where = flat.reshape(shape.shape[0], -1)[subset].ravel()
+                density = xp.bincount(where, weights=vals, minlength=ny * nx)
                 return fft.rfft2(density.reshape(ny, nx).astype(xp.float32))
 
             if focus is None or not focus.any():
@@ -1028,9 +1068,9 @@ class IncoherentRenderer:
                     spec += spectrum(t) * self._tail_blur(w)
                 spec = spec * self.kernel_spectrum
                 for dz, kernel in self.refocused_spectra.items():
-                    here = xp.asarray(focus == dz)
-                    if bool(here.any()):
-                        spec += spectrum(xp.where(here, amp, 0.0)) * kernel
+                    here = xp.asarray(np.flatnonzero(focus == dz))
+                    if here.size:
+                        spec += spectrum(amp, subset=here) * kernel
                 img = fft.irfft2(spec, s=(ny, nx))
         h, w = self.shape
         m, pad = self.m, self.pad

@@ -26,6 +26,7 @@ custom
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -226,16 +227,21 @@ class LabelScheme:
             CHALCOGEN: self.class_of("chalcogen") if "chalcogen" in self.names else 0,
         }
         other = self.class_of("other") if "other" in self.names else None
-        for k in range(len(site)):
-            key = keys[k]
-            if key in self.mapping:
-                out[k] = self.mapping[key]
-            elif n_atoms[k] == 0:
-                out[k] = 0
-            elif self.by == "composition" and other is not None:
-                out[k] = other
-            else:
-                out[k] = fallback[int(site[k])]
+        # a lattice has a handful of distinct keys: look each up once
+        distinct, inverse = np.unique(
+            np.asarray(keys, dtype=object).astype(str), return_inverse=True
+        )
+        inverse = inverse.ravel()
+        mapped = np.array([str(key) in self.mapping for key in distinct], dtype=bool)[inverse]
+        ids = np.array([self.mapping.get(str(key), 0) for key in distinct], dtype=np.int16)
+        empty = np.asarray(n_atoms) == 0
+        if self.by == "composition" and other is not None:
+            rest = np.full(len(site), other, dtype=np.int16)
+        else:
+            site = np.asarray(site)
+            rest = np.where(site == METAL, fallback[METAL], 0).astype(np.int16)
+            rest[site == CHALCOGEN] = fallback[CHALCOGEN]
+        out[:] = np.where(mapped, ids[inverse], np.where(empty, 0, rest))
         return out
 
 
@@ -410,7 +416,10 @@ def _counts_matrix(symbols: np.ndarray, column: np.ndarray, n_columns: int):
     index = {e: i for i, e in enumerate(elements)}
     counts = np.zeros((n_columns, len(elements)), dtype=np.int64)
     if len(symbols):
-        np.add.at(counts, (column, np.array([index[s] for s in symbols])), 1)
+        names, inverse = np.unique(symbols, return_inverse=True)
+        element = np.array([index[str(e)] for e in names])[inverse.ravel()]
+        flat = np.asarray(column, dtype=np.int64) * len(elements) + element
+        counts += np.bincount(flat, minlength=counts.size).reshape(counts.shape)
     return counts, elements
 
 
@@ -419,7 +428,14 @@ def _compositions(counts: np.ndarray, elements: tuple[str, ...]) -> np.ndarray:
     if len(counts) == 0:
         return out
     # a lattice has a handful of distinct columns: format each once
-    rows, inverse = np.unique(counts, axis=0, return_inverse=True)
+    # rows of small counts as one integer each (a faster unique than along an axis)
+    base = int(counts.max()) + 1
+    if counts.shape[1] * math.log2(base) < 62:
+        codes = counts @ (base ** np.arange(counts.shape[1], dtype=np.int64))
+        _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+        rows = counts[first]
+    else:  # too many elements or atoms per column for one integer
+        rows, inverse = np.unique(counts, axis=0, return_inverse=True)
     names = np.empty(len(rows), dtype=object)
     for k, row in enumerate(rows):
         names[k] = composition_string({e: int(n) for e, n in zip(elements, row, strict=True)})

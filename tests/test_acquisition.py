@@ -269,9 +269,10 @@ def test_linear_drift_labels_match_the_analytic_inverse():
     np.testing.assert_array_equal(inside, on_field & (exact[1] < w - 0.5))
 
 
-def test_line_jitter_labels_do_not_depend_on_the_path_or_chunking():
-    # line jitter is constant along each line: the row-lookup path must give exactly what
-    # the per-pixel gathers give, and the chunk size must not change a bit
+def test_line_jitter_labels_in_closed_form_equal_the_pixel_sum():
+    # line jitter is constant along each line: the closed form along the line (a Gaussian
+    # integral) must give what summing the window's pixels gives, up to that window's cut
+    # at 4 sigma + max jitter; the pixel sum must not depend on its chunk size
     from simgen.acquisition.scan import _jitter_centroid
 
     params = base_params(drift_vx_A_per_s=0.3, jitter_line_x_A=0.06, jitter_line_y_A=0.03)
@@ -280,13 +281,13 @@ def test_line_jitter_labels_do_not_depend_on_the_path_or_chunking():
     _, mapping = distort_scan(ideal, SHAPE, pad, params, pixel_size_A=P, rng=4)
     q = np.random.default_rng(3).uniform(pad - 3, pad + SHAPE[0] + 2, (257, 2))
     r0, c0 = q[:, 0] - pad, q[:, 1] - pad
-    fast = _jitter_centroid(r0, c0, r0, c0, mapping, 64, per_line=True)
-    slow = _jitter_centroid(r0, c0, r0, c0, mapping, 1000, per_line=False)
-    np.testing.assert_array_equal(fast[0], slow[0])
-    np.testing.assert_array_equal(fast[1], slow[1])
-    a = map_positions(q[:, 0], q[:, 1], mapping, chunk=7)
-    b = map_positions(q[:, 0], q[:, 1], mapping)
-    for x, y in zip(a, b, strict=True):
+    closed = _jitter_centroid(r0, c0, r0, c0, mapping, 64, per_line=True)
+    summed = _jitter_centroid(r0, c0, r0, c0, mapping, 1000, per_line=False)
+    np.testing.assert_allclose(closed[0], summed[0], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(closed[1], summed[1], rtol=0, atol=1e-4)
+    assert np.abs(closed[1] - c0).max() > 0.05  # the jitter moved the labels
+    chunked = _jitter_centroid(r0, c0, r0, c0, mapping, 7, per_line=False)
+    for x, y in zip(chunked, summed, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -603,3 +604,23 @@ def test_detector_export_settings_are_drawn_stored_and_validated():
     ):
         with pytest.raises(ValueError, match=match):
             acq.AcquisitionConfig.from_dict({"detector": bad})
+
+
+def test_the_compiled_cubic_spline_equals_scipy_map_coordinates():
+    from scipy import ndimage
+
+    from simgen.acquisition.interpolate import sample_cubic
+
+    rng = np.random.default_rng(5)
+    image = ndimage.gaussian_filter(rng.random((70, 90)), 1.5) + rng.random((70, 90)) * 0.1
+    rows = rng.uniform(1.0, 68.0, (40, 50))
+    cols = rng.uniform(1.0, 88.0, (40, 50))
+    ours = sample_cubic(image, rows, cols)
+    ref = ndimage.map_coordinates(image, [rows, cols], order=3, mode="nearest", prefilter=True)
+    assert ours.dtype == np.float64 and ours.shape == rows.shape
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-12 * np.abs(ref).max())
+    # on the grid the spline interpolates the image
+    r, c = np.meshgrid(np.arange(2, 60), np.arange(2, 80), indexing="ij")
+    np.testing.assert_allclose(sample_cubic(image, r * 1.0, c * 1.0), image[r, c], atol=1e-12)
+    with pytest.raises(ValueError, match="1 px inside"):
+        sample_cubic(image, rows - 0.5, cols)

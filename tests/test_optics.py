@@ -15,6 +15,7 @@ from simgen.optics import (
     focal_quadrature,
     nyquist_sampling_A,
     optics_values,
+    probe_intensities,
     probe_intensity,
     wavelength_A,
 )
@@ -235,6 +236,24 @@ def test_focal_spread_averages_over_defocus():
     spread = _probe(source_size_A=0.0, focal_spread_A=40.0)
     assert spread.max() < 0.9 * base.max()
     assert spread.sum() == pytest.approx(base.sum(), rel=1e-4)
+
+
+@pytest.mark.parametrize("focal_spread_A", [0.0, 30.0])
+def test_refocused_probes_built_together_equal_their_own_builds(focal_spread_A):
+    # one abTEM ensemble for several defocus shifts: each member bit for bit its own build
+    optics = optics_values({"C10_A": 8.0, "C12_A": 3.0, "C23_A": 150.0, "phi23_deg": 40.0,
+                            "source_size_A": 0.6, "focal_spread_A": focal_spread_A})  # fmt: skip
+    shifts = (0.0, -1.6, 1.6)
+    together = probe_intensities(optics, shifts, sampling_A=0.2, gpts=64, focal_points=5)
+    assert together.shape == (3, 64, 64) and together.dtype == np.float32
+    for dz, member in zip(shifts, together, strict=True):
+        alone = probe_intensity(
+            {**optics, "C10_A": optics["C10_A"] + dz}, sampling_A=0.2, gpts=64, focal_points=5
+        )
+        np.testing.assert_array_equal(member, alone)
+    assert not np.array_equal(together[1], together[2])  # defocus of either sign differs
+    with pytest.raises(ValueError, match="defocus_shifts_A"):
+        probe_intensities(optics, [], sampling_A=0.2, gpts=64)
 
 
 def test_probe_rejects_aliasing_grids():

@@ -299,7 +299,7 @@ def test_check_exits_1_when_a_sample_is_not_reproduced(tmp_path, monkeypatch):
     import simgen.pipeline
 
     path = tmp_path / "s.zarr"
-    attrs = {**ATTRS, "config": {}}
+    attrs = {**ATTRS, "config": {}, "sample_version": simgen.pipeline.SAMPLE_VERSION}
     root = store.create_store(path, _layout(n=2), attrs)
     store.write_samples(root, [0, 1], [_sample(0), _sample(1)])
     other = _sample(5)
@@ -308,7 +308,7 @@ def test_check_exits_1_when_a_sample_is_not_reproduced(tmp_path, monkeypatch):
     result = runner.invoke(app, ["check", str(path), "-i", "0"])
     assert result.exit_code == 1, result.output
     assert "reproduced bit for bit: False" in result.output
-    assert "not reproduced bit for bit" in result.output
+    assert "sample(s) [0] not reproduced" in result.output
 
 
 # -- cost before work --------------------------------------------------------------------

@@ -17,7 +17,6 @@ from simgen.acquisition.base import (
     check_shape,
     clipped_normal,
     frame_time_s,
-    ndimage_of,
     nonneg_param,
     param_value,
     pixel_times_s,
@@ -189,12 +188,12 @@ class ScanMapping:
     pixel_size_A: float
     label_sigma_A: float = 0.5
 
-    @property
+    @cached_property
     def dx_px(self) -> np.ndarray:
         """Total displacement along x [px]."""
         return self.smooth_dx_px + self.jitter_dx_px
 
-    @property
+    @cached_property
     def dy_px(self) -> np.ndarray:
         """Total displacement along y [px]."""
         return self.smooth_dy_px + self.jitter_dy_px
@@ -213,7 +212,8 @@ class ScanMapping:
 
     @cached_property
     def _max_shift_px(self) -> float:  # asked twice per sample; two full-frame passes
-        return float(max(np.abs(self.dx_px).max(), np.abs(self.dy_px).max()))
+        dx, dy = self.dx_px, self.dy_px
+        return float(max(dx.max(), -dx.min(), dy.max(), -dy.min()))
 
 
 def distort_scan(
@@ -228,8 +228,9 @@ def distort_scan(
 ):
     """Record the ideal image along the distorted probe path.
 
-    Recorded pixel (r, c) is the ideal image interpolated (cubic spline,
-    ``map_coordinates`` order 3) at the probe's true position, the raster position plus
+    Recorded pixel (r, c) is the ideal image interpolated (cubic spline, as
+    ``map_coordinates`` order 3: :func:`~simgen.acquisition.interpolate.sample_cubic`) at
+    the probe's true position, the raster position plus
     :func:`scan_displacement`. The ideal image must extend ``pad`` pixels beyond the
     recorded field on each side, and ``pad`` must exceed the largest displacement by 2 px,
     so nothing wraps or is extrapolated (:func:`required_padding_px` adds a wider margin).
@@ -286,13 +287,11 @@ def distort_scan(
             f"pad: {pad} px is too small for this sample's scan displacement of {shift:.2f} px "
             f"(use required_padding_px; at least {need} px recommended)"
         )
-    coords = np.empty((2, h, w))  # filled in place: no stacked copy
-    np.add(np.arange(h, dtype=np.float64)[:, None] + pad, mapping.dy_px, out=coords[0])
-    np.add(np.arange(w, dtype=np.float64)[None, :] + pad, mapping.dx_px, out=coords[1])
-    coords = xp.asarray(coords)
-    recorded = ndimage_of(ideal).map_coordinates(
-        xp.asarray(ideal, dtype=xp.float64), coords, order=3, mode="nearest", prefilter=True
-    )
+    from simgen.acquisition.interpolate import sample_cubic
+
+    rows = np.add(np.arange(h, dtype=np.float64)[:, None] + pad, mapping.dy_px)
+    cols = np.add(np.arange(w, dtype=np.float64)[None, :] + pad, mapping.dx_px)
+    recorded = sample_cubic(ideal, xp.asarray(rows), xp.asarray(cols))
     return recorded, mapping
 
 
@@ -320,7 +319,8 @@ def map_positions(rows_ideal, cols_ideal, mapping: ScanMapping, *, chunk: int = 
     1. *Drift only*: the label is the exact solution of ``(r, c) + pad + s(r, c) = q``
        for the column at ideal-image position ``q``, found by fixed-point iteration
        ``(r, c) ← q − pad − s(r, c)`` on the bilinearly interpolated field (it contracts
-       by ``|∇s|``, ≪ 1 for any realistic drift; 10 iterations). This is where the
+       by ``|∇s|``, ≪ 1 for any realistic drift; until a step moves no label by 1e-9 px,
+       at most 10 iterations). This is where the
        column's centre is sampled, i.e. the maximum of its distorted image.
     2. *With jitter* the map is discontinuous between lines (and between pixels): a column
        appears on several lines at slightly different x, and no single point maps to q.
@@ -363,9 +363,13 @@ def map_positions(rows_ideal, cols_ideal, mapping: ScanMapping, *, chunk: int = 
     rn, cn = rq - mapping.pad, cq - mapping.pad
     # 1. exact inverse of the smooth (drift) map
     rows, cols = rn.copy(), cn.copy()
-    for _ in range(10):
-        rows = rn - bilinear(sdy, rows, cols)
-        cols = cn - bilinear(sdx, rows, cols)
+    for _ in range(10):  # stops once converged to 1e-9 px (2-3 steps for real drift)
+        new_rows = rn - bilinear(sdy, rows, cols)
+        new_cols = cn - bilinear(sdx, new_rows, cols)
+        step = max(np.abs(new_rows - rows).max(initial=0), np.abs(new_cols - cols).max(initial=0))
+        rows, cols = new_rows, new_cols
+        if step < 1e-9:
+            break
     if mapping.has_jitter and rows.size:
         rows, cols = _jitter_centroid(rows, cols, rn, cn, mapping, max(int(chunk), 1))
     inside = (rows >= -0.5) & (rows < h - 0.5) & (cols >= -0.5) & (cols < w - 0.5)
@@ -377,8 +381,9 @@ def map_positions(rows_ideal, cols_ideal, mapping: ScanMapping, *, chunk: int = 
 def _jitter_centroid(r0, c0, rn, cn, mapping: ScanMapping, chunk: int, per_line=None):
     """Step 2 of :func:`map_positions`: intensity-weighted centres with jitter.
 
-    ``per_line`` (None: detected) takes the row-lookup path for jitter that is constant
-    along each line; both paths give bit-identical results there."""
+    ``per_line`` (None: detected) takes the closed-form path for jitter that is constant
+    along each line (:func:`_line_jitter_centroid`, for columns at least 1 px wide);
+    otherwise the window's pixels are summed."""
     h, w = mapping.out_shape
     sdx, sdy = mapping.smooth_dx_px, mapping.smooth_dy_px
     jdx, jdy = mapping.jitter_dx_px.ravel(), mapping.jitter_dy_px.ravel()
@@ -400,6 +405,8 @@ def _jitter_centroid(r0, c0, rn, cn, mapping: ScanMapping, chunk: int, per_line=
     jmax = float(max(np.abs(jdx).max(), np.abs(jdy).max()))
     half = int(math.ceil(4.0 * sig + jmax))
     offs = np.arange(-half, half + 1)
+    if per_line and sig >= 1.0:  # the closed form needs sigma >= 1 px (see there)
+        return _line_jitter_centroid(r0, c0, (gyr, gyc, gxr, gxc), line_dx, line_dy, offs, sig, h)
     rows, cols = np.empty_like(r0), np.empty_like(c0)
     for s in range(0, r0.size, chunk):
         sl = slice(s, s + chunk)
@@ -410,16 +417,11 @@ def _jitter_centroid(r0, c0, rn, cn, mapping: ScanMapping, chunk: int, per_line=
         dv = (cc - cc0[:, None])[:, None, :]
         ty = du * (1 + gyr[sl, None, None]) + dv * gyc[sl, None, None]
         tx = du * gxr[sl, None, None] + dv * (1 + gxc[sl, None, None])
-        if per_line:
-            line = np.clip(rr, 0, h - 1)[:, :, None]
-            ey = np.add(line_dy.take(line), ty, out=ty)
-            ex = np.add(line_dx.take(line), tx, out=tx)
-        else:
-            flat = np.clip(rr, 0, h - 1)[:, :, None] * w + np.clip(cc, 0, w - 1)[:, None, :]
-            ey = jdy.take(flat)
-            ey += ty
-            ex = jdx.take(flat)
-            ex += tx
+        flat = np.clip(rr, 0, h - 1)[:, :, None] * w + np.clip(cc, 0, w - 1)[:, None, :]
+        ey = jdy.take(flat)
+        ey += ty
+        ex = jdx.take(flat)
+        ex += tx
         ey *= ey
         ex *= ex
         ey += ex
@@ -433,3 +435,36 @@ def _jitter_centroid(r0, c0, rn, cn, mapping: ScanMapping, chunk: int, per_line=
         rows[sl] = np.where(ok, r_new, rc)
         cols[sl] = np.where(ok, c_new, cc0)
     return rows, cols
+
+
+def _line_jitter_centroid(r0, c0, grads, line_dx, line_dy, offs, sig, h):
+    """:func:`_jitter_centroid` for jitter that is constant along each line, in closed
+    form along the line.
+
+    On window line ``i`` (row ``rr_i``, ``du = rr_i − r0``) the probe's offset from the
+    column is linear in the column offset ``dv = c − c0``: ``ey = a + b·dv``,
+    ``ex = c + d·dv`` with ``a = jy(rr_i) + du·(1 + ∂sy/∂r)``, ``b = ∂sy/∂c``,
+    ``c = jx(rr_i) + du·∂sx/∂r``, ``d = 1 + ∂sx/∂c``. The Gaussian weight summed over the
+    line's pixels is then a Gaussian integral: with ``A = b² + d²``, total
+    ``sqrt(2π σ² / A) · exp(−(a d − c b)² / (2 σ² A))`` and centre ``dv = −(a b + c d)/A``.
+    For σ ≥ 1 px the sum over integer ``dv`` equals the integral to ~exp(−2π²σ²) (Poisson
+    summation; σ = 2.5 px by default: 1e-50), so this equals the pixel sum of the general
+    path up to that path's window cut at ``4σ + max|jitter|`` (weights below e⁻⁸); lines
+    are still summed one by one (each has its own jitter)."""
+    gyr, gyc, gxr, gxc = grads
+    rr = np.rint(r0).astype(np.intp)[:, None] + offs  # (n, lines)
+    line = np.clip(rr, 0, h - 1)
+    du = rr - r0[:, None]
+    a = line_dy[line] + du * (1 + gyr)[:, None]
+    c = line_dx[line] + du * gxr[:, None]
+    b = gyc[:, None]
+    d = (1 + gxc)[:, None]
+    big_a = b * b + d * d
+    wgt = np.exp(-((a * d - c * b) ** 2) / (2.0 * sig * sig * big_a))
+    wgt *= np.sqrt(2.0 * math.pi * sig * sig / big_a)
+    tot = wgt.sum(axis=1)
+    ok = tot > 1e-12
+    safe = np.where(ok, tot, 1.0)
+    rows = (wgt * rr).sum(axis=1) / safe
+    cols = c0 - (wgt * (a * b + c * d) / big_a).sum(axis=1) / safe
+    return np.where(ok, rows, r0), np.where(ok, cols, c0)
