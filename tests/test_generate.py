@@ -81,7 +81,7 @@ def test_one_and_two_workers_give_identical_stores(small_cfg, calibration, tmp_p
         progress=False,
     )
     assert stores_identical(tmp_path / "serial.zarr", tmp_path / "two.zarr")
-    assert store.samples_per_task(store.open_store(tmp_path / "serial.zarr")) == 8  # > n
+    assert store.samples_per_task(store.open_store(tmp_path / "serial.zarr")) == 16  # > n
     root = zarr.open_group(str(tmp_path / "two.zarr"), mode="r")  # plain zarr reads it
     assert root["complete"][:].all() and root["images"].shape == (4, 64, 64)
     assert np.isfinite(root["params/shot_lambda_counts"][:]).all()
@@ -125,7 +125,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_store(
     small_cfg, calibration, tmp_path, cache_dir
 ):
     n = 12
-    cfg = small_cfg.with_overrides({"dataset.n_samples": n})
+    # tasks of 4: the kill lands between finished tasks
+    cfg = small_cfg.with_overrides({"dataset.n_samples": n, "dataset.samples_per_task": 4})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg.to_yaml())
     out = tmp_path / "killed.zarr"

@@ -99,7 +99,8 @@ def test_many_sigkills_then_resume_and_repair_give_the_uninterrupted_store(
     cache_dir,
 ):
     n = 16
-    cfg = small_cfg.with_overrides({"dataset.n_samples": n})
+    # two tasks of 8: a kill loses at most the task in flight
+    cfg = small_cfg.with_overrides({"dataset.n_samples": n, "dataset.samples_per_task": 8})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg.to_yaml())
     out = tmp_path / "killed.zarr"
