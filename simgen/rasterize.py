@@ -1,5 +1,5 @@
-"""Gaussian peaks scattered onto a periodic grid: the density the incoherent model
-convolves with the probe.
+"""Peaks and disks onto grids: the density the incoherent model convolves with the probe
+(:class:`PeakPatches`) and the class mask's disks (:func:`paint_disks`).
 
 Each peak is a separable patch ``gy[p, a] · gx[p, b] / norm[p]`` of ``(2h + 1)²`` pixels
 around its pixel ``(iv[p], iu[p])``, wrapped periodically. :class:`PeakPatches` holds the
@@ -101,3 +101,57 @@ def _scatter(out, iu, iv, gx, gy, norm, weights, index):  # pragma: no cover - c
             for b in range(m):
                 c = (c0 + b) % nx
                 out[r, c] += w * ((ya * gx[p, b]) / norm[p])
+
+
+def paint_disks(rows, cols, class_ids, shape, radius_px: float) -> np.ndarray:
+    """:func:`simgen.labels.class_mask` on the CPU: each pixel within ``radius_px`` of a
+    column takes the class of the nearest one, exact ties the first listed (columns are
+    painted in order and only a strictly nearer one takes a pixel over; the distances are
+    the same float64 expressions).
+
+    Parameters
+    ----------
+    rows, cols : ndarray of float64, shape (N,)
+    class_ids : ndarray of int64, shape (N,)
+    shape : (int, int)
+    radius_px : float
+
+    Returns
+    -------
+    ndarray of uint8, shape ``shape``
+    """
+    h, w = shape
+    mask = np.zeros((h, w), dtype=np.uint8)
+    best = np.full((h, w), np.inf)
+    _paint(
+        mask,
+        best,
+        np.ascontiguousarray(rows, np.float64),
+        np.ascontiguousarray(cols, np.float64),
+        np.ascontiguousarray(class_ids, np.int64),
+        float(radius_px),
+        int(np.ceil(radius_px)),
+    )
+    return mask
+
+
+@numba.njit(cache=True, nogil=True)
+def _paint(mask, best, rows, cols, ids, radius, half):  # pragma: no cover - compiled
+    h, w = mask.shape
+    r2 = radius * radius
+    for k in range(rows.size):
+        r0 = int(np.rint(rows[k])) - half
+        c0 = int(np.rint(cols[k])) - half
+        for a in range(2 * half + 1):
+            rr = r0 + a
+            if rr < 0 or rr >= h:
+                continue
+            dr = (rr - rows[k]) ** 2
+            for b in range(2 * half + 1):
+                cc = c0 + b
+                if cc < 0 or cc >= w:
+                    continue
+                d2 = dr + (cc - cols[k]) ** 2
+                if d2 <= r2 and d2 < best[rr, cc]:
+                    best[rr, cc] = d2
+                    mask[rr, cc] = ids[k]

@@ -34,13 +34,13 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 from ase import Atoms
-from ase.data import atomic_numbers
+from ase.data import atomic_numbers, chemical_symbols
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from structures.defects import DEFECT_KINDS
 from structures.lattices import CHALCOGENS, METALS
-from structures.supercell import CHALCOGEN, METAL, Monolayer, atom_symbols
+from structures.supercell import CHALCOGEN, METAL, Monolayer
 
 #: Defect kinds a column can carry (a vacancy complex labels its columns vac_M/vac_X*).
 DEFECT_CLASSES = tuple(kind for kind in DEFECT_KINDS if kind != "vac_complex")
@@ -411,14 +411,14 @@ class ColumnTable:
         ]
 
 
-def _counts_matrix(symbols: np.ndarray, column: np.ndarray, n_columns: int):
-    elements = tuple(sorted(set(symbols.tolist()), key=lambda e: atomic_numbers[e]))
-    index = {e: i for i, e in enumerate(elements)}
+def _counts_matrix(numbers: np.ndarray, column: np.ndarray, n_columns: int):
+    """Atoms of each element per column, and the elements (by atomic number) [counts]."""
+    numbers = np.asarray(numbers, dtype=np.int64)
+    present, element = np.unique(numbers, return_inverse=True)  # ascending Z
+    elements = tuple(chemical_symbols[int(z)] for z in present)
     counts = np.zeros((n_columns, len(elements)), dtype=np.int64)
-    if len(symbols):
-        names, inverse = np.unique(symbols, return_inverse=True)
-        element = np.array([index[str(e)] for e in names])[inverse.ravel()]
-        flat = np.asarray(column, dtype=np.int64) * len(elements) + element
+    if len(numbers):
+        flat = np.asarray(column, dtype=np.int64) * len(elements) + element.ravel()
         counts += np.bincount(flat, minlength=counts.size).reshape(counts.shape)
     return counts, elements
 
@@ -472,8 +472,7 @@ def column_table(ml: Monolayer, scheme: str | Mapping | LabelScheme = "defects")
     atoms = ml.atoms
     n = len(ml.sites)
     column = atoms.arrays["column"]
-    symbols = atom_symbols(atoms)
-    counts, elements = _counts_matrix(symbols, column, n)
+    counts, elements = _counts_matrix(atoms.numbers, column, n)
     n_atoms = counts.sum(axis=1)
     x, y = ml.sites.x.copy(), ml.sites.y.copy()
     if len(atoms):
@@ -543,7 +542,6 @@ def columns_from_atoms(
     if tolerance <= 0:
         raise ValueError(f"tolerance must be > 0 Å, got {tolerance}")
     xy = atoms.positions[:, :2]
-    symbols = atom_symbols(atoms)
     pairs = cKDTree(xy).query_pairs(tolerance, output_type="ndarray")
     from scipy.sparse import coo_matrix
 
@@ -551,7 +549,7 @@ def columns_from_atoms(
         (np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(atoms), len(atoms))
     )
     n_col, label = connected_components(graph, directed=False)
-    counts, elements = _counts_matrix(symbols, label, n_col)
+    counts, elements = _counts_matrix(atoms.numbers, label, n_col)
     n_atoms = counts.sum(axis=1)
     cx = np.bincount(label, weights=xy[:, 0], minlength=n_col) / n_atoms
     cy = np.bincount(label, weights=xy[:, 1], minlength=n_col) / n_atoms

@@ -644,3 +644,15 @@ def test_bilinear_gradient_is_the_interpolants_slope():
     plane = 0.3 * np.arange(9)[:, None] - 0.7 * np.arange(11)[None, :]
     d_r, d_c = bilinear_gradient(plane, r, c)
     np.testing.assert_allclose(d_r, 0.3) and np.testing.assert_allclose(d_c, -0.7)
+
+
+def test_tail_percentiles_equal_numpys():
+    from simgen.acquisition.detector import tail_percentiles
+
+    rng = np.random.default_rng(0)
+    cases = [(1, 0.0, 100.0), (7, 10.0, 90.0), (4000, 0.33, 99.8), (262_144, 0.33, 99.83),
+             (262_144, 0.0, 100.0), (100_000, 2.5, 60.0), (50_000, 0.01, 99.99)]  # fmt: skip
+    for n, lo, hi in cases:
+        for a in (rng.gamma(2.0, 3.0, n), np.round(rng.gamma(2.0, 3.0, n))):  # ties too
+            ref = np.percentile(a, [lo, hi])
+            assert tail_percentiles(a, lo, hi) == (ref[0], ref[1]), (n, lo, hi)

@@ -36,6 +36,12 @@ def test_mask_matches_brute_force_nearest_column():
     for radius in (1.5, 3.0, 4.7):
         got = class_mask(rows, cols, ids, (64, 48), radius_px=radius)
         np.testing.assert_array_equal(got, reference_mask(rows, cols, ids, (64, 48), radius))
+    # on a half-pixel lattice many pixels are exactly as far from two columns (and class 0
+    # columns claim their disk as background)
+    rows, cols = rng.integers(0, 40, 80) / 2.0, rng.integers(0, 30, 80) / 2.0
+    ids = rng.integers(0, 6, 80)
+    got = class_mask(rows, cols, ids, (24, 18), radius_px=2.0)
+    np.testing.assert_array_equal(got, reference_mask(rows, cols, ids, (24, 18), 2.0))
 
 
 def test_disk_is_centred_on_the_sub_pixel_position():

@@ -139,8 +139,9 @@ def smooth_path(times_s: np.ndarray, corr_time_s: float, n_paths: int, rng) -> n
     path = gaussian_filter1d(white, sigma, axis=-1, mode="reflect", truncate=4.0)
     path /= _gaussian_kernel_norm(sigma)
     np.clip(path, -CLIP_SIGMA, CLIP_SIGMA, out=path)
-    flat = t.ravel()
-    return np.stack([np.interp(flat, grid, p).reshape(t.shape) for p in path])
+    from simgen.acquisition.interpolate import interp_paths  # np.interp, all paths at once
+
+    return interp_paths(t, grid, path)
 
 
 def clipped_normal(rng, shape) -> np.ndarray:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from simgen.acquisition.base import (
     check_image,
     device_generator,
@@ -141,8 +143,69 @@ def display_export(image, low_percent: float, high_percent: float, bits: int = 8
             f"{high_percent}"
         )
     xp = get_array_module(image)
-    lo, hi = (float(v) for v in xp.percentile(image, [low_percent, 100.0 - high_percent]))
+    if xp is np:
+        lo, hi = tail_percentiles(image, low_percent, 100.0 - high_percent)
+    else:  # pragma: no cover - GPU only
+        lo, hi = (float(v) for v in xp.percentile(image, [low_percent, 100.0 - high_percent]))
     top = float(2**bits - 1)
     if not hi > lo:  # a flat image exports as mid-grey
         return xp.full(image.shape, float(round(top / 2)))
     return xp.rint(xp.clip((image - lo) / (hi - lo), 0.0, 1.0) * top)
+
+
+def tail_percentiles(image, low_percent: float, high_percent: float) -> tuple[float, float]:
+    """``np.percentile(image, [low_percent, high_percent])`` (method "linear"), equal to
+    it, faster for percents near 0 and 100.
+
+    Each needs two order statistics; near the tails they are found among the pixels beyond
+    a threshold taken from a strided subsample (a few hundred of 262 144 at 0.3 %), not by
+    partitioning the whole image; when the threshold does not keep enough pixels the whole
+    image is partitioned.
+    """
+    a = np.asarray(image, dtype=np.float64).ravel()
+    n = a.size
+    if n == 0 or not np.isfinite(a).all():
+        return tuple(float(v) for v in np.percentile(a, [low_percent, high_percent]))
+    q = np.true_divide(np.asarray([low_percent, high_percent], dtype=np.float64), 100)
+    virtual = (n - 1) * q
+    previous = np.floor(virtual)
+    gamma = virtual - previous
+    previous = previous.astype(np.intp)
+    upper = np.minimum(previous + 1, n - 1)
+    ranks = np.unique(np.concatenate([previous, upper]))
+    values = dict(zip(ranks.tolist(), _order_statistics(a, ranks), strict=True))
+    out = []
+    for j in range(2):
+        x, y, t = values[int(previous[j])], values[int(upper[j])], float(gamma[j])
+        if virtual[j] >= n - 1:
+            out.append(float(values[n - 1]) if n - 1 in values else float(a.max()))
+            continue
+        diff = y - x  # numpy's _lerp
+        out.append(float(y - diff * (1 - t)) if t >= 0.5 else float(x + diff * t))
+    return out[0], out[1]
+
+
+def _order_statistics(a: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """The values of rank ``ranks`` (0-based, ascending) of ``a``."""
+    n, stride = a.size, 16
+    out = np.empty(ranks.size)
+    low, high = ranks < n // 2, ranks >= n // 2
+    sample = a[::stride]
+    for part, from_top in ((low, False), (high, True)):
+        if not part.any():
+            continue
+        need = int(ranks[part].max() + 1 if not from_top else n - ranks[part].min())
+        m = min(sample.size - 1, int(1.5 * need / stride) + 8)
+        if 2 * need < n and m < sample.size - 1:
+            if from_top:
+                cut = np.partition(sample, sample.size - 1 - m)[sample.size - 1 - m]
+                kept = a[a >= cut]
+            else:
+                cut = np.partition(sample, m)[m]
+                kept = a[a <= cut]
+            if kept.size >= need:
+                k = ranks[part] - (n - kept.size) if from_top else ranks[part]
+                out[part] = np.partition(kept, k)[k]
+                continue
+        out[part] = np.partition(a, ranks[part])[ranks[part]]
+    return out

@@ -198,3 +198,54 @@ def _prefilter_columns(c, z):  # pragma: no cover - compiled
     for i in range(n - 2, -1, -1):
         for j in range(m):
             c[i, j] = z * (c[i + 1, j] - c[i, j])
+
+
+def interp_paths(times, grid, paths):
+    """``np.interp(times, grid, path)`` for every row of ``paths`` at once, bit for bit
+    (the same bracketing interval and slope formula), for an increasing ``grid`` that
+    brackets every time.
+
+    Parameters
+    ----------
+    times : ndarray of float64
+        Query points (any shape), within ``[grid[0], grid[-1]]``.
+    grid : ndarray of float64, shape (n,)
+        Increasing sample points, evenly spaced (the search starts from that guess).
+    paths : ndarray of float64, shape (k, n)
+
+    Returns
+    -------
+    ndarray of float64, shape (k, *times.shape)
+    """
+    t = np.ascontiguousarray(times, dtype=np.float64).ravel()
+    grid = np.ascontiguousarray(grid, dtype=np.float64)
+    paths = np.ascontiguousarray(paths, dtype=np.float64)
+    if t.size and (t.min() < grid[0] or t.max() > grid[-1]):
+        raise ValueError("times: outside the grid")
+    out = np.empty((paths.shape[0], t.size), dtype=np.float64)
+    _interp_rows(t, grid, paths, out)
+    return out.reshape(paths.shape[0], *np.shape(times))
+
+
+@numba.njit(cache=True, nogil=True)
+def _interp_rows(t, grid, paths, out):  # pragma: no cover - compiled
+    n = grid.size
+    k = paths.shape[0]
+    step = (grid[n - 1] - grid[0]) / (n - 1)
+    slopes = np.empty((k, n - 1))
+    for r in range(k):
+        for j in range(n - 1):
+            slopes[r, j] = (paths[r, j + 1] - paths[r, j]) / (grid[j + 1] - grid[j])
+    for i in range(t.size):
+        x = t[i]
+        if x == grid[n - 1]:  # np.interp returns the last value there
+            for r in range(k):
+                out[r, i] = paths[r, n - 1]
+            continue
+        j = min(max(int((x - grid[0]) / step), 0), n - 2)
+        while j > 0 and grid[j] > x:
+            j -= 1
+        while j < n - 2 and grid[j + 1] <= x:
+            j += 1
+        for r in range(k):
+            out[r, i] = slopes[r, j] * (x - grid[j]) + paths[r, j]
