@@ -25,11 +25,12 @@ STREAMS = ("structure", "optics", "simulation", "acquisition")
 
 #: Version of the arithmetic that turns (config, seed, i) into a sample, stored with every
 #: dataset (``sample_version``). A store is resumed and checked bit for bit only by the
-#: version that made it. 1: stores made until 2026-12-02 (no attribute). 2: the scan's
-#: cubic-spline prefilter and taps as compiled loops, line-jitter labels in closed form
-#: along the line, the drift inverse stopped once converged, the drift Jacobian the
-#: interpolant's own (the same draws: images equal or differ in the last float digits,
-#: labels move < 2e-4 px).
+#: version that made it. 1: stores made until 2026-12-02 (no attribute). 2: shot noise by
+#: inversion of the Poisson CDF up to λ = 30 (other counts drawn from the same law); the
+#: scan's cubic-spline prefilter and taps as compiled loops; line-jitter labels in closed
+#: form along the line; the drift inverse stopped once converged and its Jacobian the
+#: interpolant's own (structures, optics and noise-free images as in 1 to the last float
+#: digits; labels within 2e-4 px of 1's).
 SAMPLE_VERSION = 2
 
 

@@ -656,3 +656,53 @@ def test_tail_percentiles_equal_numpys():
         for a in (rng.gamma(2.0, 3.0, n), np.round(rng.gamma(2.0, 3.0, n))):  # ties too
             ref = np.percentile(a, [lo, hi])
             assert tail_percentiles(a, lo, hi) == (ref[0], ref[1]), (n, lo, hi)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.3, 4.0, 18.0, 29.9, 55.0, 300.0])
+def test_poisson_counts_follow_the_poisson_law(lam):
+    # inversion up to lambda = 30, NumPy's sampler above: both must be Poisson
+    from scipy import stats
+
+    from simgen.acquisition.counting import poisson_counts
+
+    n = 200_000
+    counts = poisson_counts(np.full((400, 500), lam), np.random.default_rng(11))
+    assert counts.shape == (400, 500) and counts.dtype == np.float64
+    counts = counts.ravel()
+    assert np.all(counts == np.rint(counts)) and counts.min() >= 0
+    assert abs(counts.mean() - lam) <= 5 * math.sqrt(max(lam, 1e-12) / n) + 1e-12
+    if lam == 0:
+        assert counts.max() == 0
+    else:
+        assert abs(counts.var() / lam - 1) <= 5 * math.sqrt(2 / n) * (1 + 1 / math.sqrt(lam))
+        k = np.arange(int(lam + 10 * math.sqrt(lam) + 10))
+        expected = n * stats.poisson.pmf(k, lam)
+        seen = np.bincount(counts.astype(np.int64), minlength=k.size)[: k.size]
+        ok = expected >= 50  # chi-square over the well-filled bins
+        chi2 = float((((seen - expected) ** 2) / expected)[ok].sum())
+        assert stats.chi2.sf(chi2, max(int(ok.sum()) - 1, 1)) > 1e-4
+    again = poisson_counts(np.full((400, 500), lam), np.random.default_rng(11)).ravel()
+    np.testing.assert_array_equal(counts, again)  # the generator fixes the draws
+
+
+def test_poisson_counts_mix_inverted_and_sampled_pixels_and_refuse_bad_means():
+    from simgen.acquisition.counting import INVERSION_MAX_LAMBDA, poisson_counts
+
+    lam = np.tile([2.0, INVERSION_MAX_LAMBDA + 10.0], 50_000)
+    counts = poisson_counts(lam, np.random.default_rng(3))
+    for m in (2.0, INVERSION_MAX_LAMBDA + 10.0):
+        part = counts[lam == m]
+        assert abs(part.mean() - m) < 5 * math.sqrt(m / part.size)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        poisson_counts(np.array([1.0, -0.5]), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        poisson_counts(np.array([np.nan]), np.random.default_rng(0))
+
+
+def test_poisson_inversion_never_runs_off_for_a_uniform_next_to_one():
+    from simgen.acquisition.counting import _RECIPROCALS, _invert
+
+    lam = np.array([0.5, 5.0, 29.9])
+    out = np.empty(3)
+    _invert(lam, np.exp(-lam), np.full(3, 1.0 - 2.0**-53), _RECIPROCALS, 30.0, out)
+    assert np.all(out <= lam + 10 * np.sqrt(lam) + 10), out  # the tail, not the cap

@@ -365,12 +365,13 @@ def test_a_store_from_before_tasks_grouped_samples_resumes_one_sample_per_task(
     assert stores_identical(out, tmp_path / "ref.zarr")
 
 
-def test_a_store_of_another_sample_version_is_not_resumed_and_is_checked_pixel_by_pixel(
+def test_a_store_of_another_sample_version_is_not_resumed_and_its_labels_are_checked(
     small_cfg, calibration, tmp_path
 ):
     """A store records the sample arithmetic's version: today's code does not mix its own
     samples into an older store (they could differ in the last digits), and ``check``
-    compares such a store's images pixel by pixel instead of bit for bit."""
+    checks such a store's labels against the recomputed noise-free images without
+    comparing the recorded images (other noise draws)."""
     from simgen.pipeline import SAMPLE_VERSION
 
     out = tmp_path / "old.zarr"
@@ -388,5 +389,5 @@ def test_a_store_of_another_sample_version_is_not_resumed_and_is_checked_pixel_b
     np.testing.assert_array_equal(store.complete_flags(store.open_store(out)), flags)
     result = runner.invoke(app, ["check", str(out), "-i", "0"])
     assert result.exit_code == 0, result.output
-    assert "made by sample version 1" in result.output
-    assert "reproduced in 100.00% of its pixels" in result.output
+    assert "made by sample version 1" in result.output and "not compared" in result.output
+    assert "100.00% within" in result.output and "bit for bit" not in result.output

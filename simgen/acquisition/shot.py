@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
+
 from simgen.acquisition.base import (
     ELEMENTARY_CHARGE_C,
     check_image,
@@ -16,6 +18,7 @@ from simgen.acquisition.config import (
     SHOT_MODES,
 )
 from simgen.backend import get_array_module
+from simgen.distributions import as_rng
 
 
 def shot_counts_per_unit(image, params: Mapping[str, float], *, mode: str = "lambda") -> float:
@@ -74,7 +77,8 @@ def add_shot_noise(image, params: Mapping[str, float], *, rng, mode: str = "lamb
     params : mapping
         See :func:`shot_counts_per_unit`.
     rng : Generator, int or SeedSequence
-        Drawn on the image's device (CuPy's generator on a GPU).
+        On the CPU :func:`simgen.acquisition.counting.poisson_counts` (inversion of the
+        CDF up to λ = 30, NumPy's sampler above); on a GPU CuPy's generator.
     mode : {"lambda", "dose", "none"}
 
     Returns
@@ -89,5 +93,9 @@ def add_shot_noise(image, params: Mapping[str, float], *, rng, mode: str = "lamb
     if math.isnan(k):
         return xp.asarray(image, dtype=xp.float32).copy()
     lam = xp.maximum(xp.asarray(image, dtype=xp.float64) * k, 0.0)
-    counts = device_generator(xp, rng).poisson(lam)
-    return counts.astype(xp.float32)
+    if xp is np:  # inversion for the usual counts (simgen.acquisition.counting)
+        from simgen.acquisition.counting import poisson_counts
+
+        return poisson_counts(lam, as_rng(rng)).astype(np.float32)
+    counts = device_generator(xp, rng).poisson(lam)  # pragma: no cover - GPU only
+    return counts.astype(xp.float32)  # pragma: no cover - GPU only
