@@ -124,24 +124,61 @@ def bench_acquisition(size: int = 512, *, repeats: int = 5, device: str = "cpu")
 def main() -> dict:
     """Print the acquisition chain's cost per 512² image, stage by stage, beside the
     figures measured before issue 16 (:mod:`benchmarks.previous`)."""
-    from benchmarks.previous import ISSUE16, SESSION, fmt
+    from benchmarks.previous import BEFORE_V2, ISSUE16, fmt
 
     res = bench_acquisition()
-    s = res["seconds"]
+    s = {**res["seconds"], "sample": bench_sample()}
     print(
         f"acquisition chain, {res['size']}² image (+{res['pad']} px pad), "
         f"{res['n_columns']} columns, default config, {res['device']}, load {_load()}:"
     )
-    print(f"  {'stage':<14} {'now ms':>8} {'before*':>8} {'issue 16':>9}")
+    print(f"  {'stage':<22} {'now ms':>8} {'before*':>8} {'issue 16':>9}")
     names = ("contamination", "scan", "labels_map", "current", "shot", "detector")
-    labels = {"chain": "whole chain", "mask": "class mask", "check": "checker"}
-    for name in (*names, "chain", "mask", "check"):
+    labels = {
+        "chain": "whole chain",
+        "mask": "class mask",
+        "check": "checker",
+        "sample": "labelled sample**",
+    }
+    for name in (*names, "chain", "mask", "check", "sample"):
         print(
-            f"  {labels.get(name, name):<14} {1e3 * s[name]:8.1f} "
-            f"{fmt(SESSION['chain_ms'][name]):>8} {fmt(ISSUE16['chain_ms'][name]):>9}"
+            f"  {labels.get(name, name):<22} {1e3 * s[name]:8.1f} "
+            f"{fmt(BEFORE_V2['chain_ms'][name]):>8} {fmt(ISSUE16['chain_ms'].get(name)):>9}"
         )
-    print(f"  * before: {SESSION['date']}")
+    print(f"  * before: {BEFORE_V2['date']}")
+    print(
+        "  ** make_sample of the default 512² dataset in this process: structure, incoherent "
+        "image, chain, labels, mask (median of 10, the workers' malloc settings; a worker "
+        "also writes it, ~8 ms)"
+    )
     return res
+
+
+def bench_sample(size: int = 512, repeats: int = 10) -> float:
+    """Median seconds of :func:`simgen.pipeline.make_sample` for the default config at
+    ``size``² (the calibration cached or computed first; two warm-up samples)."""
+    import numpy as np
+
+    from simgen import store
+    from simgen.cluster import tune_malloc_in_process
+    from simgen.config import load_config
+    from simgen.pipeline import calibration_request, make_sample
+
+    tune_malloc_in_process()  # the workers' malloc thresholds (simgen.cluster)
+    cfg = load_config().with_overrides({"dataset.image_size": [size, size]})
+    key, compute = calibration_request(cfg)
+    calibration = store.load_cached_calibration(key)
+    if calibration is None:
+        calibration = compute()
+        store.save_calibration(key, calibration)
+    for i in range(2):
+        make_sample(cfg, i, calibration=calibration)
+    times = []
+    for i in range(2, 2 + repeats):
+        t0 = time.perf_counter()
+        make_sample(cfg, i, calibration=calibration)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
 
 
 def _load() -> str:

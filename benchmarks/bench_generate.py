@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-#: (image side, samples) per run: enough tasks for the start-up to amortise.
-RUNS = ((256, 64), (512, 48))
+#: (image side, samples) per run: 8-12 tasks of 16, enough for the start-up to amortise.
+RUNS = ((256, 128), (512, 192))
 
 
 def _calibration(cfg):
@@ -61,7 +61,7 @@ def bench_generate(size: int, n_samples: int, workers: int, out: Path) -> dict:
 
 
 def main(runs=RUNS) -> list:
-    from benchmarks.previous import ISSUE16, QUIET_BEFORE, SESSION, fmt
+    from benchmarks.previous import BEFORE_V2, ISSUE16, fmt
     from simgen.generation import stores_identical
 
     tmp = Path(tempfile.mkdtemp(prefix="simgen-bench-"))
@@ -83,20 +83,18 @@ def main(runs=RUNS) -> list:
     )
     print(
         f"{'size':>6} {'samples':>8} {'workers':>8} {'wall s':>8} {'samples/s':>10} "
-        f"{'before*':>8} {'quiet**':>8} {'issue 16':>9}"
+        f"{'before*':>8} {'issue 16':>9}"
     )
     for size, n, workers, r in rows:
-        before = SESSION["generate_samples_per_s"].get((size, workers))
+        before = BEFORE_V2["generate_samples_per_s"].get((size, workers))
         issue = ISSUE16["generate_samples_per_s"].get((size, workers))
-        quiet = QUIET_BEFORE["generate_samples_per_s"].get((size, workers))
         print(
             f"{size:>6} {n:>8} {workers:>8} {r['wall_s']:>8.1f} {r['rate']:>10.2f} "
-            f"{fmt(before, '.2f'):>8} {fmt(quiet, '.2f'):>8} {fmt(issue, '.2f'):>9}"
+            f"{fmt(before, '.2f'):>8} {fmt(issue, '.2f'):>9}"
         )
         if "same" in r:
             print(f"{'':>6} stores identical for 1 and 2 workers: {r['same']}")
-    print(f"  * before: {SESSION['date']} (issue 16: with start-up)")
-    print(f"  ** before tasks grouped samples: {QUIET_BEFORE['date']}")
+    print(f"  * before: {BEFORE_V2['date']} (issue 16: with start-up)")
     return rows
 
 

@@ -149,6 +149,31 @@ def _quiet_distributed_logs() -> None:
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": 1 << 28, "MALLOC_MMAP_THRESHOLD_": 1 << 28}
 
 
+def tune_malloc_in_process() -> bool:
+    """Give this process :data:`WORKER_MALLOC_ENV`'s thresholds through glibc's
+    ``mallopt`` (for work done in the calling process: ``--cluster none``, benchmarks).
+
+    Variables the user set in the environment win, as for workers. Returns False where
+    glibc is not the allocator (nothing changed)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    codes = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_MMAP_THRESHOLD_": -3}  # M_TRIM/M_MMAP
+    for var, value in WORKER_MALLOC_ENV.items():
+        if var not in os.environ:
+            mallopt(codes[var], int(value))
+    return True
+
+
 def _worker_environ():
     """Dask config that gives spawned workers :data:`WORKER_MALLOC_ENV`."""
     import dask

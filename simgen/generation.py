@@ -157,6 +157,9 @@ def _run_tasks(
     bar = _progress_bar(len(pending), progress, initial=0)
     try:
         if cluster.kind == "none" and cluster.scheduler is None:
+            from simgen.cluster import tune_malloc_in_process
+
+            tune_malloc_in_process()  # as the workers are (image temporaries on the heap)
             for indices, n in zip(tasks, counts, strict=True):
                 _task(str(out), config_dict, calibration, indices, store_id)
                 done += n

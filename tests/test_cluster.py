@@ -98,3 +98,24 @@ def test_refused_job_raises_instead_of_waiting(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message
     assert "invalid partition specified: nope" in message and "'nope'" in message
+
+
+def test_in_process_work_gets_the_workers_malloc_thresholds(monkeypatch):
+    import ctypes.util
+
+    from simgen.cluster import tune_malloc_in_process
+
+    if ctypes.util.find_library("c") is None:
+        pytest.skip("no C library to tune")
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, code, value):
+            calls.append((code, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "12345")  # the user's setting wins
+    assert tune_malloc_in_process()
+    assert calls == [(-1, 1 << 28)]
