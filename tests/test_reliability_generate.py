@@ -98,8 +98,8 @@ def test_many_sigkills_then_resume_and_repair_give_the_uninterrupted_store(
     tmp_path,
     cache_dir,
 ):
-    n = 16
-    # two tasks of 8: a kill loses at most the task in flight
+    n = 640  # tasks of 8 small samples take ~0.1 s: enough of them for ten kills
+    # tasks of 8: a kill loses at most the task in flight
     cfg = small_cfg.with_overrides({"dataset.n_samples": n, "dataset.samples_per_task": 8})
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(cfg.to_yaml())
@@ -111,7 +111,7 @@ def test_many_sigkills_then_resume_and_repair_give_the_uninterrupted_store(
     kills = 0
     while kills < 10:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.5, 7.0))
+        time.sleep(rng.uniform(0.5, 5.0))
         if proc.poll() is not None:
             break  # finished before this kill
         proc.send_signal(signal.SIGKILL)
