@@ -295,9 +295,9 @@ def distort_scan(
     return recorded, mapping
 
 
-def bilinear(field: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Bilinear interpolation of ``field`` at (r, c), extrapolated linearly from the edge
-    cells beyond the grid."""
+def _bilinear_cell(field: np.ndarray, r: np.ndarray, c: np.ndarray):
+    """The corner values of the cell holding each (r, c) (edge cells beyond the grid) and
+    the position within it: ``(f00, f01, f10, f11, fr, fc)``."""
     h, w = field.shape
     r0 = np.clip(np.floor(r).astype(np.intp), 0, max(h - 2, 0))
     c0 = np.clip(np.floor(c).astype(np.intp), 0, max(w - 2, 0))
@@ -305,8 +305,15 @@ def bilinear(field: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
     c1 = np.minimum(c0 + 1, w - 1)
     fr = r - r0 if h > 1 else np.zeros_like(r)
     fc = c - c0 if w > 1 else np.zeros_like(c)
-    top = field[r0, c0] * (1 - fc) + field[r0, c1] * fc
-    bot = field[r1, c0] * (1 - fc) + field[r1, c1] * fc
+    return field[r0, c0], field[r0, c1], field[r1, c0], field[r1, c1], fr, fc
+
+
+def bilinear(field: np.ndarray, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Bilinear interpolation of ``field`` at (r, c), extrapolated linearly from the edge
+    cells beyond the grid."""
+    f00, f01, f10, f11, fr, fc = _bilinear_cell(field, r, c)
+    top = f00 * (1 - fc) + f01 * fc
+    bot = f10 * (1 - fc) + f11 * fc
     return top * (1 - fr) + bot * fr
 
 
@@ -314,13 +321,7 @@ def bilinear_gradient(field: np.ndarray, r: np.ndarray, c: np.ndarray):
     """Derivatives ``(∂/∂r, ∂/∂c)`` of :func:`bilinear`'s interpolant at (r, c) (the edge
     cells' beyond the grid)."""
     h, w = field.shape
-    r0 = np.clip(np.floor(r).astype(np.intp), 0, max(h - 2, 0))
-    c0 = np.clip(np.floor(c).astype(np.intp), 0, max(w - 2, 0))
-    r1 = np.minimum(r0 + 1, h - 1)
-    c1 = np.minimum(c0 + 1, w - 1)
-    fr = r - r0 if h > 1 else np.zeros_like(r)
-    fc = c - c0 if w > 1 else np.zeros_like(c)
-    f00, f01, f10, f11 = field[r0, c0], field[r0, c1], field[r1, c0], field[r1, c1]
+    f00, f01, f10, f11, fr, fc = _bilinear_cell(field, r, c)
     d_r = (f10 - f00) * (1 - fc) + (f11 - f01) * fc if h > 1 else np.zeros_like(r)
     d_c = (f01 - f00) * (1 - fr) + (f11 - f10) * fr if w > 1 else np.zeros_like(c)
     return d_r, d_c
