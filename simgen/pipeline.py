@@ -203,16 +203,6 @@ def store_attrs(cfg, calibration) -> dict:
 def check_ready(cfg) -> None:
     """Errors that must surface before any work starts (device, structure file)."""
     resolve_device(cfg.simulation.device)
-    shift = cfg.optics.z_exponent_shift
-    model = cfg.simulation.model  # not resolved: "auto" means prism on GPU workers
-    if model not in ("incoherent", "pointsum") and not (
-        shift.kind == "fixed" and shift.args[0] == 0
-    ):
-        raise ValueError(
-            f"optics.z_exponent_shift: a Z-exponent shift ({shift.to_config()}) needs "
-            f"simulation.model incoherent (or pointsum), got {model}: prism and multislice "
-            "simulate the physics as it is (--model incoherent)"
-        )
     if cfg.structure.file:
         load_structure_file(cfg.structure.file)
 

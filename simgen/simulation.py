@@ -76,7 +76,13 @@ import numpy as np
 from simgen.backend import get_array_module, get_scipy_submodule, resolve_device
 from simgen.configbase import Config
 from simgen.distributions import as_rng
-from simgen.incoherent import Calibration, DetectorGrid, check_calibration, render_incoherent
+from simgen.incoherent import (
+    Z_EXPONENT_REFERENCE,
+    Calibration,
+    DetectorGrid,
+    check_calibration,
+    render_incoherent,
+)
 from simgen.optics import (
     FWHM_TO_SIGMA,
     OpticsConfig,
@@ -87,6 +93,7 @@ from simgen.optics import (
     probe_radius_A,
     wavelength_A,
 )
+from simgen.transmission import z_exponent_potential_scale
 
 if TYPE_CHECKING:  # pragma: no cover
     from ase import Atoms
@@ -480,6 +487,7 @@ def _abtem_scan(
     device,
     dC10_A=(0.0,),  # noqa: N803 - the optics' name
     detectors_mrad=None,
+    potential_scale=None,
 ):
     """Focal-spread average of the HAADF signal of an abTEM scan, ``[x, y]`` float64, one
     per defocus change in ``dC10_A`` [Å] and detector ``(inner, outer)`` in
@@ -511,7 +519,7 @@ def _abtem_scan(
             ]
         scan = abtem.GridScan(start=(sx0, sy0), end=(sx0 + nsx * s, sy0 + nsy * s), gpts=(nsx, nsy))
         acc = [None] * (len(dC10_A) * n_det)
-        potentials = _potentials(work, gpts, slices, energy, settings, device)
+        potentials = _potentials(work, gpts, slices, energy, settings, device, potential_scale)
         for potential, share in potentials:
             if settings.model == "prism":
                 smatrix = abtem.SMatrix(
@@ -553,21 +561,25 @@ def _abtem_scan(
     return acc, len(nodes)
 
 
-def _potentials(work, gpts, slices, energy, settings, device):
+def _potentials(work, gpts, slices, energy, settings, device, potential_scale=None):
     """``(potential, weight)`` per configuration: abTEM's own potential (its frozen-phonon
-    ensemble inside) with ``transmission_supersampling = 1``, else one band-limited
-    transmission function per frozen-phonon configuration (built as it is needed)."""
+    ensemble inside) with ``transmission_supersampling = 1`` and no ``potential_scale``,
+    else one band-limited transmission function per frozen-phonon configuration (built as
+    it is needed; ``potential_scale``: atomic number -> factor on its potential)."""
     import abtem
 
     factor = int(settings.transmission_supersampling)
-    if factor == 1:
+    if factor == 1 and not potential_scale:
         yield abtem.Potential(work, gpts=gpts, slice_thickness=slices, device=device), 1.0
         return
     from simgen.transmission import band_limited_transmission
 
     configs = list(work) if isinstance(work, abtem.FrozenPhonons) else [work]
     for atoms in configs:
-        tf = band_limited_transmission(atoms, gpts, slices, energy, factor=factor, device=device)
+        tf = band_limited_transmission(
+            atoms, gpts, slices, energy, factor=factor, potential_scale=potential_scale,
+            device=device,
+        )  # fmt: skip
         yield tf, 1.0 / len(configs)
 
 
@@ -601,6 +613,7 @@ def _reference(
     rng,
     dC10_A=None,  # noqa: N803 - the optics' name
     detectors_mrad=None,
+    potential_scale=None,
 ):
     """PRISM or multislice image of the window ``geom`` and the numerical settings used;
     with ``dC10_A`` [Å] (and ``detectors_mrad``) a list of images, one per defocus change
@@ -615,7 +628,7 @@ def _reference(
     shifts = (0.0,) if dC10_A is None else tuple(float(d) for d in dC10_A)
     acc, n_nodes = _abtem_scan(
         work, gpts, slices, start, z_mid, f, optics, layout, settings, device, shifts,
-        detectors_mrad,
+        detectors_mrad, potential_scale,
     )  # fmt: skip
     outs = [_scan_to_pixels(a.T, optics, layout, p, h, w) for a in acc]  # [x, y] -> [y, x]
     s, _, _, (nsx, nsy), resample = layout
@@ -824,13 +837,16 @@ def simulate(
     else:
         if len(atoms) == 0:
             raise ValueError("atoms: the structure holds no atoms")
-        if float(optics.get("z_exponent_shift", 0.0)) != 0.0:
-            raise ValueError(
-                f"optics.z_exponent_shift: the {settings.model} model simulates the physics "
-                "as it is; only the incoherent and pointsum models take a Z-exponent shift "
-                f"(got {optics['z_exponent_shift']:g})"
-            )
-        image, info = _reference(atoms, cell_xy, optics, geom, settings, device, rng)
+        scale = z_exponent_potential_scale(
+            atoms.numbers, float(optics.get("z_exponent_shift", 0.0)), Z_EXPONENT_REFERENCE
+        )
+        image, info = _reference(
+            atoms, cell_xy, optics, geom, settings, device, rng, potential_scale=scale
+        )
+        if scale:
+            from ase.data import chemical_symbols
+
+            info["potential_scale"] = {chemical_symbols[z]: v for z, v in sorted(scale.items())}
         calibration = None
     info["periodic"] = bool(settings.periodic)
     return Simulated(

@@ -33,7 +33,7 @@ import numpy as np
 
 from simgen.backend import get_array_module
 
-__all__ = ["ExactPositionIntegrals", "band_limited_transmission"]
+__all__ = ["ExactPositionIntegrals", "band_limited_transmission", "z_exponent_potential_scale"]
 
 #: Atoms per block of the structure-factor product (bounds its memory).
 _ATOM_BLOCK = 1024
@@ -53,6 +53,10 @@ def _integrator_class():
         ``E_x E_y^T`` per element and block of atoms.
         """
 
+        #: Factor on each element's projected potential (atomic number -> factor; missing:
+        #: 1). Set by :func:`ExactPositionIntegrals` (``optics.z_exponent_shift``).
+        potential_scale: dict = {}
+
         def integrate_on_grid(self, atoms, a, b, gpts, sampling, device="cpu"):
             from abtem.core.fft import ifft2
             from abtem.core.grid import spatial_frequencies
@@ -67,6 +71,9 @@ def _integrator_class():
                 factor = self.get_scattering_factor(
                     chemical_symbols[number], gpts, sampling, device
                 )
+                scale = float(self.potential_scale.get(int(number), 1.0))
+                if scale != 1.0:
+                    factor = factor * np.float32(scale)
                 positions = atoms.positions[atoms.numbers == number]
                 structure = xp.zeros(gpts, dtype=np.complex64)
                 for start in range(0, len(positions), _ATOM_BLOCK):
@@ -83,9 +90,18 @@ def _integrator_class():
     return _ExactPositionIntegrals
 
 
-def ExactPositionIntegrals(parametrization: str = "lobato"):  # noqa: N802 - a class factory
-    """abTEM field integrator: infinite projection, exact atom positions (see module)."""
-    return _integrator_class()(parametrization)
+def ExactPositionIntegrals(  # noqa: N802 - a class factory
+    parametrization: str = "lobato", potential_scale: dict | None = None
+):
+    """abTEM field integrator: infinite projection, exact atom positions (see module).
+
+    ``potential_scale`` maps atomic numbers to a factor on that element's projected
+    potential (default: none).
+    """
+    integrals = _integrator_class()(parametrization)
+    if potential_scale:
+        integrals.potential_scale = {int(z): float(v) for z, v in potential_scale.items()}
+    return integrals
 
 
 def _transmission_class():
@@ -130,6 +146,7 @@ def band_limited_transmission(
     *,
     factor: int = 4,
     parametrization: str = "lobato",
+    potential_scale: dict | None = None,
     device: str = "cpu",
 ):
     """Transmission functions on ``gpts``, computed on a ``factor`` times finer grid.
@@ -148,6 +165,10 @@ def band_limited_transmission(
         Supersampling of the potential (>= 1). ``1`` still uses exact atom positions.
     parametrization : str
         abTEM potential parametrization.
+    potential_scale : dict, optional
+        Atomic number -> factor on that element's projected potential (dimensionless;
+        missing elements 1). :func:`z_exponent_potential_scale` makes the one
+        ``optics.z_exponent_shift`` asks for.
     device : {"cpu", "gpu"}
         Where the arrays live.
 
@@ -171,7 +192,7 @@ def band_limited_transmission(
         atoms,
         gpts=fine,
         slice_thickness=slice_thickness,
-        integrator=ExactPositionIntegrals(parametrization),
+        integrator=ExactPositionIntegrals(parametrization, potential_scale),
         device=device,
     )
     ix = xp.asarray(np.fft.fftfreq(nx, 1.0 / nx).astype(np.int64) % fine[0])
@@ -191,3 +212,34 @@ def band_limited_transmission(
         energy=energy_eV,
     )
     return AntialiasAperture().bandlimit(out, in_place=False)
+
+
+def z_exponent_potential_scale(numbers, shift: float, reference_z: int = 42) -> dict:
+    """Per-element potential factors that raise an atom's HAADF signal by about
+    ``(Z / reference_z) ** shift``: ``(Z / reference_z) ** (shift / 2)``.
+
+    The wave models' form of ``optics.z_exponent_shift`` (the incoherent model scales its
+    weights by ``(Z / 42) ** shift`` directly). A weak scatterer's high-angle signal goes
+    as the square of its potential, so half the shift on the potential; heavy atoms and
+    channelling bend that (measured in docs/physics.md, "Z-exponent shift").
+
+    Parameters
+    ----------
+    numbers : iterable of int
+        Atomic numbers present.
+    shift : float
+        The Z-exponent shift δ (dimensionless).
+    reference_z : int
+        Atomic number left unchanged (Mo).
+
+    Returns
+    -------
+    dict
+        Atomic number -> factor; empty for ``shift = 0``.
+    """
+    shift = float(shift)
+    if not np.isfinite(shift):
+        raise ValueError(f"z_exponent_shift: expected a finite number, got {shift}")
+    if shift == 0.0:
+        return {}
+    return {int(z): (int(z) / reference_z) ** (shift / 2.0) for z in set(int(n) for n in numbers)}

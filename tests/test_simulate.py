@@ -501,8 +501,8 @@ def test_pointsum_model_scales_as_z_squared_without_channelling():
 
 def test_z_exponent_shift_brightens_the_metal_and_keeps_the_chalcogen_ratio(toy_calibration):
     """``optics.z_exponent_shift`` δ scales each atom by (Z/42)^δ: the metal/chalcogen-pair
-    object contrast grows by about (74/34)^δ, one Se against two stays as calibrated, the
-    calibration recorded is the unshifted one, and the abTEM models refuse a shift."""
+    object contrast grows by about (74/34)^δ, one Se against two stays as calibrated, and
+    the calibration recorded is the unshifted one."""
     from simgen.config import load_config
     from simgen.pipeline import check_ready
 
@@ -525,16 +525,11 @@ def test_z_exponent_shift_brightens_the_metal_and_keeps_the_chalcogen_ratio(toy_
     shifted = toy_calibration.with_z_exponent_shift(0.5)
     assert shifted.weights_A2["Mo"] == pytest.approx(toy_calibration.weights_A2["Mo"])
     assert shifted.key != toy_calibration.key
-    atoms, columns, _ = make_tmd_cell("W", "Se", repeats=(1, 1))
-    with pytest.raises(ValueError, match="z_exponent_shift"):
-        simulate(atoms, columns, {"z_exponent_shift": 0.5}, model="prism")
-    for model in ("prism", "auto"):  # auto: prism on GPU workers
+    for model in ("prism", "auto"):  # the wave models take it too (next test)
         cfg = load_config().with_overrides(
             {"simulation.model": model, "optics.z_exponent_shift": {"uniform": [0.0, 0.5]}}
         )
-        with pytest.raises(ValueError, match="z_exponent_shift.*--model incoherent"):
-            check_ready(cfg)
-    check_ready(cfg.with_overrides({"simulation.model": "incoherent"}))
+        check_ready(cfg)
     # drawn last: drawing it changes no other optics value
     drawn = OpticsConfig(z_exponent_shift={"uniform": [-0.3, 0.9]}).draw(5)
     plain = OpticsConfig().draw(5)
@@ -542,6 +537,24 @@ def test_z_exponent_shift_brightens_the_metal_and_keeps_the_chalcogen_ratio(toy_
         k: v for k, v in plain.items() if k != "z_exponent_shift"
     }
     assert plain["z_exponent_shift"] == 0.0 and -0.3 <= drawn["z_exponent_shift"] <= 0.9
+
+
+def test_z_exponent_shift_in_prism_scales_the_potentials(prism_defect_cell):
+    """PRISM takes δ as each element's potential x (Z/42)^(δ/2): the metal/chalcogen-pair
+    contrast rises (by less than the incoherent model's (74/34)^δ: W's strong potential
+    scatters sub-quadratically), one Se against two stays, and the image records the
+    factors."""
+    contrast = {}
+    for shift in (0.0, 0.75):
+        atoms, columns, kinds, sim = prism_defect_cell("W", "Se", z_exponent_shift=shift)
+        peaks, bg = _contrast(sim, kinds, "W", "Se")
+        full = peaks["X2"] - bg
+        contrast[shift] = ((peaks["M"] - bg) / full, (peaks["X1"] - bg) / full)
+    rise = contrast[0.75][0] / contrast[0.0][0]
+    assert (74 / 34) ** (0.75 / 2) < rise < (74 / 34) ** 0.75
+    assert contrast[0.75][1] == pytest.approx(contrast[0.0][1], rel=0.03)
+    assert sim.info["potential_scale"]["W"] == pytest.approx((74 / 42) ** 0.375)
+    assert "potential_scale" not in prism_defect_cell("W", "Se")[3].info
 
 
 def _rows_cols(sim, xy):
