@@ -645,8 +645,12 @@ def calibrate(
     where = f"cached at {cache_file}" if cache_file.is_file() else "shipped with simgen"
     typer.echo(f"calibration {key}\n  {where}")
     if data.get("kind") == "detector_grid":
+        from simgen.calibration_table import shipped_keys
+
         nodes = data["calibrations"]
-        typer.echo(f"  detector grid of {len(nodes)} calibrations (inner, outer mrad):")
+        shipped = len(set(shipped_keys()) & {node.get("key") for node in nodes})
+        origin = f"; {shipped} of them shipped with simgen" if shipped else ""
+        typer.echo(f"  detector grid of {len(nodes)} calibrations{origin} (inner, outer mrad):")
         for node in nodes:
             weights = ", ".join(f"{e} {w:.5f}" for e, w in node["weights_A2"].items())
             typer.echo(

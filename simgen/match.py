@@ -577,6 +577,16 @@ def _is_distribution(value) -> bool:
     return isinstance(value, dict) and len(value) == 1 and next(iter(value)) in KINDS[1:]
 
 
+#: The detector [mrad] (inner, outer) :func:`match` starts from when the base config draws
+#: one: the contrast crossing nearest this inner angle is taken.
+BASE_DETECTOR_MRAD = (60.0, 200.0)
+
+
+def _fixed_or(dist, default: float) -> float:
+    """A fixed distribution's value, else ``default``."""
+    return float(dist.args[0]) if dist.kind == "fixed" else float(default)
+
+
 def _centre(value):
     from simgen.distributions import Distribution
 
@@ -791,7 +801,9 @@ def match(
     say = progress or (lambda _m: None)
     notes = []
     p = target.pixel_size_A
-    outer = float(_centre(base_cfg.optics.haadf_outer_mrad.to_config()))
+    # one microscope has one detector: a base that draws it (the shipped config) starts from
+    # a common HAADF detector instead of the middle of its range
+    outer = _fixed_or(base_cfg.optics.haadf_outer_mrad, BASE_DETECTOR_MRAD[1])
     lo_in, hi_in = float(min(grid.inner_mrad)), float(max(grid.inner_mrad))
     sweep_inner = [a for a in INNER_SWEEP_MRAD if lo_in <= a <= hi_in]
     base = centred_config(
@@ -803,7 +815,7 @@ def match(
             }
         )
     )
-    base_inner = float(_centre(base_cfg.optics.haadf_inner_mrad.to_config()))
+    base_inner = _fixed_or(base_cfg.optics.haadf_inner_mrad, BASE_DETECTOR_MRAD[0])
 
     def cfg_for(m: Matched, **extra):
         over = matched_overrides(m, widths=False)
@@ -971,7 +983,11 @@ def match(
         {"round": "check", **m.values(), **{f"sim_{k}": v for k, v in sim.to_dict().items()}}
     )
     cfg = base_cfg.with_overrides(
-        {"structure.material": material, **matched_overrides(m, widths=True)}
+        {
+            "structure.material": material,
+            "optics.haadf_outer_mrad": outer,
+            **matched_overrides(m, widths=True),
+        }
     )
     return MatchResult(
         matched=m,
@@ -1045,8 +1061,13 @@ def combined_config(base_cfg, material: str, results: Mapping[str, MatchResult])
     SimgenConfig
     """
     matched = [r.matched for r in results.values()]
+    outer = _fixed_or(base_cfg.optics.haadf_outer_mrad, BASE_DETECTOR_MRAD[1])
     return base_cfg.with_overrides(
-        {"structure.material": material, **matched_overrides(matched, widths=True)}
+        {
+            "structure.material": material,
+            "optics.haadf_outer_mrad": outer,
+            **matched_overrides(matched, widths=True),
+        }
     )
 
 

@@ -94,6 +94,16 @@ def tmd_cell():
 #: Vacancies of the defect test cells (3 x 2 orthogonal cells: 12 metal, 12 chalcogen sites).
 DEFECTS = {"vac_x1": (1, 6), "vac_x2": (4,), "vac_m": (9,)}
 
+#: One microscope: a fixed 60-200 mrad HAADF detector and no contrast shift. The shipped
+#: config draws both per sample (contrast-robust training data); tests that hand in one
+#: calibration, or that fabricate an "experimental" image, pin them.
+ONE_MICROSCOPE = {
+    "optics.haadf_inner_mrad": 60.0,
+    "optics.haadf_outer_mrad": 200.0,
+    "optics.z_exponent_shift": 0.0,
+}
+MICROSCOPE_ARGS = [f"--set={k}={v}" for k, v in ONE_MICROSCOPE.items()]
+
 
 @pytest.fixture(scope="session")
 def calibration_for():

@@ -91,9 +91,14 @@ def test_calibrate_cli_says_the_calibration_is_shipped(tmp_path, monkeypatch):
     from simgen.cli import app
 
     monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
-    result = CliRunner().invoke(app, ["calibrate"])
+    one_detector = ["--set", "optics.haadf_inner_mrad=60", "--set", "optics.haadf_outer_mrad=200"]
+    result = CliRunner().invoke(app, ["calibrate", *one_detector])
     assert result.exit_code == 0, result.output
     assert "shipped with simgen" in result.output
+    assert "calibrating" not in result.output
+    result = CliRunner().invoke(app, ["calibrate"])  # the default draws the detector
+    assert result.exit_code == 0, result.output
+    assert "detector grid of 15 calibrations; 15 of them shipped with simgen" in result.output
     assert "calibrating" not in result.output
 
 
@@ -166,6 +171,7 @@ def test_calibrate_cli_lists_a_shipped_grid(tmp_path, monkeypatch):
     monkeypatch.setenv("SIMGEN_CACHE", str(tmp_path / "cache"))
     args = ["calibrate", "--set", "structure.material=WSe2"]
     args += ["--set", "optics.haadf_inner_mrad={uniform: [45, 110]}"]
+    args += ["--set", "optics.haadf_outer_mrad=200"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "detector grid of 5 calibrations" in result.output  # 40..120 x 200 mrad

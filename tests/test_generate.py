@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import zarr
+from conftest import ONE_MICROSCOPE
 from typer.testing import CliRunner
 
 from simgen import store
@@ -23,6 +24,7 @@ from simgen.pipeline import calibration_request, make_sample
 
 runner = CliRunner()
 SMALL = {
+    **ONE_MICROSCOPE,
     "dataset.n_samples": 4,
     "dataset.image_size": [64, 64],
     "simulation.model": "incoherent",

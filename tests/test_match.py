@@ -181,6 +181,9 @@ def test_cli_match_writes_a_config_that_generates(tmp_path):
     assert cfg.structure.material.to_config() == "WSe2"
     assert cfg.optics.pixel_size_A.kind == "fixed"
     assert math.isclose(cfg.optics.pixel_size_A.args[0], P, rel_tol=0.02)
+    # one microscope, one detector: the shipped config's drawn outer angle is pinned
+    assert cfg.optics.haadf_outer_mrad.to_config() == 200.0
+    assert cfg.optics.haadf_inner_mrad.bounds()[1] - cfg.optics.haadf_inner_mrad.bounds()[0] < 40
     assert report.stat().st_size > 10_000
     text = out.read_text()
     assert text.startswith("# simgen match") and f"simgen generate -c {out}" in text

@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 from _fakestore import write_fake_store
+from conftest import ONE_MICROSCOPE
 from typer.testing import CliRunner
 
 from training.cli import app
@@ -30,6 +31,7 @@ from training.noise_study import (
 
 runner = CliRunner()
 SMALL = {
+    **ONE_MICROSCOPE,
     "dataset.image_size": [64, 64],
     "simulation.model": "incoherent",
     "simulation.device": "cpu",
