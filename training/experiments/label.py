@@ -662,6 +662,7 @@ def label_image(
         ensemble, train_pixel_size_A, material,
     )  # fmt: skip
     summary["quality"] = quality
+    summary["intensity_check"] = intensity_check(data, xy_res, fit)
     summary["seconds"] = time.perf_counter() - t0
     stages = ("start", "prepare", "network", "columns", "lattice", "catalogue")
     summary["timings_s"] = {
@@ -911,6 +912,35 @@ class LabelRun:
         return int(sum(r.get("n_columns") or 0 for r in self.labelled))
 
 
+def intensity_check(data, xy, fit) -> dict:
+    """Network-free fractions of single and double chalcogen vacancies from the intensity
+    histogram of every chalcogen lattice site (:func:`simgen.experiment.populations.
+    populations_at_sites`; assumes one chalcogen element): a cross-check of the network's
+    ``vac_X1`` and ``vac_X2`` fractions that does not depend on the metal/chalcogen
+    contrast. ``{"error": ...}`` when the image has too few sites."""
+    from simgen.experiment.populations import populations_at_sites
+    from structures import CHALCOGEN, METAL
+
+    xy = np.asarray(xy, dtype=np.float64)
+    try:
+        pops = populations_at_sites(
+            data,
+            xy[fit.site == METAL],
+            xy[fit.site == CHALCOGEN],
+            fit.empty_xy[fit.empty_site == CHALCOGEN],
+            fit.bond_length_px,
+            background_px=2.0 * math.sqrt(3.0) * fit.bond_length_px,  # two lattice constants
+        )
+    except ValueError as err:
+        return {"error": str(err)}
+    return {
+        "vac_X1": pops.single,
+        "vac_X2": pops.empty,
+        "n_sites": pops.n_sites,
+        "site_scatter": pops.width,
+    }
+
+
 def quality_line(name: str, summary: Mapping) -> str:
     """One console line: columns, pixel size and the quality verdict of a labelled image."""
     q = summary.get("quality", {})
@@ -929,6 +959,12 @@ def quality_line(name: str, summary: Mapping) -> str:
         f"sites found {fmt('sites_detected_fraction')}, "
         f"M/X contrast {fmt('contrast_metal_chalcogen', '.2f')}{train_txt}"
     )
+    check = summary.get("intensity_check") or {}
+    network = (summary.get("classes") or {}).get("vac_X1", {}).get("per_site")
+    if "vac_X1" in check and network is not None:
+        line += (
+            f"; vac_X1 {network:.3f} per chalcogen site (intensity histogram {check['vac_X1']:.3f})"
+        )
     if q.get("reasons"):
         line += " — " + "; ".join(q["reasons"])
     return line

@@ -1,0 +1,216 @@
+"""How many chalcogen sites hold two, one or no atoms, read off the intensity histogram
+of every chalcogen lattice site, without a network.
+
+A network's defect fractions can only be checked on real images against something that
+does not share its weaknesses. This estimate uses one fact of HAADF physics: above the
+hollow-site level, a chalcogen column with one atom left gives about 0.45 of a full
+column's signal (0.43–0.45 at 40–120 mrad in the calibrated model and in converged PRISM,
+docs/physics.md), and an empty site gives the hollow level. So the normalised site
+intensities ``t = (I − I_hollow)/(median I_X − I_hollow)`` of *every* chalcogen lattice site
+(the detected columns and the empty sites the lattice predicts: a single vacancy is often
+no local maximum) form three Gaussian populations at ``0``, ``r·m`` and ``m`` with one
+width; their weights are the fractions of double vacancies, single vacancies and full
+columns. The metal/chalcogen contrast does not enter, so images of one session with
+different contrast are read alike, which a classifier that compares a chalcogen with its
+metal neighbours cannot promise.
+
+Limits: it assumes a binary host (one chalcogen element; substitutions at the same site
+read as vacancies or full columns), site-to-site scatter that is the same for every
+population, and enough sites (a few hundred) for the weights to mean something.
+
+API::
+
+    pops = chalcogen_populations(image, pixel_size_A=0.096, material="WSe2")
+    pops.single, pops.empty, pops.n_sites
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "ChalcogenPopulations",
+    "chalcogen_populations",
+    "populations_at_sites",
+    "three_level_mixture",
+]
+
+#: Signal of a chalcogen column with one atom left over a full one, above the hollow level.
+SINGLE_RATIO = 0.45
+
+
+@dataclass(frozen=True)
+class ChalcogenPopulations:
+    """Fractions of the chalcogen lattice sites by the atoms they hold.
+
+    Attributes
+    ----------
+    n_sites : int
+        Chalcogen lattice sites measured (detected columns and predicted empty sites).
+    full, single, empty : float
+        Fractions of sites with two, one and no chalcogen atoms (sum 1).
+    full_level : float
+        Fitted level of a full column, in units of the median chalcogen site above the
+        hollow level (about 1).
+    width : float
+        Site-to-site scatter of one population, same units.
+    single_ratio : float
+        The single/full signal ratio assumed.
+    """
+
+    n_sites: int
+    full: float
+    single: float
+    empty: float
+    full_level: float
+    width: float
+    single_ratio: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def three_level_mixture(values, single_ratio: float = SINGLE_RATIO, iterations: int = 300):
+    """Weights of three Gaussians at ``0``, ``r·m`` and ``m`` (one width) fitted to
+    ``values`` by expectation maximisation; ``m`` and the width are fitted too.
+
+    Parameters
+    ----------
+    values : array_like
+        Normalised site intensities (full columns near 1, the hollow level 0).
+    single_ratio : float
+        ``r``, in (0, 1).
+    iterations : int
+
+    Returns
+    -------
+    weights : ndarray, shape (3,)
+        ``(empty, single, full)``.
+    level : float
+        ``m``.
+    width : float
+    """
+    t = np.asarray(values, dtype=np.float64).ravel()
+    t = t[np.isfinite(t) & (t > -1.0) & (t < 2.0)]  # outliers (contamination, edges)
+    if t.size < 10:
+        raise ValueError(f"only {t.size} usable sites: too few for three populations")
+    if not 0.0 < single_ratio < 1.0:
+        raise ValueError(f"single_ratio: expected a value in (0, 1), got {single_ratio}")
+    a = np.array([0.0, float(single_ratio), 1.0])
+    weights = np.array([0.01, 0.05, 0.94])
+    level = 1.0
+    width = max(float(np.std(t)), 0.02)
+    for _ in range(int(iterations)):
+        z = (t[:, None] - a * level) / width
+        dens = weights * np.exp(-0.5 * z * z)
+        resp = dens / np.maximum(dens.sum(axis=1, keepdims=True), 1e-300)
+        weights = resp.mean(axis=0)
+        level = float((resp * t[:, None] * a).sum() / (resp * a * a).sum())
+        width = max(float(np.sqrt((resp * (t[:, None] - a * level) ** 2).sum() / t.size)), 0.01)
+    return weights, level, width
+
+
+def chalcogen_populations(
+    image, pixel_size_A: float, material: str, *, single_ratio: float = SINGLE_RATIO
+) -> ChalcogenPopulations:
+    """Fractions of full, single-vacancy and empty chalcogen sites in one image.
+
+    Parameters
+    ----------
+    image : array_like, shape (H, W)
+        HAADF image (any units), at least a few hundred chalcogen sites.
+    pixel_size_A : float
+        [Å/px].
+    material : str
+        The host, e.g. ``"WSe2"`` (lattice constant, which sublattice is brighter).
+    single_ratio : float
+        Signal of one chalcogen atom over two, above the hollow level.
+
+    Returns
+    -------
+    ChalcogenPopulations
+
+    Raises
+    ------
+    simgen.match.MatchError
+        No lattice in the image.
+    ValueError
+        Too few sites.
+    """
+    from simgen.experiment.calibration import lattice_constant_of
+    from simgen.match import find_lattice
+    from structures import CHALCOGEN, METAL
+
+    img = np.asarray(image, dtype=np.float64)
+    xy, fit = find_lattice(img, pixel_size_A, material)
+    return populations_at_sites(
+        img,
+        xy[fit.site == METAL],
+        xy[fit.site == CHALCOGEN],
+        fit.empty_xy[fit.empty_site == CHALCOGEN],
+        float(fit.sublattices.bond_length_px),
+        background_px=2.0 * lattice_constant_of(material) / pixel_size_A,
+        single_ratio=single_ratio,
+    )
+
+
+def populations_at_sites(
+    image,
+    metal_xy,
+    chalcogen_xy,
+    empty_chalcogen_xy,
+    bond_length_px: float,
+    *,
+    background_px: float,
+    single_ratio: float = SINGLE_RATIO,
+) -> ChalcogenPopulations:
+    """:func:`chalcogen_populations` at sites already placed on the lattice (e.g. by a
+    labelling run's lattice fit).
+
+    Parameters
+    ----------
+    image : array_like, shape (H, W)
+    metal_xy, chalcogen_xy : array_like, shape (N, 2)
+        Detected metal and chalcogen columns ``(x, y)`` [px].
+    empty_chalcogen_xy : array_like, shape (M, 2)
+        Chalcogen lattice sites without a detected column [px].
+    bond_length_px : float
+    background_px : float
+        Gaussian σ [px] of the slow background removed first (about two lattice constants).
+    single_ratio : float
+
+    Returns
+    -------
+    ChalcogenPopulations
+    """
+    from simgen.experiment.quality import disk_means, hollow_sites
+
+    img = np.asarray(image, dtype=np.float64)
+    flat = img - ndimage.gaussian_filter(img, float(background_px))  # slow background removed
+    metal = np.asarray(metal_xy, dtype=np.float64).reshape(-1, 2)
+    detected = np.asarray(chalcogen_xy, dtype=np.float64).reshape(-1, 2)
+    empty = np.asarray(empty_chalcogen_xy, dtype=np.float64).reshape(-1, 2)
+    sites = np.concatenate([detected, empty])
+    radius = 0.25 * float(bond_length_px)
+    hollow = hollow_sites(metal, detected, float(bond_length_px), img.shape)
+    if len(hollow) < 3 or len(sites) < 10:
+        raise ValueError(f"{len(sites)} chalcogen and {len(hollow)} hollow sites: too few")
+    level_h = float(np.median(disk_means(flat, hollow, radius)))
+    values = disk_means(flat, sites, radius)
+    span = float(np.median(values)) - level_h
+    if not span > 0:
+        raise ValueError("the chalcogen sites are not brighter than the hollow sites")
+    weights, level, width = three_level_mixture((values - level_h) / span, single_ratio)
+    empty_w, single, full = (float(w) for w in weights)
+    return ChalcogenPopulations(
+        n_sites=int(len(sites)),
+        full=full,
+        single=single,
+        empty=empty_w,
+        full_level=float(level),
+        width=float(width),
+        single_ratio=float(single_ratio),
+    )
