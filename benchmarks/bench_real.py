@@ -6,6 +6,10 @@ and labelled, the pixel size along the fast and slow scan, the anisotropy and sh
 quality figures of the labelling and the class fractions; then, per acquisition series
 (files of one folder whose trailing numbers lie within 500 of each other: one microscope
 session), the spread of the pixel size and of each class fraction, which should be tight.
+Beside the network's fractions, every image also gets the network-free estimate of its
+single and double chalcogen vacancies from the intensity histogram of all its chalcogen
+lattice sites (:func:`simgen.experiment.populations.chalcogen_populations`): where the two
+agree image by image, a spread within a series is in the images, not in the classifier.
 
 The model is ``$SIMGEN_REAL_MODEL``, else ``runs/wse2`` (the WSe2 recipe of
 docs/labelling.md). Without a model only reading and calibration are reported.
@@ -58,7 +62,8 @@ def _spread(values: list[float]) -> str:
         return "n/a"
     mean = float(v.mean())
     rel = (v.max() - v.min()) / mean if mean else float("nan")
-    return f"{mean:.4g} (min {v.min():.4g}, max {v.max():.4g}, range {rel:.1%})"
+    factor = f", max/min x{v.max() / v.min():.2f}" if v.min() > 0 else ""
+    return f"{mean:.4g} (min {v.min():.4g}, max {v.max():.4g}, range {rel:.1%}{factor})"
 
 
 def main(model: str | None = None) -> None:
@@ -88,7 +93,7 @@ def main(model: str | None = None) -> None:
     head = (
         f"   {'image':<24} {'read':>4} {'cal':>4} {'lab':>4} {'p_x Å':>7} {'p_y Å':>7} "
         f"{'aniso':>6} {'shear':>6} {'honey':>6} {'found':>6} {'offl':>6} {'M/X':>5} "
-        f"{'lowc':>5} verdict  classes"
+        f"{'lowc':>5} {'hX1':>5} {'hX2':>5} verdict  classes"
     )
     print(head)
     for path in files:
@@ -103,6 +108,14 @@ def main(model: str | None = None) -> None:
                        shear=cal.shear)  # fmt: skip
         except ReaderError as err:
             row["error"] = str(err)
+        if row["cal"] and material:
+            from simgen.experiment.populations import chalcogen_populations
+
+            try:
+                pops = chalcogen_populations(im.data, im.pixel_size_A, material)
+                row["hist_vac_X1"], row["hist_vac_X2"] = pops.single, pops.empty
+            except ValueError as err:  # MatchError included: no lattice without a network
+                row["hist_error"] = str(err)
         if row["cal"] and ensemble is not None:
             from training.experiments.label import label_image, write_outputs
 
@@ -130,6 +143,8 @@ def main(model: str | None = None) -> None:
         print(
             f"     slow-scan pixel size [Å]: {_spread([r.get('p_y', float('nan')) for r in sel])}"
         )
+        for key in ("hist_vac_X1", "hist_vac_X2"):
+            print(f"     {key} (histogram): {_spread([r.get(key, float('nan')) for r in sel])}")
         labelled = [r for r in sel if r["lab"]]
         if labelled:
             q = [r["quality"] for r in labelled]
@@ -144,6 +159,23 @@ def main(model: str | None = None) -> None:
             for k in names:
                 fr = [r["classes"].get(k, 0.0) for r in labelled]
                 print(f"     fraction {k:<16} {_spread(fr)}")
+    _agreement(rows)
+
+
+def _agreement(rows) -> None:
+    """Network against histogram, image by image (single and double chalcogen vacancies)."""
+    import numpy as np
+
+    for net, hist in (("vac_X1", "hist_vac_X1"), ("vac_X2", "hist_vac_X2")):
+        pairs = [(r["classes"].get(net, 0.0), r[hist]) for r in rows if r["lab"] and hist in r]
+        if len(pairs) < 3:
+            continue
+        a, b = np.array(pairs).T
+        r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+        print(
+            f"   {net}: network / histogram per image: median ratio "
+            f"{np.median(a / np.maximum(b, 1e-9)):.2f}, correlation {r:.2f} ({len(pairs)} images)"
+        )
 
 
 def _print_row(row) -> None:
@@ -168,6 +200,7 @@ def _print_row(row) -> None:
         f"{f('shear', '+.3f'):>6} {g('honeycomb_consistency'):>6} "
         f"{g('sites_detected_fraction'):>6} {g('off_lattice_fraction'):>6} "
         f"{g('contrast_metal_chalcogen', '.2f'):>5} {g('low_confidence_fraction', '.2f'):>5} "
+        f"{f('hist_vac_X1', '.3f'):>5} {f('hist_vac_X2', '.3f'):>5} "
         f"{q.get('verdict', '-'):<8} {classes}"
         + (f"  [{row['error'][:120]}]" if row.get("error") else "")
     )

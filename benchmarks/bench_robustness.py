@@ -5,8 +5,10 @@ Foreign test stores (WSe2 with V dopants, the structure recipe of docs/labelling
 seed; plain acquisition: linear detector, float images, λ 5–20), each differing from the
 training physics in one way:
 
-``prism`` (only with ``SIMGEN_ROBUST_PRISM=1``: tens of minutes on a CPU)
-    abTEM PRISM instead of the calibrated incoherent model (channelling, cross-talk).
+``prism`` (only with ``SIMGEN_ROBUST_PRISM=1``: 40–70 minutes on 2 CPU cores)
+    abTEM PRISM instead of the calibrated incoherent model (channelling, cross-talk);
+    6 images of 96² with single chalcogen vacancies at 15 % of the sites (about 35 of them:
+    a 96² PRISM image costs minutes on a CPU, and at the usual 4 % six would hold ~9).
 ``pointsum``
     the textbook Z² point-sum model: no channelling, W/Se₂ object contrast 2.4.
 ``inner90``
@@ -14,11 +16,13 @@ training physics in one way:
 ``saturated8bit``
     an 8-bit export with the brightest 2–4 % of the pixels saturated.
 
-Models: ``$SIMGEN_ROBUST_MODELS`` (``name=run,name=run``), else ``default=runs/wse2_plain``
-(the shipped recipe with WSe2 and V: detector γ 0.8–1.25 and an 8-bit display export drawn
-per sample) and ``robust=runs/wse2_z`` (that plus HAADF detector angles drawn per sample,
-inner 40–120 and outer 150–250 mrad, and the Z-exponent shift drawn over −0.3…1.2:
+Models: ``$SIMGEN_ROBUST_MODELS`` (``name=run,name=run``), else ``default=runs/wse2_default``
+(the shipped recipe with WSe2 and V: HAADF detector angles drawn per sample, inner 40–120
+and outer 150–250 mrad, detector γ 0.8–1.25 and an 8-bit display export) and
+``robust=runs/wse2_robust`` (that plus the Z-exponent shift drawn over −0.3…1.2:
 docs/labelling.md), those present.
+``$SIMGEN_ROBUST_STORES`` (a folder): the test stores are kept there and reused (a store
+already complete costs nothing the next time), else made in a temporary folder.
 Printed per model and store: detection F1, recall of full chalcogen columns, precision and
 recall of single chalcogen vacancies (the classes a wrong contrast confuses).
 
@@ -33,8 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
-#: Per foreign store: the overrides (over the shipped config) that make it foreign.
+#: Per foreign store: the overrides (over the shipped config) that make it foreign, over a
+#: plain acquisition: one fixed 60-200 mrad detector, no contrast shift, linear response.
 PLAIN_DETECTOR = {
+    "optics.haadf_inner_mrad": 60.0,
+    "optics.haadf_outer_mrad": 200.0,
+    "optics.z_exponent_shift": 0.0,
     "acquisition.detector.gamma": 1.0,
     "acquisition.detector.export_bits": None,
     "acquisition.detector.stretch_low_percent": 0.0,
@@ -48,15 +56,15 @@ FOREIGN = {  # cheapest first: PRISM costs minutes per image on a CPU
         "acquisition.detector.export_bits": 8,
         "acquisition.detector.stretch_high_percent": {"uniform": [2.0, 4.0]},
     },
-    "prism": {"simulation.model": "prism"},
+    "prism": {"simulation.model": "prism", "structure.defects.vac_X1": 0.15},
 }
 STRUCTURE = {"structure.material": "WSe2", "structure.dopant": "V"}
 #: Image size per foreign store [px]: PRISM on a CPU costs minutes per 256² image.
 SIZES = {"prism": 96}
-#: Images per foreign store when the command line gives none (PRISM: at most 2).
-PRISM_IMAGES = 2
+#: Images of the PRISM store (whatever the command line asks of the others).
+PRISM_IMAGES = 6
 DEFAULT_MODELS = {
-    "default": Path("runs/wse2_plain"),
+    "default": Path("runs/wse2_default"),
     "robust": Path("runs/wse2_robust"),
 }
 
@@ -119,21 +127,25 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n== Cross-simulator robustness (benchmarks/bench_robustness.py)")
     found = models()
     if not found:
-        print("no model: train runs/wse2_plain and runs/wse2_robust (docs/labelling.md), or set")
+        print("no model: train runs/wse2_default and runs/wse2_robust (docs/labelling.md), or set")
         print("SIMGEN_ROBUST_MODELS=name=run,...")
         return {}
     results: dict[str, dict[str, dict]] = {}
+    keep = os.environ.get("SIMGEN_ROBUST_STORES")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="simgen-robust-") as tmp:
+        folder = Path(keep) if keep else Path(tmp)
         names = [n for n in FOREIGN if n != "prism" or os.environ.get("SIMGEN_ROBUST_PRISM")]
         for name in names:
-            n = min(n_images, PRISM_IMAGES) if name == "prism" else n_images
+            n = PRISM_IMAGES if name == "prism" else n_images
             try:
-                store, seconds = make_store(name, Path(tmp), n)
+                store, seconds = make_store(name, folder, n)
             except Exception as err:  # e.g. no calibration for these optics yet
                 print(f"{name}: could not be made ({type(err).__name__}: {err})")
                 continue
             size = SIZES.get(name, 256)
-            print(f"{name}: {n} images of {size}² made in {seconds:.0f} s", flush=True)
+            print(f"{name}: {n} images of {size}² ready in {seconds:.0f} s", flush=True)
             for model_name, run in found.items():
                 try:
                     s = scores(run, store)
