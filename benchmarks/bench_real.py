@@ -172,9 +172,12 @@ def _agreement(rows) -> None:
             continue
         a, b = np.array(pairs).T
         r = float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+        some = b >= 0.002  # a ratio to (almost) nothing says nothing
+        ratio = f"{np.median(a[some] / b[some]):.2f}" if some.any() else "n/a"
         print(
-            f"   {net}: network / histogram per image: median ratio "
-            f"{np.median(a / np.maximum(b, 1e-9)):.2f}, correlation {r:.2f} ({len(pairs)} images)"
+            f"   {net}: network / histogram per image: median ratio {ratio} "
+            f"({int(some.sum())} images with ≥ 0.2 %), median difference "
+            f"{np.median(a - b):+.4f}, correlation {r:.2f} ({len(pairs)} images)"
         )
 
 

@@ -1,14 +1,18 @@
 """The calibrations shipped with simgen, and how to rebuild them.
 
-A CPU user with shipped optics never waits for a calibration: :func:`simgen.api.
+A CPU user with shipped optics does not wait for a calibration: :func:`simgen.api.
 cached_calibration` looks a key up in the user's cache, then in this table
 (``simgen/data/calibrations.json``), and only then calibrates. The table holds the six 2H
 binaries (MoS2, WS2, MoSe2, WSe2, MoTe2, WTe2) at 60 and 80 kV, 25, 30 and 35 mrad, with
-the default 60–200 mrad detector, plus the dopants at 30 mrad: Re, Nb and Cr in MoS2, V,
-Nb and Cr in WSe2, all at the default reference numerics
+one 60–200 mrad detector (a fixed detector, as ``simgen match`` writes it), plus the
+dopants at 30 mrad: Re, Nb and Cr in MoS2, V, Nb and Cr in WSe2, all at the default
+reference numerics
 (:class:`simgen.calibrate.ReferenceSettings`: PRISM f = 1, 0.05 Å waves, potential ×4),
 and detector grids (:data:`SHIPPED_GRIDS`: 80 kV, 30 mrad, inner 40–120 x outer
-150–250 mrad, frozen-phonon references) for the same materials, each node an entry.
+150–250 mrad, frozen-phonon references) for the same materials, each node an entry. The
+shipped config draws its detector over that grid, so its own optics (80 kV, 30 mrad) never
+wait; a drawn detector at other optics or with other dopants (Re, Nb, Cr) calibrates a
+15-node grid once (3–5 minutes on two cores) and caches it.
 
 Rebuild (about 75 minutes on two CPU cores; deterministic, CPU)::
 

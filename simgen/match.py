@@ -583,8 +583,11 @@ BASE_DETECTOR_MRAD = (60.0, 200.0)
 
 
 def _fixed_or(dist, default: float) -> float:
-    """A fixed distribution's value, else ``default``."""
-    return float(dist.args[0]) if dist.kind == "fixed" else float(default)
+    """A fixed distribution's value, else ``default`` clamped into its range."""
+    if dist.kind == "fixed":
+        return float(dist.args[0])
+    lo, hi = dist.bounds()
+    return float(min(max(float(default), lo), hi))
 
 
 def _centre(value):

@@ -130,8 +130,11 @@ class OpticsConfig(Config):
         ``δ > 0`` brightens the metal against the chalcogen (δ ≈ 0.75 gives the Z² point-sum
         model's W/Se₂ contrast of 2.4 instead of 1.3), while the ratio of one to two
         chalcogen atoms stays that of the physics. A contrast augmentation beyond real
-        detector geometries, for models that must survive another simulator or microscope;
-        the abTEM models (``prism``, ``multislice``) refuse ``δ ≠ 0``. In [−1, 1.5].
+        detector geometries, for models that must survive another simulator or microscope.
+        The abTEM models (``prism``, ``multislice``) take it as a factor ``(Z/42)^(δ/2)`` on
+        each element's projected potential (:func:`simgen.transmission.
+        z_exponent_potential_scale`; about 0.6 of the incoherent model's contrast change in
+        WSe2). In [−1, 1.5].
     """
 
     energy_kV: Distribution = _fixed(80.0)

@@ -603,6 +603,20 @@ def _scan_to_pixels(img, optics, layout, p, h, w):
     return img[margin : margin + m * (h - 1) + 1 : m, margin : margin + m * (w - 1) + 1 : m]
 
 
+def _potential_scale(atoms, optics) -> dict:
+    """Potential factor per atomic number for the optics' Z-exponent shift (empty at 0)."""
+    shift = float(optics.get("z_exponent_shift", 0.0))
+    return z_exponent_potential_scale(atoms.numbers, shift, Z_EXPONENT_REFERENCE)
+
+
+def _record_potential_scale(info: dict, scale: dict) -> None:
+    """Record the potential factors by element in a result's ``info``."""
+    if scale:
+        from ase.data import chemical_symbols
+
+        info["potential_scale"] = {chemical_symbols[z]: v for z, v in sorted(scale.items())}
+
+
 def _reference(
     atoms,
     cell_xy,
@@ -837,16 +851,11 @@ def simulate(
     else:
         if len(atoms) == 0:
             raise ValueError("atoms: the structure holds no atoms")
-        scale = z_exponent_potential_scale(
-            atoms.numbers, float(optics.get("z_exponent_shift", 0.0)), Z_EXPONENT_REFERENCE
-        )
+        scale = _potential_scale(atoms, optics)
         image, info = _reference(
             atoms, cell_xy, optics, geom, settings, device, rng, potential_scale=scale
         )
-        if scale:
-            from ase.data import chemical_symbols
-
-            info["potential_scale"] = {chemical_symbols[z]: v for z, v in sorted(scale.items())}
+        _record_potential_scale(info, scale)
         calibration = None
     info["periodic"] = bool(settings.periodic)
     return Simulated(
@@ -961,11 +970,14 @@ def simulate_series(
     x0, y0, h, w = resolve_window(cell_xy, p, settings.window, settings.shape, settings.origin)
     if len(atoms) == 0:
         raise ValueError("atoms: the structure holds no atoms")
+    scale = _potential_scale(atoms, optics)  # calibrations draw no shift: empty for them
     images, info = _reference(
         atoms, cell_xy, {**optics, "C10_A": base}, (x0, y0, h, w, p), settings, device, rng,
         dC10_A=[c - base for c in defoci],
         detectors_mrad=None if detectors_mrad is None else detectors,
+        potential_scale=scale,
     )  # fmt: skip
+    _record_potential_scale(info, scale)
     info["periodic"] = bool(settings.periodic)
     keys = [(c, a, b) for c in defoci for a, b in detectors]
     return [

@@ -9,12 +9,18 @@ from conftest import ONE_MICROSCOPE
 from simgen.experiment.populations import chalcogen_populations, three_level_mixture
 
 
-def test_mixture_recovers_known_weights():
+@pytest.mark.parametrize("ratio", [0.45, 0.32])  # linear detector; response γ = 2
+def test_mixture_recovers_known_weights(ratio):
     rng = np.random.default_rng(3)
-    levels = np.r_[np.zeros(30), np.full(120, 0.45 * 1.02), np.full(850, 1.02)]
-    weights, level, width = three_level_mixture(levels + rng.normal(0, 0.1, levels.size))
+    levels = np.r_[np.zeros(30), np.full(120, ratio * 1.02), np.full(850, 1.02)]
+    values = np.r_[levels + rng.normal(0, 0.1, levels.size), 5.0, -3.0, 2.5]  # + outliers
+    weights, level, width, fitted = three_level_mixture(values)
     assert weights == pytest.approx([0.03, 0.12, 0.85], abs=0.02)
     assert level == pytest.approx(1.02, abs=0.01) and width == pytest.approx(0.1, abs=0.01)
+    assert fitted == pytest.approx(ratio, abs=0.03)
+    if ratio != 0.45:  # the one-atom ratio held at the linear detector's misreads them
+        fixed, *_ = three_level_mixture(values, ratio_bounds=None)
+        assert abs(fixed[1] - 0.12) > abs(weights[1] - 0.12)
     with pytest.raises(ValueError, match="single_ratio"):
         three_level_mixture(levels, single_ratio=1.5)
     with pytest.raises(ValueError, match="too few"):

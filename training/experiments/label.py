@@ -938,6 +938,7 @@ def intensity_check(data, xy, fit) -> dict:
         "vac_X2": pops.empty,
         "n_sites": pops.n_sites,
         "site_scatter": pops.width,
+        "single_ratio": pops.single_ratio,
     }
 
 
