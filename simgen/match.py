@@ -584,9 +584,7 @@ BASE_DETECTOR_MRAD = (60.0, 200.0)
 
 def _fixed_or(dist, default: float) -> float:
     """A fixed distribution's value, else ``default`` clamped into its range."""
-    if dist.kind == "fixed":
-        return float(dist.args[0])
-    lo, hi = dist.bounds()
+    lo, hi = dist.bounds()  # (value, value) when fixed
     return float(min(max(float(default), lo), hi))
 
 
